@@ -1,0 +1,43 @@
+# fastlb: `make run` (demo), `make test` (Rust + Python tests), `make install`, `make bench`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install install-dev run test lint bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+## install: build the Rust extension in release mode and install fastlb into .venv
+install: $(VENV)/bin/activate
+	$(PIP) install -q .
+	@echo "installed: $(VENV)/bin/fastlb"
+
+install-dev: $(VENV)/bin/activate
+	$(PIP) install -q ".[dev]"
+
+## run: install, then start the demo (three backends, a listener on 127.0.0.1:8080)
+run: install
+	$(VENV)/bin/fastlb demo
+
+## test: install with dev extras, then the Rust unit tests and the pytest suite
+test: install-dev
+	cargo test --release --lib
+	$(PY) -m pytest -q
+
+## lint: formatters and linters, as CI would want them
+lint: install-dev
+	cargo fmt --all -- --check
+	cargo clippy --release --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/mypy
+
+## bench: micro benchmarks and the side-by-side comparison; writes bench/RESULTS.md
+bench: install-dev
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) target build dist

@@ -1,0 +1,336 @@
+//! Backend selection. One trait, one file per algorithm.
+//!
+//! A selector is *built* once per pool from the configured backends (rings, tables and
+//! sequences are built here, off the workers) and *queried* per connection or request with a
+//! `usable` filter. Health, draining, disabling, zero weight, the backup tier and the backends
+//! already tried for this request are all applied by that one filter (`Pool::select`), so a
+//! health flip never rebuilds a ring: a selector just walks on to its next candidate.
+
+pub mod consistent_hash;
+pub mod ip_hash;
+pub mod least_conn;
+pub mod maglev;
+pub mod p2c;
+pub mod peak_ewma;
+pub mod random;
+pub mod round_robin;
+
+use crate::config::{Algorithm, BackendConfig, HashKey, PoolConfig, PoolTimeouts};
+use crossbeam_utils::CachePadded;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+/// Hash used for every key (source IP, header value, ...) and by the rings: xxh3, seedless so
+/// that every worker and every process maps a key identically.
+#[inline]
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Picks one backend for a key.
+pub trait Selector: Send + Sync {
+    /// Returns the index of a backend for which `usable(i)` is true, or `None` when the
+    /// selector finds none. `backends` is the pool's list the selector was built from (same
+    /// order); `key` is the request's hash (ignored by non-hashing algorithms).
+    fn select(
+        &self,
+        backends: &[Arc<BackendState>],
+        key: u64,
+        usable: &dyn Fn(usize) -> bool,
+    ) -> Option<usize>;
+}
+
+/// Administrative state set through the admin API (health is separate: `BackendState::up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    Enabled = 0,
+    /// No new connections; open ones finish.
+    Draining = 1,
+    Disabled = 2,
+}
+
+/// Runtime state of one backend, shared by every worker (global, not per worker, so
+/// least_conn and peak_ewma see the whole process). Survives reloads while the backend's
+/// id (`pool/address`) and resolved address stay the same.
+#[derive(Debug)]
+pub struct BackendState {
+    /// `POOL/ADDRESS`, the stable id users and the admin API see.
+    pub id: String,
+    pub address: String,
+    pub addr: SocketAddr,
+    pub backup: bool,
+    /// 0 = unlimited; beyond it the backend is not selected (tcp refuses).
+    pub max_connections: u32,
+    /// Health: active checks and passive ejection flip it. Starts up.
+    up: AtomicBool,
+    admin: AtomicU8,
+    /// Weight in 0..=1000, from the config or the admin API.
+    weight: AtomicU32,
+    /// Slow-start scale in per mille of `weight` (1000 = full share).
+    weight_scale: AtomicU32,
+    /// Open connections (tcp) or in-flight requests (http) across all workers.
+    active: CachePadded<AtomicU32>,
+    /// Peak-EWMA latency in nanoseconds, stored as f64 bits; see `observe_latency`.
+    ewma_ns: AtomicU64,
+    /// When `ewma_ns` was last updated, ns since `clock_origin()`.
+    ewma_stamp: AtomicU64,
+    pub counters: BackendCounters,
+}
+
+/// Monotonic counters of one backend.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    pub connections_total: AtomicU64,
+    pub failures_connect: AtomicU64,
+    pub failures_timeout: AtomicU64,
+    pub failures_reset: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// Decay constant of the peak EWMA (Linkerd and Finagle default to 10 s).
+const EWMA_DECAY_NS: f64 = 10e9;
+
+fn clock_origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    clock_origin().elapsed().as_nanos() as u64
+}
+
+impl BackendState {
+    pub fn new(pool: &str, cfg: &BackendConfig) -> Self {
+        BackendState {
+            id: format!("{pool}/{}", cfg.address),
+            address: cfg.address.clone(),
+            addr: cfg.addr,
+            backup: cfg.backup,
+            max_connections: cfg.max_connections,
+            up: AtomicBool::new(true),
+            admin: AtomicU8::new(AdminState::Enabled as u8),
+            weight: AtomicU32::new(cfg.weight),
+            weight_scale: AtomicU32::new(1000),
+            active: CachePadded::new(AtomicU32::new(0)),
+            ewma_ns: AtomicU64::new(0f64.to_bits()),
+            ewma_stamp: AtomicU64::new(now_ns()),
+            counters: BackendCounters::default(),
+        }
+    }
+
+    /// Whether a new connection or request may go here (before the backup-tier and
+    /// already-tried filters, which `Pool::select` adds).
+    #[inline]
+    pub fn usable(&self) -> bool {
+        self.up.load(Relaxed)
+            && self.admin.load(Relaxed) == AdminState::Enabled as u8
+            && self.weight.load(Relaxed) > 0
+            && (self.max_connections == 0 || self.active.load(Relaxed) < self.max_connections)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed)
+    }
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Relaxed) {
+            1 => AdminState::Draining,
+            2 => AdminState::Disabled,
+            _ => AdminState::Enabled,
+        }
+    }
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state as u8, Relaxed)
+    }
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Relaxed)
+    }
+    pub fn set_weight_scale(&self, per_mille: u32) {
+        self.weight_scale.store(per_mille.min(1000), Relaxed)
+    }
+
+    /// Weight after slow start: what dynamic algorithms (least_conn, random, p2c, peak_ewma)
+    /// divide by. Never 0 while the configured weight is not 0.
+    #[inline]
+    pub fn effective_weight(&self) -> u32 {
+        let w = self.weight.load(Relaxed);
+        let scale = self.weight_scale.load(Relaxed);
+        if scale >= 1000 || w == 0 {
+            w
+        } else {
+            ((w as u64 * scale as u64) / 1000).max(1) as u32
+        }
+    }
+
+    #[inline]
+    pub fn active(&self) -> u32 {
+        self.active.load(Relaxed)
+    }
+    #[inline]
+    pub fn acquire(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+    #[inline]
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// Current peak-EWMA latency estimate in nanoseconds.
+    #[inline]
+    pub fn latency_ewma_ns(&self) -> f64 {
+        f64::from_bits(self.ewma_ns.load(Relaxed))
+    }
+
+    /// Records one latency observation: a value above the estimate replaces it at once (the
+    /// "peak"), a lower one is blended in with a weight that decays with the time since the
+    /// last observation. Concurrent updates may lose one observation; that is harmless.
+    pub fn observe_latency(&self, sample_ns: u64) {
+        let now = now_ns();
+        let last = self.ewma_stamp.swap(now, Relaxed);
+        let old = self.latency_ewma_ns();
+        let sample = sample_ns as f64;
+        let new = if sample > old {
+            sample
+        } else {
+            let w = (-(now.saturating_sub(last) as f64) / EWMA_DECAY_NS).exp();
+            old * w + sample * (1.0 - w)
+        };
+        self.ewma_ns.store(new.to_bits(), Relaxed);
+    }
+}
+
+/// A pool as the data plane uses it: its backends, the built selector and its settings.
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Arc<BackendState>>,
+    pub selector: Box<dyn Selector>,
+    pub hash_key: HashKey,
+    pub timeouts: PoolTimeouts,
+    pub retries: u32,
+    pub drain_timeout_ms: u64,
+    has_backup: bool,
+}
+
+impl Pool {
+    /// Builds a pool; `states` are the backends' shared states, in config order.
+    pub fn build(cfg: &PoolConfig, states: Vec<Arc<BackendState>>) -> Pool {
+        let selector = build_selector(cfg, &states);
+        Pool {
+            name: cfg.name.clone(),
+            has_backup: states.iter().any(|b| b.backup),
+            backends: states,
+            selector,
+            hash_key: cfg.hash_key.clone(),
+            timeouts: cfg.timeouts,
+            retries: cfg.retries,
+            drain_timeout_ms: cfg.drain_timeout_ms,
+        }
+    }
+
+    /// Picks a backend for `key`, never one in `tried`. Backups are considered only when no
+    /// primary is usable (HAProxy's `backup`).
+    pub fn select(&self, key: u64, tried: &[usize]) -> Option<usize> {
+        let b = &self.backends;
+        let pick = |backup: bool| {
+            self.selector.select(b, key, &|i| {
+                b[i].backup == backup && b[i].usable() && !tried.contains(&i)
+            })
+        };
+        match pick(false) {
+            Some(i) => Some(i),
+            None if self.has_backup && !self.any_primary_up() => pick(true),
+            None => None,
+        }
+    }
+
+    /// Whether any primary is healthy and enabled, even if busy or already tried: backups only
+    /// stand in when every primary is down.
+    fn any_primary_up(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| !b.backup && b.is_up() && b.admin() == AdminState::Enabled && b.weight() > 0)
+    }
+}
+
+/// Builds the selector for a pool's algorithm from the backends' weights as configured now.
+pub fn build_selector(cfg: &PoolConfig, states: &[Arc<BackendState>]) -> Box<dyn Selector> {
+    let weights: Vec<u32> = states.iter().map(|b| b.weight()).collect();
+    let names: Vec<&str> = states.iter().map(|b| b.address.as_str()).collect();
+    match cfg.algorithm {
+        Algorithm::RoundRobin => Box::new(round_robin::RoundRobin::new(&weights)),
+        Algorithm::LeastConn => Box::new(least_conn::LeastConn::new()),
+        Algorithm::Random => Box::new(random::WeightedRandom::new()),
+        Algorithm::P2c => Box::new(p2c::P2c::new()),
+        Algorithm::PeakEwma => Box::new(peak_ewma::PeakEwma::new()),
+        Algorithm::IpHash => Box::new(ip_hash::IpHash::new(&weights)),
+        Algorithm::ConsistentHash => Box::new(consistent_hash::ConsistentHash::new(
+            &names,
+            &weights,
+            cfg.hash_balance_factor,
+        )),
+        Algorithm::Maglev => Box::new(maglev::Maglev::new(&names, &weights)),
+    }
+}
+
+/// Greatest common divisor of the non-zero weights (1 if none), so that tables sized by
+/// weight stay as small as the ratios allow.
+pub fn weights_gcd(weights: &[u32]) -> u32 {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    weights
+        .iter()
+        .copied()
+        .filter(|&w| w > 0)
+        .fold(0, gcd)
+        .max(1)
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// Backends `127.0.0.1:9000+i` with the given weights, all up.
+    pub fn states(weights: &[u32]) -> Vec<Arc<BackendState>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| {
+                let address = format!("127.0.0.1:{}", 9000 + i);
+                let cfg = BackendConfig {
+                    addr: address.parse().unwrap(),
+                    address,
+                    weight,
+                    max_connections: 0,
+                    backup: false,
+                };
+                Arc::new(BackendState::new("test", &cfg))
+            })
+            .collect()
+    }
+
+    /// Share of `n` picks each backend got, with a different key per pick.
+    pub fn share_of_picks(sel: &dyn Selector, b: &[Arc<BackendState>], n: usize) -> Vec<f64> {
+        let mut counts = vec![0usize; b.len()];
+        for k in 0..n {
+            let i = sel
+                .select(b, hash_key(&(k as u64).to_le_bytes()), &|i| b[i].usable())
+                .expect("a usable backend");
+            counts[i] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / n as f64).collect()
+    }
+}

@@ -1,0 +1,471 @@
+//! The engine: worker threads, the routing tables they read, and the control operations the
+//! Python control plane calls (update, stop, backend state, stats).
+//!
+//! Tables are rebuilt on the calling thread and published with one arc-swap store; workers load
+//! them per accepted connection and never wait on a lock. A connection keeps the `Arc<Pool>` it
+//! started with, so a reload never changes a connection under its feet.
+
+use crate::balance::{AdminState, BackendState, Pool};
+use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
+use crate::stats::{ListenerSnapshot, ListenerStats};
+use crate::worker::{self, WorkerCmd};
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Backlog of each listening socket (per worker, like nginx's `listen ... backlog`).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// What every worker shares.
+pub struct Shared {
+    pub tables: ArcSwap<Tables>,
+    /// Client connections open in the whole process.
+    pub connections: AtomicUsize,
+    /// `runtime.max_connections`; 0 = unlimited.
+    pub max_connections: usize,
+    /// Read size above which a relay switches to splice (see l4::forward).
+    pub splice_threshold: usize,
+}
+
+/// The routing tables: immutable once published.
+pub struct Tables {
+    pub listeners: HashMap<String, Arc<ListenerEntry>>,
+    pub pools: HashMap<String, Arc<Pool>>,
+}
+
+/// A listener as workers see it.
+pub struct ListenerEntry {
+    pub cfg: ListenerConfig,
+    pub pool: Arc<Pool>,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Errors the control plane gets back.
+#[derive(Debug)]
+pub enum EngineError {
+    /// The JSON did not match the engine's schema (a bug in the control plane, or a caller
+    /// bypassing it).
+    Config(String),
+    /// A listening socket could not be bound: the listener's name, its address, the cause.
+    Bind(String, SocketAddr, io::Error),
+    /// Something else at the OS level (threads, sockets).
+    Io(io::Error),
+    /// A pool or backend that does not exist.
+    NotFound(String),
+    /// The engine was stopped.
+    Stopped,
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::Config(m) => write!(f, "invalid engine config: {m}"),
+            EngineError::Bind(name, addr, e) => {
+                write!(f, "listeners.{name}: cannot bind {addr}: {e}")
+            }
+            EngineError::Io(e) => write!(f, "{e}"),
+            EngineError::NotFound(m) => write!(f, "{m}"),
+            EngineError::Stopped => write!(f, "engine stopped"),
+        }
+    }
+}
+
+impl From<io::Error> for EngineError {
+    fn from(e: io::Error) -> Self {
+        EngineError::Io(e)
+    }
+}
+
+struct WorkerHandle {
+    commands: mpsc::UnboundedSender<WorkerCmd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A backend's shared state and the config entry it was created from, so a reload can tell
+/// whether the backend changed.
+struct KnownBackend {
+    cfg: BackendConfig,
+    state: Arc<BackendState>,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    workers: Vec<WorkerHandle>,
+    config: EngineConfig,
+    /// Every backend by id (`pool/address`); state survives reloads of unchanged backends.
+    backends: HashMap<String, KnownBackend>,
+    /// Counters by listener name; kept across reloads.
+    listener_stats: HashMap<String, Arc<ListenerStats>>,
+    stopped: bool,
+}
+
+impl Engine {
+    /// Binds every listener, starts the workers and begins serving.
+    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        let n = config.runtime.workers;
+        let mut sockets = Vec::new();
+        for l in &config.listeners {
+            sockets.push((l.name.clone(), bind_listener(l, n)?));
+        }
+        let mut engine = Engine {
+            shared: Arc::new(Shared {
+                tables: ArcSwap::from_pointee(Tables {
+                    listeners: HashMap::new(),
+                    pools: HashMap::new(),
+                }),
+                connections: AtomicUsize::new(0),
+                max_connections: config.runtime.max_connections,
+                splice_threshold: splice_threshold(),
+            }),
+            workers: Vec::with_capacity(n),
+            config: config.clone(),
+            backends: HashMap::new(),
+            listener_stats: HashMap::new(),
+            stopped: false,
+        };
+        engine.publish(&config);
+        for index in 0..n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let cpu = (!config.runtime.cpus.is_empty())
+                .then(|| config.runtime.cpus[index % config.runtime.cpus.len()]);
+            let shared = engine.shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("fastlb-worker-{index}"))
+                .spawn(move || worker::run(index, cpu, shared, rx))?;
+            engine.workers.push(WorkerHandle {
+                commands: tx,
+                thread: Some(thread),
+            });
+        }
+        for (name, per_worker) in sockets {
+            engine.listen(&name, per_worker);
+        }
+        Ok(engine)
+    }
+
+    /// Applies a new configuration: listeners that stay keep their sockets (no connection is
+    /// refused during a reload), new ones are bound first (so a bind error changes nothing),
+    /// removed ones stop accepting while their connections finish. `runtime` cannot change.
+    pub fn update(&mut self, config: EngineConfig) -> Result<(), EngineError> {
+        if self.stopped {
+            return Err(EngineError::Stopped);
+        }
+        let n = self.workers.len();
+        let mut new_sockets = Vec::new();
+        for l in &config.listeners {
+            let same = self
+                .config
+                .listeners
+                .iter()
+                .any(|old| old.name == l.name && old.bind == l.bind);
+            if !same {
+                new_sockets.push((l.name.clone(), bind_listener(l, n)?));
+            }
+        }
+        let removed: Vec<String> = self
+            .config
+            .listeners
+            .iter()
+            .filter(|old| {
+                !config
+                    .listeners
+                    .iter()
+                    .any(|l| l.name == old.name && l.bind == old.bind)
+            })
+            .map(|old| old.name.clone())
+            .collect();
+        self.publish(&config);
+        for name in removed {
+            if !new_sockets.iter().any(|(n, _)| *n == name) {
+                for w in &self.workers {
+                    let _ = w.commands.send(WorkerCmd::Unlisten { name: name.clone() });
+                }
+            }
+        }
+        for (name, per_worker) in new_sockets {
+            self.listen(&name, per_worker);
+        }
+        self.config = config;
+        Ok(())
+    }
+
+    /// Stops accepting, lets open connections finish for up to `grace`, then closes the rest.
+    /// Blocks until every worker has ended.
+    pub fn stop(&mut self, grace: Duration) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        for w in &self.workers {
+            let _ = w.commands.send(WorkerCmd::Stop { grace });
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Client connections open now, process-wide.
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.load(Relaxed)
+    }
+
+    /// The shared state of backend `address` in `pool`.
+    pub fn backend(&self, pool: &str, address: &str) -> Result<&Arc<BackendState>, EngineError> {
+        if !self.config.pools.iter().any(|p| p.name == pool) {
+            return Err(EngineError::NotFound(format!("unknown pool '{pool}'")));
+        }
+        self.backends
+            .get(&format!("{pool}/{address}"))
+            .map(|b| &b.state)
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("pool '{pool}' has no backend '{address}'"))
+            })
+    }
+
+    /// Changes a backend's weight live; tables built from weights (round robin sequence, rings,
+    /// maglev) are rebuilt off the workers and swapped in.
+    pub fn set_weight(
+        &mut self,
+        pool: &str,
+        address: &str,
+        weight: u32,
+    ) -> Result<(), EngineError> {
+        self.backend(pool, address)?.set_weight(weight.min(1000));
+        let config = self.config.clone();
+        self.publish(&config);
+        Ok(())
+    }
+
+    pub fn set_admin(
+        &self,
+        pool: &str,
+        address: &str,
+        state: AdminState,
+    ) -> Result<(), EngineError> {
+        self.backend(pool, address)?.set_admin(state);
+        Ok(())
+    }
+
+    /// A JSON snapshot of every listener and backend.
+    pub fn stats_json(&self) -> String {
+        let tables = self.shared.tables.load();
+        let listeners: Vec<ListenerSnapshot> = self
+            .config
+            .listeners
+            .iter()
+            .filter_map(|l| tables.listeners.get(&l.name))
+            .map(|e| ListenerSnapshot {
+                name: &e.cfg.name,
+                protocol: match e.cfg.protocol {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Http => "http",
+                },
+                bind: e.cfg.bind.to_string(),
+                pool: &e.cfg.pool,
+                connections_total: e.stats.connections_total.load(Relaxed),
+                connections_active: e.stats.connections_active.load(Relaxed),
+                dropped: e.stats.dropped(),
+                bytes_in: e.stats.bytes_in.load(Relaxed),
+                bytes_out: e.stats.bytes_out.load(Relaxed),
+                duration_us_sum: e.stats.duration_us_sum.load(Relaxed),
+                duration_count: e.stats.duration_count.load(Relaxed),
+            })
+            .collect();
+        let pools: Vec<PoolSnapshot> = self
+            .config
+            .pools
+            .iter()
+            .filter_map(|p| tables.pools.get(&p.name))
+            .map(|p| PoolSnapshot {
+                name: &p.name,
+                backends: p.backends.iter().map(|b| backend_snapshot(b)).collect(),
+            })
+            .collect();
+        serde_json::to_string(&StatsSnapshot {
+            connections_active: self.open_connections(),
+            listeners,
+            pools,
+        })
+        .unwrap_or_else(|_| "{}".into())
+    }
+
+    /// Builds tables for `config`, reusing the state of unchanged backends, and publishes them.
+    fn publish(&mut self, config: &EngineConfig) {
+        let mut backends = HashMap::new();
+        let mut pools = HashMap::new();
+        for p in &config.pools {
+            let mut states = Vec::with_capacity(p.backends.len());
+            for b in &p.backends {
+                let id = format!("{}/{}", p.name, b.address);
+                let state = match self.backends.remove(&id) {
+                    Some(known) if known.cfg == *b => known.state,
+                    Some(known)
+                        if known.cfg.addr == b.addr
+                            && known.cfg.backup == b.backup
+                            && known.cfg.max_connections == b.max_connections =>
+                    {
+                        // Only the configured weight changed: the new config's weight wins.
+                        known.state.set_weight(b.weight);
+                        known.state
+                    }
+                    _ => Arc::new(BackendState::new(&p.name, b)),
+                };
+                states.push(state.clone());
+                backends.insert(
+                    id,
+                    KnownBackend {
+                        cfg: b.clone(),
+                        state,
+                    },
+                );
+            }
+            pools.insert(p.name.clone(), Arc::new(Pool::build(p, states)));
+        }
+        self.backends = backends;
+        let mut listeners = HashMap::new();
+        for l in &config.listeners {
+            let stats = self
+                .listener_stats
+                .entry(l.name.clone())
+                .or_default()
+                .clone();
+            let pool = pools[&l.pool].clone();
+            listeners.insert(
+                l.name.clone(),
+                Arc::new(ListenerEntry {
+                    cfg: l.clone(),
+                    pool,
+                    stats,
+                }),
+            );
+        }
+        self.listener_stats
+            .retain(|name, _| listeners.contains_key(name));
+        self.shared
+            .tables
+            .store(Arc::new(Tables { listeners, pools }));
+    }
+
+    fn listen(&self, name: &str, per_worker: Vec<std::net::TcpListener>) {
+        for (w, socket) in self.workers.iter().zip(per_worker) {
+            let _ = w.commands.send(WorkerCmd::Listen {
+                name: name.to_string(),
+                socket,
+            });
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+#[derive(Serialize)]
+struct StatsSnapshot<'a> {
+    connections_active: usize,
+    listeners: Vec<ListenerSnapshot<'a>>,
+    pools: Vec<PoolSnapshot<'a>>,
+}
+
+#[derive(Serialize)]
+struct PoolSnapshot<'a> {
+    name: &'a str,
+    backends: Vec<BackendSnapshot<'a>>,
+}
+
+#[derive(Serialize)]
+struct BackendSnapshot<'a> {
+    id: &'a str,
+    address: &'a str,
+    state: &'static str,
+    backup: bool,
+    weight: u32,
+    active_connections: u32,
+    connections_total: u64,
+    failures: Failures,
+    bytes_in: u64,
+    bytes_out: u64,
+    latency_ewma_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Failures {
+    connect: u64,
+    timeout: u64,
+    reset: u64,
+}
+
+fn backend_snapshot(b: &BackendState) -> BackendSnapshot<'_> {
+    let c = &b.counters;
+    BackendSnapshot {
+        id: &b.id,
+        address: &b.address,
+        state: match (b.admin(), b.is_up()) {
+            (AdminState::Disabled, _) => "disabled",
+            (AdminState::Draining, _) if b.active() == 0 => "drained",
+            (AdminState::Draining, _) => "draining",
+            (AdminState::Enabled, false) => "down",
+            (AdminState::Enabled, true) => "up",
+        },
+        backup: b.backup,
+        weight: b.weight(),
+        active_connections: b.active(),
+        connections_total: c.connections_total.load(Relaxed),
+        failures: Failures {
+            connect: c.failures_connect.load(Relaxed),
+            timeout: c.failures_timeout.load(Relaxed),
+            reset: c.failures_reset.load(Relaxed),
+        },
+        bytes_in: c.bytes_in.load(Relaxed),
+        bytes_out: c.bytes_out.load(Relaxed),
+        latency_ewma_ms: b.latency_ewma_ns() / 1e6,
+    }
+}
+
+/// One SO_REUSEPORT listening socket per worker: the kernel spreads new connections across
+/// them, so workers never contend on one accept queue.
+fn bind_listener(
+    l: &ListenerConfig,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, EngineError> {
+    let bind_error = |e| EngineError::Bind(l.name.clone(), l.bind, e);
+    (0..workers)
+        .map(|_| {
+            let domain = socket2::Domain::for_address(l.bind);
+            let s =
+                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+                    .map_err(bind_error)?;
+            if l.bind.is_ipv6() {
+                s.set_only_v6(true).map_err(bind_error)?;
+            }
+            s.set_reuse_address(true).map_err(bind_error)?;
+            s.set_reuse_port(true).map_err(bind_error)?;
+            s.set_nonblocking(true).map_err(bind_error)?;
+            s.set_tcp_nodelay(true).map_err(bind_error)?;
+            s.bind(&l.bind.into()).map_err(bind_error)?;
+            s.listen(LISTEN_BACKLOG).map_err(bind_error)?;
+            Ok(s.into())
+        })
+        .collect()
+}
+
+/// `FASTLB_SPLICE_THRESHOLD` (bytes) overrides the measured default; only benchmarks set it.
+fn splice_threshold() -> usize {
+    std::env::var("FASTLB_SPLICE_THRESHOLD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&v: &usize| v >= 1024)
+        .unwrap_or(crate::l4::forward::SPLICE_THRESHOLD)
+}

@@ -1,0 +1,214 @@
+//! `fastlb._native`: the data plane. This file only binds Rust to Python; every class Python
+//! sees is registered in `_native` below. Typed in python/fastlb/_native.pyi.
+
+pub mod balance;
+pub mod config;
+pub mod engine;
+pub mod l4;
+pub mod maglev;
+pub mod ring;
+pub mod stats;
+pub mod worker;
+
+use balance::AdminState;
+use engine::EngineError;
+use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pyo3::create_exception!(
+    _native,
+    NativeError,
+    PyRuntimeError,
+    "An error raised by the data plane."
+);
+
+fn to_py(e: EngineError) -> PyErr {
+    match e {
+        EngineError::Config(_) => PyValueError::new_err(e.to_string()),
+        EngineError::NotFound(_) => PyKeyError::new_err(e.to_string()),
+        _ => NativeError::new_err(e.to_string()),
+    }
+}
+
+fn parse(config_json: &str) -> PyResult<config::EngineConfig> {
+    config::EngineConfig::from_json(config_json).map_err(|m| to_py(EngineError::Config(m)))
+}
+
+/// The running data plane: worker threads, listeners and routing tables.
+#[pyclass(name = "Engine", module = "fastlb._native")]
+struct PyEngine {
+    inner: Mutex<engine::Engine>,
+}
+
+impl PyEngine {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut engine::Engine) -> Result<T, EngineError>,
+    ) -> PyResult<T> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard).map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PyEngine {
+    /// Binds every listener and starts the workers. `config_json` is `Config.to_engine()`.
+    #[new]
+    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
+        let cfg = parse(config_json)?;
+        let engine = py.detach(|| engine::Engine::start(cfg)).map_err(to_py)?;
+        Ok(PyEngine {
+            inner: Mutex::new(engine),
+        })
+    }
+
+    /// Swaps in a new configuration without closing listeners that stay.
+    fn update(&self, py: Python<'_>, config_json: &str) -> PyResult<()> {
+        let cfg = parse(config_json)?;
+        py.detach(|| self.with(|e| e.update(cfg)))
+    }
+
+    /// Stops accepting, waits up to `grace_s` for open connections, closes the rest.
+    fn stop(&self, py: Python<'_>, grace_s: f64) -> PyResult<()> {
+        let grace = Duration::from_secs_f64(grace_s.max(0.0));
+        py.detach(|| {
+            self.with(|e| {
+                e.stop(grace);
+                Ok(())
+            })
+        })
+    }
+
+    /// JSON snapshot of listeners, pools and backends.
+    fn stats(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| self.with(|e| Ok(e.stats_json())))
+    }
+
+    /// Client connections open in the process now.
+    fn open_connections(&self) -> PyResult<usize> {
+        self.with(|e| Ok(e.open_connections()))
+    }
+
+    /// Health verdict from the control plane (active checks).
+    fn set_backend_up(&self, pool: &str, address: &str, up: bool) -> PyResult<()> {
+        self.with(|e| {
+            e.backend(pool, address)?.set_up(up);
+            Ok(())
+        })
+    }
+
+    /// `state`: "enabled", "draining" or "disabled".
+    fn set_backend_admin(&self, pool: &str, address: &str, state: &str) -> PyResult<()> {
+        let state = match state {
+            "enabled" => AdminState::Enabled,
+            "draining" => AdminState::Draining,
+            "disabled" => AdminState::Disabled,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown admin state '{other}'"
+                )))
+            }
+        };
+        self.with(|e| e.set_admin(pool, address, state))
+    }
+
+    /// Weight 0..=1000, live.
+    fn set_backend_weight(
+        &self,
+        py: Python<'_>,
+        pool: &str,
+        address: &str,
+        weight: u32,
+    ) -> PyResult<()> {
+        py.detach(|| self.with(|e| e.set_weight(pool, address, weight)))
+    }
+}
+
+/// Names with weights from Python: `["a", "b"]` or `[("a", 3), ("b", 1)]`.
+fn names_and_weights(nodes: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<u32>)> {
+    let mut names = Vec::new();
+    let mut weights = Vec::new();
+    for item in nodes.try_iter()? {
+        let item = item?;
+        if let Ok((name, weight)) = item.extract::<(String, u32)>() {
+            names.push(name);
+            weights.push(weight);
+        } else {
+            names.push(item.extract::<String>()?);
+            weights.push(1);
+        }
+    }
+    Ok((names, weights))
+}
+
+/// Key as Python gives it (str or bytes), hashed the way the data plane hashes keys.
+fn key_hash(key: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(s) = key.extract::<&str>() {
+        Ok(balance::hash_key(s.as_bytes()))
+    } else {
+        Ok(balance::hash_key(key.extract::<&[u8]>()?))
+    }
+}
+
+/// The ketama ring consistent_hash uses: `HashRing(["a:1", ("b:2", 3)]).lookup("key")`.
+#[pyclass(name = "HashRing", module = "fastlb._native")]
+struct PyHashRing {
+    names: Vec<String>,
+    ring: ring::HashRing,
+}
+
+#[pymethods]
+impl PyHashRing {
+    #[new]
+    fn new(nodes: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let (names, weights) = names_and_weights(nodes)?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let ring = ring::HashRing::new(&refs, &weights);
+        Ok(PyHashRing { names, ring })
+    }
+
+    /// The node a key (str or bytes) maps to, or None for an empty ring.
+    fn lookup(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+        Ok(self
+            .ring
+            .lookup(key_hash(key)?)
+            .map(|i| self.names[i].clone()))
+    }
+}
+
+/// The Maglev table maglev uses (M = 65537): `Maglev(["a:1", "b:2"]).lookup("key")`.
+#[pyclass(name = "Maglev", module = "fastlb._native")]
+struct PyMaglev {
+    names: Vec<String>,
+    table: maglev::MaglevTable,
+}
+
+#[pymethods]
+impl PyMaglev {
+    #[new]
+    fn new(nodes: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let (names, weights) = names_and_weights(nodes)?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let table = maglev::MaglevTable::new(&refs, &weights);
+        Ok(PyMaglev { names, table })
+    }
+
+    fn lookup(&self, key: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+        Ok(self
+            .table
+            .lookup(key_hash(key)?)
+            .map(|i| self.names[i].clone()))
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyEngine>()?;
+    m.add_class::<PyHashRing>()?;
+    m.add_class::<PyMaglev>()?;
+    m.add("NativeError", m.py().get_type::<NativeError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

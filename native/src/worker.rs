@@ -1,0 +1,190 @@
+//! Worker threads: one per CPU, each pinned, each running a tokio current_thread runtime with its
+//! own SO_REUSEPORT listening socket per listener. Workers share nothing but `Shared` (tables
+//! behind arc-swap and atomics); the control plane talks to them through a command channel.
+
+use crate::engine::{ListenerEntry, Shared};
+use crate::l4;
+use crate::l4::forward::RelayBuffers;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::{JoinHandle, LocalSet};
+
+/// What the control plane asks of a worker.
+pub enum WorkerCmd {
+    /// Start accepting on this worker's socket of listener `name` (bound by the caller, so bind
+    /// errors surface synchronously in Python).
+    Listen {
+        name: String,
+        socket: std::net::TcpListener,
+    },
+    /// Stop accepting on listener `name`; its open connections carry on.
+    Unlisten { name: String },
+    /// Stop accepting everywhere, let open connections finish for up to `grace`, then close
+    /// the rest and end the thread.
+    Stop { grace: Duration },
+}
+
+/// State of one worker thread, shared by its tasks (never crosses threads).
+pub struct WorkerCtx {
+    pub shared: Arc<Shared>,
+    pub relay: RelayBuffers,
+    /// Client connections open on this worker.
+    open: Cell<usize>,
+    /// Signalled when `open` drops to zero.
+    idle: Notify,
+}
+
+/// Decrements the process-wide and the worker's connection counts when a connection ends,
+/// however it ends.
+struct ConnGuard<'a> {
+    ctx: &'a WorkerCtx,
+    listener: &'a ListenerEntry,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.ctx.shared.connections.fetch_sub(1, Relaxed);
+        self.listener.stats.connections_active.fetch_sub(1, Relaxed);
+        let open = self.ctx.open.get() - 1;
+        self.ctx.open.set(open);
+        if open == 0 {
+            self.ctx.idle.notify_waiters();
+        }
+    }
+}
+
+/// Body of a worker thread.
+pub fn run(
+    index: usize,
+    cpu: Option<usize>,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<WorkerCmd>,
+) {
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fastlb: worker {index}: cannot start runtime: {e}");
+            return;
+        }
+    };
+    let ctx = Rc::new(WorkerCtx {
+        relay: RelayBuffers::new(shared.splice_threshold),
+        shared,
+        open: Cell::new(0),
+        idle: Notify::new(),
+    });
+    LocalSet::new().block_on(&runtime, command_loop(ctx, commands));
+    // Dropping the runtime here aborts whatever connections outlived the grace period.
+}
+
+async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<WorkerCmd>) {
+    let mut accepting: HashMap<String, JoinHandle<()>> = HashMap::new();
+    while let Some(cmd) = commands.recv().await {
+        match cmd {
+            WorkerCmd::Listen { name, socket } => match TcpListener::from_std(socket) {
+                Ok(listener) => {
+                    let task =
+                        tokio::task::spawn_local(accept_loop(ctx.clone(), name.clone(), listener));
+                    if let Some(old) = accepting.insert(name, task) {
+                        old.abort();
+                    }
+                }
+                Err(e) => eprintln!("fastlb: listener {name}: {e}"),
+            },
+            WorkerCmd::Unlisten { name } => {
+                if let Some(task) = accepting.remove(&name) {
+                    task.abort();
+                }
+            }
+            WorkerCmd::Stop { grace } => {
+                for (_, task) in accepting.drain() {
+                    task.abort();
+                }
+                let drained = async {
+                    while ctx.open.get() > 0 {
+                        let notified = ctx.idle.notified();
+                        if ctx.open.get() == 0 {
+                            break;
+                        }
+                        notified.await;
+                    }
+                };
+                let _ = tokio::time::timeout(grace, drained).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: back off instead of spinning (mini-redis does too).
+                if !is_transient_accept_error(&e) {
+                    eprintln!("fastlb: listener {name}: accept: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let tables = ctx.shared.tables.load();
+        let Some(entry) = tables.listeners.get(&name).cloned() else {
+            continue;
+        };
+        drop(tables);
+        entry.stats.connections_total.fetch_add(1, Relaxed);
+        let limit = ctx.shared.max_connections;
+        let open_before = ctx.shared.connections.fetch_add(1, Relaxed);
+        if limit > 0 && open_before >= limit {
+            ctx.shared.connections.fetch_sub(1, Relaxed);
+            entry.stats.dropped_max_connections.fetch_add(1, Relaxed);
+            continue; // dropping `stream` closes it
+        }
+        entry.stats.connections_active.fetch_add(1, Relaxed);
+        ctx.open.set(ctx.open.get() + 1);
+        let ctx = ctx.clone();
+        tokio::task::spawn_local(async move {
+            let _guard = ConnGuard {
+                ctx: &ctx,
+                listener: &entry,
+            };
+            l4::serve(&ctx, stream, peer, entry.clone()).await;
+        });
+    }
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    )
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0) applies to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!(
+                "fastlb: cannot pin worker to CPU {cpu}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}

@@ -1,0 +1,5 @@
+"""`python -m fastlb ...` is `fastlb ...`."""
+
+from fastlb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The `fastlb` command: serve, check, demo.
+
+Exit codes: 0 ok, 1 runtime failure (e.g. a port already taken), 2 bad config or bad usage.
+Errors are one line per problem on stderr, naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from fastlb.config import Config, ConfigError, load_config
+from fastlb.engine import Engine
+
+log = logging.getLogger("fastlb")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"fastlb: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastlb", description="A fast L4/L7 load balancer.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run until SIGTERM/SIGINT; SIGHUP reloads the config")
+    serve.add_argument("-c", "--config", required=True, type=Path, help="the TOML config file")
+    check = sub.add_parser("check", help="validate a config file; prints ok or the errors")
+    check.add_argument("-c", "--config", required=True, type=Path)
+    demo = sub.add_parser("demo", help="three demo backends behind a listener on 127.0.0.1:8080")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="listener address (default %(default)s)")
+    return parser
+
+
+def _print_errors(err: ConfigError) -> None:
+    for line in err.errors:
+        print(line, file=sys.stderr)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s fastlb %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_check(path: Path) -> int:
+    try:
+        load_config(path)
+    except ConfigError as err:
+        _print_errors(err)
+        return EXIT_USAGE
+    print("ok")
+    return EXIT_OK
+
+
+def cmd_serve(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        _print_errors(err)
+        return EXIT_USAGE
+    _setup_logging(config.log.level)
+
+    def reload() -> Config:
+        return load_config(path)
+
+    return serve_config(config, reload)
+
+
+def serve_config(
+    config: Config,
+    reload: Callable[[], Config] | None = None,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Starts the engine for `config` and runs the control loop until SIGTERM/SIGINT."""
+    try:
+        engine = Engine(config)
+    except (OSError, RuntimeError, ValueError) as err:
+        print(f"fastlb: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
+    for listener in config.listeners:
+        log.info("listening on %s (%s, listener %r)", listener.bind, listener.protocol, listener.name)
+    return _run_loop(_control_loop(engine, reload, before))
+
+
+def _run_loop(main: Awaitable[int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(main)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this only guards odd installs
+        return asyncio.run(main)  # type: ignore[arg-type]
+
+
+async def _control_loop(
+    engine: Engine,
+    reload: Callable[[], Config] | None,
+    before: Callable[[], Awaitable[None]] | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_stop(signame: str) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting now", signame)
+            os._exit(EXIT_RUNTIME)
+        log.info("%s: stopping (draining up to %.1fs)", signame, engine.drain_timeout_s())
+        stopping.set()
+
+    def on_hup() -> None:
+        if reload is None:
+            log.warning("SIGHUP: nothing to reload")
+            return
+        try:
+            new = reload()
+        except ConfigError as err:
+            for line in err.errors:
+                log.error("reload refused, keeping the running config: %s", line)
+            return
+        try:
+            engine.update(new)
+        except (OSError, RuntimeError, ValueError) as err:
+            log.error("reload failed, keeping the running config: %s", err)
+            return
+        log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if before is not None:
+        await before()
+    await stopping.wait()
+    await loop.run_in_executor(None, engine.stop, engine.drain_timeout_s())
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.config)
+    if args.command == "serve":
+        return cmd_serve(args.config)
+    if args.command == "demo":
+        from fastlb.demo import run_demo
+
+        return run_demo(args.listen)
+    return EXIT_USAGE  # pragma: no cover - argparse enforces the choices
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

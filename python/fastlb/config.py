@@ -1,0 +1,1020 @@
+"""The fastlb configuration file: TOML -> one validated `Config` -> the engine's JSON.
+
+`load_config(path)` reads and validates a file; `parse_config(data)` validates a dict; both raise
+`ConfigError`, whose `.errors` are one line each, `field.path: message`, e.g.
+`pools[0].backends[1].address: not host:port`. `Config.to_engine()` resolves what the data plane
+must not do itself (host names, "auto" worker counts, CPU lists) and returns exactly the JSON that
+`native/src/config.rs` (`EngineConfig`) accepts. Validation is pure; only `to_engine()` touches
+the machine (DNS, the CPU mask, local addresses).
+
+Defaults (a key left out means this):
+    runtime   workers = "auto" (one per CPU the process may run on, or one per listed CPU),
+              cpu_affinity = "auto", max_connections = 50000 (0 = unlimited)
+    admin     bind = "127.0.0.1:9901" ("off" disables)
+    log       level = "info" (trace | debug | info | warn | warning | error), access_log = "off"
+    listeners timeouts.client_idle = "60s" for http, "10m" for tcp (nginx stream's proxy_timeout;
+              "0s" = never), timeouts.header_read = "10s" (http only);
+              rate_limit.burst = requests_per_second rounded up (at least 1)
+    pools     algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
+              backend weight = 1, max_connections = 0 (unlimited), backup = false, retries = 2,
+              timeouts = {connect = "2s", read = "30s", send = "30s", idle = "60s"},
+              health = {type = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 3},
+              http health: path = "/", expect_status = any 2xx or 3xx (HAProxy httpchk), host =
+              the backend's host; passive = off; slow_start = "0s"; drain_timeout = "30s";
+              affinity.ttl = none (a session cookie, like HAProxy `cookie ... insert`)
+    alerts    when the key is absent: DEFAULT_ALERTS; `alerts = []` means none; for = "0s"
+
+Choices where the contract is silent:
+    - Durations may combine units ("1m30s", as nginx allows); they are rounded to whole ms.
+    - Names of listeners, pools and alerts are `[A-Za-z0-9_.-]+` (they appear in URLs and labels).
+    - A listener bind may be `:PORT` or `*:PORT` (all IPv4 addresses, as in HAProxy) and may use
+      port 0 (the kernel picks one); backends need a port in 1..65535.
+    - At least one listener is required (HAProxy refuses to start without one).
+    - `hash_key` with a non-hashing algorithm is an error rather than silently ignored; ip_hash
+      only hashes the source IP; `hash_balance_factor` only applies to the hashing algorithms.
+    - Listener binds may not overlap (same port and same address, or a wildcard address).
+    - source_cidr accepts host bits set ("10.1.2.3/8" means 10.0.0.0/8), as nginx and HAProxy do.
+    - Health `timeout` may not exceed `interval`; http-only health keys with another type, and
+      `affinity` / a non-source_ip `hash_key` on a pool used by a tcp listener, are errors.
+    - Alert expressions are `METRIC OP NUMBER`; METRIC is one of ALERT_METRICS, OP one of
+      < <= > >= == !=; latency_p99 is in seconds, error_rate a fraction.
+    - Split weights follow backend weights (integers 0..=1000); a pool may appear once per split.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import CoreSchema, core_schema
+
+__all__ = [
+    "ALERT_METRICS",
+    "DEFAULT_ALERTS",
+    "Config",
+    "ConfigError",
+    "Duration",
+    "load_config",
+    "parse_config",
+    "split_host_port",
+]
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+HASH_ALGORITHMS = ("ip_hash", "consistent_hash", "maglev")
+ALERT_METRICS = ("healthy_backends", "draining_backends", "error_rate", "latency_p99")
+LOOPBACKS: frozenset[IPAddr] = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; `.errors` holds one line per problem (`field.path: message`)."""
+
+    def __init__(self, errors: list[str] | str) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --- durations --------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION_HINT = 'must be a duration with a unit, e.g. "5s"'
+
+
+class Duration(int):
+    """A duration in whole milliseconds; the file writes it with a unit ("250ms", "1.5s", "1m")."""
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        """Parses "250ms" / "1.5s" / "1m30s" / "2h"; raises ValueError naming the problem."""
+        if not _DURATION.fullmatch(text):
+            raise ValueError(f"{_DURATION_HINT} (units: ms, s, m, h), not {json.dumps(text)}")
+        total = sum(float(n) * _UNIT_MS[u] for n, u in _DURATION_PART.findall(text))
+        return cls(round(total))
+
+    @property
+    def ms(self) -> int:
+        """Milliseconds as a plain int."""
+        return int(self)
+
+    @property
+    def seconds(self) -> float:
+        return int(self) / 1000
+
+    @property
+    def text(self) -> str:
+        """The shortest exact spelling with one unit, e.g. "30s"; round-trips through parse()."""
+        for unit in ("h", "m", "s"):
+            if int(self) and int(self) % _UNIT_MS[unit] == 0:
+                return f"{int(self) // _UNIT_MS[unit]}{unit}"
+        return f"{int(self)}ms"
+
+    @classmethod
+    def _validate(cls, value: object) -> Duration:
+        if isinstance(value, Duration):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        raise ValueError(_DURATION_HINT)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate, serialization=core_schema.plain_serializer_function_ser_schema(lambda v: v.text)
+        )
+
+
+def _positive(value: Duration) -> Duration:
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+
+# --- addresses --------------------------------------------------------------------------------
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def split_host_port(text: str, *, bind: bool = False) -> tuple[str, int]:
+    """Splits `host:port` / `[v6]:port` into (host, port), host without brackets.
+
+    With `bind`, `:PORT` and `*:PORT` mean 0.0.0.0 and port 0 is allowed. Raises ValueError.
+    """
+    if not isinstance(text, str):
+        raise ValueError("must be a string")
+    if bind and (text.startswith(":") or text.startswith("*:")):
+        host, port_text = "0.0.0.0", text.split(":", 1)[1]
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError("not host:port")
+        host, port_text = text[1:end], text[end + 2 :]
+        if not isinstance(_ip(host), ipaddress.IPv6Address):
+            raise ValueError(f"not host:port ({host!r} in brackets is not an IPv6 address)")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError("not host:port")
+        if ":" in host:
+            raise ValueError("not host:port (write IPv6 as [addr]:port)")
+        looks_ipv4 = re.fullmatch(r"[0-9.]+", host) is not None
+        if (looks_ipv4 and _ip(host) is None) or not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"not host:port (bad host {host!r})")
+    if not _PORT.fullmatch(port_text):
+        raise ValueError("not host:port (bad port)")
+    port, low = int(port_text), 0 if bind else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port must be {low}..65535")
+    return host, port
+
+
+def _ip(host: str) -> IPAddr | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _backend_address(text: str) -> str:
+    split_host_port(text)
+    return text
+
+
+def _bind_address(text: str) -> str:
+    split_host_port(text, bind=True)
+    return text
+
+
+def _admin_bind(text: str) -> str:
+    return text if text == "off" else _bind_address(text)
+
+
+# --- small field types ------------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header and cookie names
+_HASH_KEY_HINT = 'must be "source_ip", "path", "header:NAME", "cookie:NAME" or "query:NAME"'
+
+
+def _name(text: str) -> str:
+    if not _NAME.fullmatch(text):
+        raise ValueError("must be letters, digits, '_', '.' or '-'")
+    return text
+
+
+def _token(text: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"not a valid header/cookie name: {text!r}")
+    return text
+
+
+def _hash_key(text: str) -> str:
+    if text in ("source_ip", "path"):
+        return text
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in ("header", "cookie", "query"):
+        raise ValueError(_HASH_KEY_HINT)
+    if not name:
+        raise ValueError(f"{kind} name missing after '{kind}:'")
+    if kind != "query" and not _TOKEN.fullmatch(name):
+        raise ValueError(f"not a valid {kind} name: {name!r}")
+    return text
+
+
+def _workers(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError('must be an integer >= 1 or "auto"')
+
+
+def _cpu_affinity(value: object) -> Literal["auto", "off"] | list[int]:
+    if value == "auto" or value == "off":
+        return "auto" if value == "auto" else "off"
+    hint = 'must be "auto", "off" or a non-empty list of CPU numbers (integers >= 0)'
+    if not isinstance(value, list) or not value:
+        raise ValueError(hint)
+    for cpu in value:
+        if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0:
+            raise ValueError(f"{hint}; got {json.dumps(cpu)}")
+    if len(set(value)) != len(value):
+        raise ValueError("lists a CPU twice")
+    return list(value)
+
+
+def _protocol(value: object) -> Literal["tcp", "http"]:
+    if value == "tcp" or value == "http":
+        return "tcp" if value == "tcp" else "http"
+    if value in ("udp", "tls", "https"):
+        raise ValueError("not supported yet (reserved)")
+    raise ValueError('must be "tcp" or "http"')
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError('must start with "/"')
+    return text
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"bad regex: {exc}") from None
+    return text
+
+
+def _cidr(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP network: {text!r}") from None
+    return text
+
+
+def _route_host(text: str) -> str:
+    bare = text[2:] if text.startswith("*.") else text
+    if not (_HOSTNAME.fullmatch(bare) or _ip(bare)):
+        raise ValueError('must be a host name, or "*.domain"')
+    return text
+
+
+def _balance_factor(value: int) -> int:
+    if value != 0 and value < 100:
+        raise ValueError("must be 0 (off) or >= 100")
+    return value
+
+
+def _status_code(value: int) -> int:
+    if not 100 <= value <= 599:
+        raise ValueError("must be an HTTP status 100..599")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Token = Annotated[str, AfterValidator(_token)]
+Weight = Annotated[int, Field(ge=0, le=1000)]
+
+# --- models -----------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Runtime(_Model):
+    """`[runtime]`: read when the engine starts."""
+
+    workers: Annotated[int | Literal["auto"], PlainValidator(_workers)] = "auto"
+    cpu_affinity: Annotated[Literal["auto", "off"] | list[int], PlainValidator(_cpu_affinity)] = "auto"
+    max_connections: Annotated[int, Field(ge=0)] = 50_000
+
+
+class Admin(_Model):
+    """`[admin]`: admin API, /metrics and dashboard."""
+
+    bind: Annotated[str, AfterValidator(_admin_bind)] = "127.0.0.1:9901"
+
+
+class Log(_Model):
+    """`[log]`: access_log is "off", "stdout" or a file path (JSON lines)."""
+
+    level: Literal["trace", "debug", "info", "warn", "warning", "error"] = "info"
+    access_log: Annotated[str, Field(min_length=1)] = "off"
+
+
+class ListenerTimeouts(_Model):
+    client_idle: Duration = Duration.parse("60s")
+    header_read: PositiveDuration = Duration.parse("10s")
+
+
+class RateLimit(_Model):
+    """Per client IP token bucket (http); over it: 429 with Retry-After."""
+
+    requests_per_second: float = Field(gt=0)
+    burst: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_burst(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "burst" not in data:
+            rps = data.get("requests_per_second")
+            if isinstance(rps, (int, float)) and not isinstance(rps, bool) and rps > 0:
+                return {**data, "burst": max(1, math.ceil(rps))}
+        return data
+
+
+class SplitEntry(_Model):
+    pool: str
+    weight: Weight = 1
+
+
+class Route(_Model):
+    """One `[[listeners.routes]]` entry: all given conditions must hold; first match wins."""
+
+    host: Annotated[str, AfterValidator(_route_host)] | None = None
+    path_prefix: Annotated[str, AfterValidator(_path)] | None = None
+    path_exact: Annotated[str, AfterValidator(_path)] | None = None
+    path_regex: Annotated[str, AfterValidator(_regex)] | None = None
+    headers: dict[Token, str] = {}
+    cookies: dict[Token, str] = {}
+    query: dict[Annotated[str, Field(min_length=1)], str] = {}
+    source_cidr: list[Annotated[str, AfterValidator(_cidr)]] = []
+    pool: str | None = None
+    split: list[SplitEntry] | None = None
+
+
+class Listener(_Model):
+    name: Name
+    bind: Annotated[str, AfterValidator(_bind_address)]
+    protocol: Annotated[Literal["tcp", "http"], PlainValidator(_protocol)]
+    pool: str
+    timeouts: ListenerTimeouts = Field(default_factory=ListenerTimeouts)
+    rate_limit: RateLimit | None = None
+    routes: list[Route] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tcp_idle_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("protocol") == "tcp":
+            timeouts = data.get("timeouts", {})
+            if isinstance(timeouts, dict) and "client_idle" not in timeouts:
+                return {**data, "timeouts": {**timeouts, "client_idle": "10m"}}
+        return data
+
+
+class Backend(_Model):
+    address: Annotated[str, AfterValidator(_backend_address)]
+    weight: Weight = 1
+    max_connections: Annotated[int, Field(ge=0)] = 0
+    backup: bool = False
+
+
+class PoolTimeouts(_Model):
+    connect: PositiveDuration = Duration.parse("2s")
+    read: PositiveDuration = Duration.parse("30s")
+    send: PositiveDuration = Duration.parse("30s")
+    idle: PositiveDuration = Duration.parse("60s")
+
+
+class Health(_Model):
+    """Active health checks; `expect_status` None means any 2xx or 3xx."""
+
+    type: Literal["tcp", "http", "none"] = "tcp"
+    path: Annotated[str, AfterValidator(_path)] = "/"
+    expect_status: (
+        Annotated[list[Annotated[int, AfterValidator(_status_code)]], Field(min_length=1)] | None
+    ) = None
+    expect_body: str | None = None
+    host: str | None = None
+    interval: PositiveDuration = Duration.parse("2s")
+    timeout: PositiveDuration = Duration.parse("1s")
+    rise: Annotated[int, Field(ge=1)] = 2
+    fall: Annotated[int, Field(ge=1)] = 3
+
+    def status_ok(self, status: int) -> bool:
+        """Whether a check response with this status counts as healthy."""
+        if self.expect_status is None:
+            return 200 <= status < 400
+        return status in self.expect_status
+
+
+class Passive(_Model):
+    """Outlier ejection from live traffic."""
+
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    eject: PositiveDuration = Duration.parse("30s")
+
+
+class Affinity(_Model):
+    """Sticky cookie insert (http); ttl None = session cookie."""
+
+    cookie: Token
+    ttl: PositiveDuration | None = None
+
+
+class Pool(_Model):
+    name: Name
+    algorithm: Literal[
+        "round_robin", "least_conn", "random", "p2c", "peak_ewma", "ip_hash", "consistent_hash", "maglev"
+    ] = "round_robin"
+    hash_key: Annotated[str, AfterValidator(_hash_key)] = "source_ip"
+    hash_balance_factor: Annotated[int, AfterValidator(_balance_factor)] = 0
+    affinity: Affinity | None = None
+    backends: list[Backend] = Field(min_length=1)
+    timeouts: PoolTimeouts = Field(default_factory=PoolTimeouts)
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    health: Health = Field(default_factory=Health)
+    passive: Passive | None = None
+    slow_start: Duration = Duration.parse("0s")
+    drain_timeout: Duration = Duration.parse("30s")
+
+    def engine_hash_key(self) -> str | dict[str, str]:
+        """hash_key as serde's externally tagged `HashKey` (header names lower-cased)."""
+        if self.hash_key in ("source_ip", "path"):
+            return self.hash_key
+        kind, _, name = self.hash_key.partition(":")
+        return {kind: name.lower() if kind == "header" else name}
+
+
+_ALERT_EXPR = re.compile(r"\s*([a-z_0-9]+)\s*(<=|>=|==|!=|<|>)\s*(\S+)\s*")
+
+
+def _alert_expr(text: str) -> str:
+    match = _ALERT_EXPR.fullmatch(text)
+    if not match:
+        raise ValueError('must be "METRIC OP NUMBER", e.g. "healthy_backends < 2"')
+    metric, _, number = match.groups()
+    if metric not in ALERT_METRICS:
+        raise ValueError(f"unknown metric {metric!r} (one of: {', '.join(ALERT_METRICS)})")
+    try:
+        float(number)
+    except ValueError:
+        raise ValueError(f"not a number: {number!r}") from None
+    return text
+
+
+class Alert(_Model):
+    name: Name
+    expr: Annotated[str, AfterValidator(_alert_expr)]
+    for_: Duration = Field(Duration.parse("0s"), alias="for")
+
+    @property
+    def parts(self) -> tuple[str, str, float]:
+        """(metric, operator, threshold) of `expr`."""
+        match = _ALERT_EXPR.fullmatch(self.expr)
+        assert match is not None
+        return match.group(1), match.group(2), float(match.group(3))
+
+
+DEFAULT_ALERTS: list[dict[str, str]] = [
+    {"name": "UnhealthyBackends", "expr": "healthy_backends < 2", "for": "30s"},
+    {"name": "HighErrorRate", "expr": "error_rate > 0.01", "for": "1m"},
+    {"name": "HighLatencyP99", "expr": "latency_p99 > 0.5", "for": "1m"},
+    {"name": "ManyDraining", "expr": "draining_backends > 1", "for": "5m"},
+]
+
+
+def _default_alerts() -> list[Alert]:
+    return [Alert.model_validate(a) for a in DEFAULT_ALERTS]
+
+
+class Config(_Model):
+    """The whole validated configuration file."""
+
+    runtime: Runtime = Field(default_factory=Runtime)
+    admin: Admin = Field(default_factory=Admin)
+    log: Log = Field(default_factory=Log)
+    listeners: list[Listener] = Field(min_length=1)
+    pools: list[Pool] = []
+    alerts: list[Alert] = Field(default_factory=_default_alerts)
+
+    def pool(self, name: str) -> Pool | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+    def to_engine(self) -> dict[str, Any]:
+        """The `EngineConfig` JSON for the native engine (native/src/config.rs), no extra keys.
+
+        Resolves host names with getaddrinfo (first result), `workers = "auto"` and the CPU
+        list, then re-checks hairpins against the resolved addresses; raises ConfigError.
+        """
+        return _Engine(self).build()
+
+
+# --- cross-field checks -----------------------------------------------------------------------
+
+Endpoint = tuple[frozenset[IPAddr], int]  # addresses a bind/backend stands for, and its port
+
+
+def _literal_endpoint(text: str, *, bind: bool) -> Endpoint:
+    """Addresses known without DNS: an IP literal, or "localhost" as both loopbacks.
+
+    Other names give an empty set here; `to_engine()` checks them again once resolved.
+    """
+    host, port = split_host_port(text, bind=bind)
+    ip = _ip(host)
+    if ip is not None:
+        return frozenset({ip}), port
+    if host.lower().rstrip(".") == "localhost":
+        return LOOPBACKS, port
+    return frozenset(), port
+
+
+def _local_ips() -> frozenset[IPAddr]:
+    """This host's own addresses (Linux /proc; empty elsewhere). Loopback is handled apart."""
+    found: set[IPAddr] = set()
+    try:
+        last = ""
+        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+            if "|--" in line:
+                last = line.split("|--")[1].strip()
+            elif "/32 host LOCAL" in line and last:
+                found.add(ipaddress.IPv4Address(last))
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            found.add(ipaddress.IPv6Address(int(line.split()[0], 16)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return frozenset(found)
+
+
+def _is_wildcard(ip: IPAddr) -> bool:
+    return ip.is_unspecified
+
+
+def _binds_overlap(a: Endpoint, b: Endpoint) -> bool:
+    """Two binds collide: same port, and the same address or a wildcard covering the other.
+
+    `[::]` covers IPv4 too (Linux dual-stack default); port 0 never collides.
+    """
+    (ips_a, port_a), (ips_b, port_b) = a, b
+    if port_a == 0 or port_a != port_b:
+        return False
+    for x in ips_a:
+        for y in ips_b:
+            if x == y:
+                return True
+            wild_v6 = (_is_wildcard(x) and x.version == 6) or (_is_wildcard(y) and y.version == 6)
+            if (_is_wildcard(x) or _is_wildcard(y)) and (x.version == y.version or wild_v6):
+                return True
+    return False
+
+
+def _hairpin(listener: Endpoint, backend: Endpoint, local: frozenset[IPAddr]) -> bool:
+    """Whether connecting to `backend` reaches `listener` (a wildcard listener: any own address).
+
+    A backend at 0.0.0.0 / :: is connected as loopback, as Linux does.
+    """
+    (l_ips, l_port), (b_ips, b_port) = listener, backend
+    if l_port == 0 or l_port != b_port:
+        return False
+    for b in b_ips:
+        if b.is_unspecified:
+            b = ipaddress.ip_address("127.0.0.1" if b.version == 4 else "::1")
+        for lip in l_ips:
+            if lip == b or (lip.is_unspecified and (b.is_loopback or b in local)):
+                return True
+    return False
+
+
+def _endpoint_errors(
+    cfg: Config, listeners: list[Endpoint | None], backends: dict[tuple[int, int], Endpoint]
+) -> list[str]:
+    """Overlapping binds (listeners and admin) and hairpins (backend == own listener)."""
+    errors: list[str] = []
+    for i, ep in enumerate(listeners):
+        for k in range(i):
+            other = listeners[k]
+            if ep is not None and other is not None and _binds_overlap(ep, other):
+                name = cfg.listeners[k].name
+                errors.append(f"listeners[{i}].bind: already used by listener {name!r}")
+                break
+    if cfg.admin.bind != "off":
+        admin = _literal_endpoint(cfg.admin.bind, bind=True)
+        for i, ep in enumerate(listeners):
+            if ep is not None and _binds_overlap(admin, ep):
+                name = cfg.listeners[i].name
+                errors.append(f"admin.bind: already used by listener {name!r}")
+    local = _local_ips()
+    for (i, j), backend in sorted(backends.items()):
+        for k, ep in enumerate(listeners):
+            if ep is not None and _hairpin(ep, backend, local):
+                name = cfg.listeners[k].name
+                errors.append(
+                    f"pools[{i}].backends[{j}].address: hairpin: this is listener {name!r}"
+                    " (fastlb would send traffic to itself)"
+                )
+                break
+    return errors
+
+
+def _duplicates(section: str, names: list[str], what: str) -> list[str]:
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    for i, name in enumerate(names):
+        if name in seen:
+            errors.append(f"{section}[{i}].name: duplicate {what} {name!r} ({section}[{seen[name]}])")
+        seen.setdefault(name, i)
+    return errors
+
+
+def _route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]:
+    errors: list[str] = []
+    if route.pool is not None and route.split is not None:
+        errors.append(f"{at}.split: give either pool or split, not both")
+    elif route.pool is None and route.split is None:
+        errors.append(f"{at}.pool: required (or split)")
+    if route.pool is not None and route.pool not in pools:
+        errors.append(f"{at}.pool: unknown pool {route.pool!r}")
+    if route.split is not None:
+        if not route.split:
+            errors.append(f"{at}.split: must not be empty")
+        elif sum(e.weight for e in route.split) == 0:
+            errors.append(f"{at}.split: weights must sum to more than 0")
+        seen: set[str] = set()
+        for k, entry in enumerate(route.split):
+            if entry.pool not in pools:
+                errors.append(f"{at}.split[{k}].pool: unknown pool {entry.pool!r}")
+            elif entry.pool in seen:
+                errors.append(f"{at}.split[{k}].pool: pool {entry.pool!r} listed twice")
+            seen.add(entry.pool)
+    matchers = [m for m in ("path_prefix", "path_exact", "path_regex") if getattr(route, m)]
+    if len(matchers) > 1:
+        errors.append(f"{at}.{matchers[1]}: only one of path_prefix, path_exact, path_regex")
+    return errors
+
+
+def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
+    at, http_only = f"listeners[{i}]", 'only for protocol = "http"'
+    errors: list[str] = []
+    if lst.pool not in pools:
+        errors.append(f"{at}.pool: unknown pool {lst.pool!r}")
+    if lst.protocol == "tcp":
+        if lst.routes:
+            errors.append(f"{at}.routes: {http_only}")
+        if lst.rate_limit is not None:
+            errors.append(f"{at}.rate_limit: {http_only}")
+        if lst.timeouts.header_read != ListenerTimeouts().header_read:
+            errors.append(f"{at}.timeouts.header_read: {http_only}")
+        if lst.pool in pools:
+            p, pool = pools[lst.pool], cfg.pools[pools[lst.pool]]
+            uses = f"tcp listener {lst.name!r} uses this pool"
+            if pool.hash_key != "source_ip" and pool.algorithm in HASH_ALGORITHMS:
+                errors.append(f'pools[{p}].hash_key: {uses}; only "source_ip" works for tcp')
+            if pool.affinity is not None:
+                errors.append(f"pools[{p}].affinity: http only, but {uses}")
+    for j, route in enumerate(lst.routes):
+        errors += _route_errors(f"{at}.routes[{j}]", route, pools)
+    return errors
+
+
+def _address_key(text: str) -> tuple[str, int]:
+    host, port = split_host_port(text)
+    ip = _ip(host)
+    return (str(ip) if ip is not None else host.lower().rstrip(".")), port
+
+
+def _pool_errors(i: int, pool: Pool) -> list[str]:
+    at = f"pools[{i}]"
+    errors: list[str] = []
+    seen: dict[tuple[str, int], int] = {}
+    for j, backend in enumerate(pool.backends):
+        key = _address_key(backend.address)
+        if key in seen:
+            errors.append(f"{at}.backends[{j}].address: duplicate of backends[{seen[key]}]")
+        seen.setdefault(key, j)
+    hashing = ", ".join(HASH_ALGORITHMS)
+    if pool.hash_key != "source_ip" and pool.algorithm not in HASH_ALGORITHMS:
+        errors.append(f"{at}.hash_key: only used by {hashing}")
+    elif pool.hash_key != "source_ip" and pool.algorithm == "ip_hash":
+        errors.append(f'{at}.hash_key: ip_hash always uses "source_ip"; use consistent_hash')
+    if pool.hash_balance_factor and pool.algorithm not in HASH_ALGORITHMS:
+        errors.append(f"{at}.hash_balance_factor: only used by {hashing}")
+    health = pool.health
+    if health.timeout > health.interval:
+        errors.append(f"{at}.health.timeout: must not exceed interval ({health.interval.text})")
+    if health.type != "http":
+        http_default = Health()
+        for name in ("path", "expect_status", "expect_body", "host"):
+            if getattr(health, name) != getattr(http_default, name):
+                errors.append(f'{at}.health.{name}: only for type = "http"')
+    return errors
+
+
+def _semantic_errors(cfg: Config) -> list[str]:
+    """Checks that span fields; each error names the field it is about."""
+    errors = _duplicates("listeners", [x.name for x in cfg.listeners], "listener")
+    errors += _duplicates("pools", [p.name for p in cfg.pools], "pool")
+    errors += _duplicates("alerts", [a.name for a in cfg.alerts], "alert")
+    pools: dict[str, int] = {}
+    for i, pool in enumerate(cfg.pools):
+        pools.setdefault(pool.name, i)
+        errors += _pool_errors(i, pool)
+    for i, listener in enumerate(cfg.listeners):
+        errors += _listener_errors(i, listener, cfg, pools)
+    binds: list[Endpoint | None] = [_literal_endpoint(x.bind, bind=True) for x in cfg.listeners]
+    backends = {
+        (i, j): _literal_endpoint(b.address, bind=False)
+        for i, p in enumerate(cfg.pools)
+        for j, b in enumerate(p.backends)
+    }
+    return errors + _endpoint_errors(cfg, binds, backends)
+
+
+# --- pydantic errors -> one line each ---------------------------------------------------------
+
+_PLAIN_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "list_type": "must be a list",
+    "dict_type": "must be a table",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "string_too_short": "must not be empty",
+    "too_short": "must not be empty",
+}
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "less_than_equal": ("<=", "le"),
+    "greater_than": (">", "gt"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _message(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _PLAIN_MESSAGES:
+        return _PLAIN_MESSAGES[kind]
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        return f"must be {op} {ctx[key]}"
+    if kind == "literal_error":
+        expected = str(ctx["expected"]).replace("'", '"')
+        try:
+            given = json.dumps(err["input"])
+        except TypeError:
+            given = repr(err["input"])
+        return f"must be {expected}, not {given}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    return str(err["msg"])
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strips Annotated and Optional so the walker sees the model/list/dict underneath."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin is Union or type(tp).__name__ == "UnionType":
+            arms = [a for a in get_args(tp) if a is not type(None)]
+            if len(arms) != 1:
+                return tp
+            tp = arms[0]
+        else:
+            return tp
+
+
+def _key(item: str, path: str) -> str:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", item):
+        return f".{item}" if path else item
+    return f"[{json.dumps(item)}]"
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """A pydantic loc as a config path (`pools[0].backends[1].address`), walking the models
+    so that pydantic's own tags (union arms, validator names, `[key]`) are left out."""
+    path, tp = "", _unwrap(Config)
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+            tp = _unwrap(get_args(tp)[0]) if get_origin(tp) is list else None
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            fields = {(f.alias or n): f for n, f in tp.model_fields.items()}
+            path += _key(item, path)
+            tp = _unwrap(fields[item].annotation) if item in fields else None
+        elif get_origin(tp) is dict:
+            path += _key(item, path)
+            tp = _unwrap(get_args(tp)[1])
+        elif tp is None:
+            path += _key(item, path)
+    return path
+
+
+def _pydantic_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = format_loc(tuple(err["loc"])) or "config"
+        lines.append(f"{path}: {_message(err)}")
+    return list(dict.fromkeys(lines))
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validates a parsed TOML document; raises ConfigError with every problem found."""
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_errors(exc)) from None
+    errors = _semantic_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+_TOML_AT = re.compile(r"(.*) \(at line (\d+), column (\d+)\)", re.DOTALL)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Reads and validates a TOML config file; raises ConfigError (file, syntax or fields)."""
+    file = Path(path)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = _TOML_AT.fullmatch(str(exc))
+        if match:
+            where, message = f"line {match[2]}, column {match[3]}", match[1]
+        else:
+            where, message = f"line {text.count(chr(10)) + 1} (end of file)", str(exc)
+        raise ConfigError(f"{file}: {where}: TOML syntax error: {message}") from None
+    return parse_config(data)
+
+
+# --- the engine's JSON ------------------------------------------------------------------------
+
+
+def _socket_addr(ip: IPAddr, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+class _Engine:
+    """Builds `Config.to_engine()`'s dict, collecting resolution errors as it goes."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.errors: list[str] = []
+
+    def resolve(self, at: str, text: str, *, bind: bool) -> Endpoint | None:
+        host, port = split_host_port(text, bind=bind)
+        ip = _ip(host)
+        if ip is None:
+            flags = socket.AI_PASSIVE if bind else 0
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+                ip = _ip(str(infos[0][4][0]))
+            except (OSError, UnicodeError, IndexError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc) or "no address"
+                self.errors.append(f"{at}: cannot resolve {host!r}: {reason}")
+                return None
+            if ip is None:
+                self.errors.append(f"{at}: cannot resolve {host!r}: no IP address")
+                return None
+        return frozenset({ip}), port
+
+    def runtime(self) -> dict[str, Any]:
+        rt = self.cfg.runtime
+        if hasattr(os, "sched_getaffinity"):
+            allowed = sorted(os.sched_getaffinity(0))
+        else:  # pragma: no cover - non-Linux
+            allowed = list(range(os.cpu_count() or 1))
+        aff = rt.cpu_affinity
+        cpus = allowed if aff == "auto" else [] if aff == "off" else list(aff)
+        missing = [c for c in cpus if c not in allowed]
+        if missing:
+            self.errors.append(
+                f"runtime.cpu_affinity: CPU {missing} not available to this process (allowed: {allowed})"
+            )
+        if isinstance(rt.workers, int):
+            workers = rt.workers
+        else:
+            workers = len(aff) if isinstance(aff, list) else len(allowed)
+        return {"workers": workers, "cpus": cpus, "max_connections": rt.max_connections}
+
+    def build(self) -> dict[str, Any]:
+        cfg = self.cfg
+        runtime = self.runtime()
+        binds = [self.resolve(f"listeners[{i}].bind", x.bind, bind=True) for i, x in enumerate(cfg.listeners)]
+        backends: dict[tuple[int, int], Endpoint] = {}
+        for i, pool in enumerate(cfg.pools):
+            for j, b in enumerate(pool.backends):
+                at = f"pools[{i}].backends[{j}].address"
+                ep = self.resolve(at, b.address, bind=False)
+                if ep is not None:
+                    backends[i, j] = ep
+        self.errors += _endpoint_errors(cfg, binds, backends)
+        if self.errors:
+            raise ConfigError(self.errors)
+        listeners = [
+            {
+                "name": x.name,
+                "bind": _socket_addr(next(iter(ep[0])), ep[1]),
+                "protocol": x.protocol,
+                "pool": x.pool,
+                "client_idle_ms": x.timeouts.client_idle.ms,
+            }
+            for x, ep in zip(cfg.listeners, binds, strict=True)
+            if ep is not None
+        ]
+        pools = [self.pool(i, p, backends) for i, p in enumerate(cfg.pools)]
+        return {"runtime": runtime, "listeners": listeners, "pools": pools}
+
+    @staticmethod
+    def pool(i: int, pool: Pool, resolved: dict[tuple[int, int], Endpoint]) -> dict[str, Any]:
+        backends = []
+        for j, b in enumerate(pool.backends):
+            ips, port = resolved[i, j]
+            backends.append(
+                {
+                    "address": b.address,
+                    "addr": _socket_addr(next(iter(ips)), port),
+                    "weight": b.weight,
+                    "max_connections": b.max_connections,
+                    "backup": b.backup,
+                }
+            )
+        t = pool.timeouts
+        return {
+            "name": pool.name,
+            "algorithm": pool.algorithm,
+            "hash_key": pool.engine_hash_key(),
+            "hash_balance_factor": pool.hash_balance_factor,
+            "backends": backends,
+            "timeouts": {
+                "connect_ms": t.connect.ms,
+                "read_ms": t.read.ms,
+                "send_ms": t.send.ms,
+                "idle_ms": t.idle.ms,
+            },
+            "retries": pool.retries,
+            "drain_timeout_ms": pool.drain_timeout.ms,
+        }

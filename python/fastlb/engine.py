@@ -1,0 +1,52 @@
+"""The control plane's handle on the data plane: config in as JSON, decisions and stats across."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+
+from fastlb import _native
+from fastlb.config import Config
+
+AdminState = Literal["enabled", "draining", "disabled"]
+
+
+class Engine:
+    """Running workers and listeners for one `Config`. Every call returns quickly: the data plane
+    applies changes by swapping tables, never by stopping workers."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._spec = config.to_engine()
+        self._native = _native.Engine(orjson.dumps(self._spec).decode())
+
+    def update(self, config: Config) -> None:
+        """Swap in a new config; listeners that stay keep their sockets."""
+        spec = config.to_engine()
+        self._native.update(orjson.dumps(spec).decode())
+        self.config, self._spec = config, spec
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let open connections finish for up to `grace_s`, close the rest."""
+        self._native.stop(grace_s)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = orjson.loads(self._native.stats())
+        return result
+
+    def open_connections(self) -> int:
+        return self._native.open_connections()
+
+    def set_backend_up(self, pool: str, address: str, up: bool) -> None:
+        self._native.set_backend_up(pool, address, up)
+
+    def set_backend_admin(self, pool: str, address: str, state: AdminState) -> None:
+        self._native.set_backend_admin(pool, address, state)
+
+    def set_backend_weight(self, pool: str, address: str, weight: int) -> None:
+        self._native.set_backend_weight(pool, address, weight)
+
+    def drain_timeout_s(self) -> float:
+        """The longest `drain_timeout` of any pool: how long a graceful stop may wait."""
+        return max((p["drain_timeout_ms"] for p in self._spec["pools"]), default=0) / 1000

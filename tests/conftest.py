@@ -1,0 +1,94 @@
+"""Shared fixtures: free ports, real backends, real `fastlb serve` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from backends import Backend, Handler
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[..., Backend]]:
+    """`backends(handler, name=...)` starts a backend; all are closed after the test."""
+    started: list[Backend] = []
+
+    def start(handler: Handler, name: str = "") -> Backend:
+        b = Backend(handler, name)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.close()
+
+
+class FastlbProcess:
+    def __init__(self, config_path: Path, proc: subprocess.Popen[str]) -> None:
+        self.config_path = config_path
+        self.proc = proc
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def fastlb(tmp_path: Path) -> Iterator[Callable[..., FastlbProcess]]:
+    """`fastlb(config_toml, port)` runs `fastlb serve` on that config and waits for `port`."""
+    running: list[FastlbProcess] = []
+
+    def start(config: str, port: int, host: str = "127.0.0.1") -> FastlbProcess:
+        path = tmp_path / f"fastlb-{len(running)}.toml"
+        path.write_text(config)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastlb", "serve", "-c", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        p = FastlbProcess(path, proc)
+        running.append(p)
+        try:
+            wait_port(port, host)
+        except TimeoutError:
+            code, err = p.stop()
+            raise AssertionError(f"fastlb did not start (exit {code}): {err}") from None
+        return p
+
+    yield start
+    for p in running:
+        p.stop()
