@@ -805,7 +805,8 @@ def _message(err: Any) -> str:
         return _PLAIN_MESSAGES[kind]
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
-        return f"must be {op} {ctx[key]}"
+        bound = ctx[key]
+        return f"must be {op} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}"
     if kind == "literal_error":
         expected = str(ctx["expected"]).replace("'", '"')
         try:
@@ -839,7 +840,7 @@ def _key(item: str, path: str) -> str:
     return f"[{json.dumps(item)}]"
 
 
-def format_loc(loc: tuple[int | str, ...]) -> str:
+def _format_loc(loc: tuple[int | str, ...]) -> str:
     """A pydantic loc as a config path (`pools[0].backends[1].address`), walking the models
     so that pydantic's own tags (union arms, validator names, `[key]`) are left out."""
     path, tp = "", _unwrap(Config)
@@ -862,7 +863,7 @@ def format_loc(loc: tuple[int | str, ...]) -> str:
 def _pydantic_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
-        path = format_loc(tuple(err["loc"])) or "config"
+        path = _format_loc(tuple(err["loc"])) or "config"
         lines.append(f"{path}: {_message(err)}")
     return list(dict.fromkeys(lines))
 
@@ -905,7 +906,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         if match:
             where, message = f"line {match[2]}, column {match[3]}", match[1]
         else:
-            where, message = f"line {text.count(chr(10)) + 1} (end of file)", str(exc)
+            where = f"line {text.count(chr(10)) + 1} (end of file)"
+            message = str(exc).replace(" (at end of document)", "")
         raise ConfigError(f"{file}: {where}: TOML syntax error: {message}") from None
     return parse_config(data)
 

@@ -112,3 +112,25 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     socket.set_nodelay(true)?;
     socket.connect(addr).await
 }
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn print_sizes() {
+        use super::*;
+        fn size<F: std::future::Future>(_: &F) -> usize { std::mem::size_of::<F>() }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (b, _) = l.accept().await.unwrap();
+            let bufs = forward::RelayBuffers::new(16384);
+            let f = forward::relay(&bufs, &a, &b, Duration::from_secs(1));
+            eprintln!("relay future: {}", size(&f));
+            let pool_cfg: crate::config::PoolConfig = serde_json::from_str(r#"{"name":"p","algorithm":"round_robin","backends":[],"timeouts":{"connect_ms":1,"read_ms":1,"send_ms":1,"idle_ms":1}}"#).unwrap();
+            let pool = Pool::build(&pool_cfg, vec![]);
+            let c = connect_backend(&pool, "1.2.3.4:5".parse().unwrap());
+            eprintln!("connect future: {}", size(&c));
+        });
+    }
+}
