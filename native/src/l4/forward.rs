@@ -12,15 +12,23 @@
 //! arrives later raises a new edge, which the reactor records with a newer tick, so no wake-up is
 //! lost. The same rule keeps splice's ambiguous EAGAIN safe: we only splice into an *empty* pipe,
 //! so EAGAIN there can only mean "socket empty".
+//!
+//! Memory: the relay is one hand-written poll loop over `poll_read_ready`/`poll_write_ready`
+//! rather than two `async` copy loops, so an idle connection's task holds two small direction
+//! states and one timer (idle RSS per connection is a benchmark target). Bytes a slow peer has
+//! not taken yet go to a boxed stash that exists only while they wait.
 
 use super::pipe::{splice, Pipe, PipePool};
 use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Reads up to this size use read/write through the scratch buffer; a read that fills it
 /// switches the rest of the round to splice. Measured in bench/splice_threshold.py.
@@ -39,7 +47,7 @@ impl RelayBuffers {
         RelayBuffers {
             scratch: RefCell::new(vec![0u8; splice_threshold.max(1024)].into_boxed_slice()),
             pipes: PipePool::default(),
-            splice_threshold,
+            splice_threshold: splice_threshold.max(1024),
         }
     }
 }
@@ -53,7 +61,7 @@ pub enum RelayEnd {
     Error(io::Error),
 }
 
-/// Byte counts of a finished relay.
+/// Byte counts of a relay.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Moved {
     /// Client to backend.
@@ -62,144 +70,214 @@ pub struct Moved {
     pub downstream: u64,
 }
 
+/// Most pipe-fulls one direction splices before letting other connections run.
+const SPLICE_ROUNDS_PER_POLL: usize = 16;
+
+/// Bytes read from one side that the other side has not taken yet.
+enum Stash {
+    Bytes { buf: Vec<u8>, sent: usize },
+    Pipe(Pipe),
+}
+
+/// One direction of a relay.
+#[derive(Default)]
+struct Direction {
+    /// EOF seen on the source and forwarded.
+    done: bool,
+    stash: Option<Box<Stash>>,
+    moved: u64,
+}
+
 /// Relays until both directions have seen EOF (each half-close is forwarded with
 /// `shutdown(SHUT_WR)`), a socket fails, or nothing moves for `idle` (zero = no limit).
+/// `timer` is the connection's one timer, reused here for the idle timeout.
 pub async fn relay(
     bufs: &RelayBuffers,
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<Moved, (RelayEnd, Moved)> {
-    let last_activity = Cell::new(Instant::now());
-    let up_bytes = Cell::new(0u64);
-    let down_bytes = Cell::new(0u64);
-    let up = one_way(bufs, client, backend, &last_activity, &up_bytes);
-    let down = one_way(bufs, backend, client, &last_activity, &down_bytes);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    let idle_watch = idle_timer(idle, &last_activity);
-    tokio::pin!(idle_watch);
-    let moved = || Moved {
-        upstream: up_bytes.get(),
-        downstream: down_bytes.get(),
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let mut last_activity = Instant::now();
+    if !idle.is_zero() {
+        timer.as_mut().reset(last_activity + idle);
+    }
+    let result = poll_fn(|cx| {
+        let mut active = false;
+        if let Err(e) = step(cx, bufs, client, backend, &mut up, down.done, &mut active) {
+            return Poll::Ready(Err(RelayEnd::Error(e)));
+        }
+        if let Err(e) = step(cx, bufs, backend, client, &mut down, up.done, &mut active) {
+            return Poll::Ready(Err(RelayEnd::Error(e)));
+        }
+        if up.done && down.done {
+            return Poll::Ready(Ok(()));
+        }
+        if idle.is_zero() {
+            return Poll::Pending;
+        }
+        if active {
+            // Only stamped here; the timer is re-armed lazily, once per idle period.
+            last_activity = Instant::now();
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let due = last_activity + idle;
+            if due <= Instant::now() {
+                return Poll::Ready(Err(RelayEnd::Idle));
+            }
+            timer.as_mut().reset(due);
+        }
+        Poll::Pending
+    })
+    .await;
+    let moved = Moved {
+        upstream: up.moved,
+        downstream: down.moved,
     };
-    while !(up_done && down_done) {
-        let result = tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; r }
-            r = &mut down, if !down_done => { down_done = true; r }
-            _ = &mut idle_watch => return Err((RelayEnd::Idle, moved())),
-        };
-        if let Err(e) = result {
-            return Err((RelayEnd::Error(e), moved()));
-        }
-    }
-    Ok(moved())
-}
-
-/// Completes once `last_activity` is `idle` old; never when `idle` is zero.
-async fn idle_timer(idle: Duration, last_activity: &Cell<Instant>) {
-    if idle.is_zero() {
-        return std::future::pending().await;
-    }
-    let mut deadline = last_activity.get() + idle;
-    loop {
-        tokio::time::sleep_until(deadline).await;
-        // Re-armed lazily: activity only stamps a Cell, the timer moves once per period.
-        let due = last_activity.get() + idle;
-        if due <= Instant::now() {
-            return;
-        }
-        deadline = due;
+    match result {
+        Ok(()) => Ok(moved),
+        Err(end) => Err((end, moved)),
     }
 }
 
-/// Forwards `src` to `dst` until EOF on `src`, then half-closes `dst`.
-async fn one_way(
+/// Drives one direction; on EOF forwards the half-close.
+fn step(
+    cx: &mut Context<'_>,
     bufs: &RelayBuffers,
     src: &TcpStream,
     dst: &TcpStream,
-    last_activity: &Cell<Instant>,
-    moved: &Cell<u64>,
+    dir: &mut Direction,
+    other_done: bool,
+    active: &mut bool,
 ) -> io::Result<()> {
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
-    loop {
-        src.readable().await?;
-        last_activity.set(Instant::now());
-        let filled = {
-            let mut scratch = bufs.scratch.borrow_mut();
-            let want = bufs.splice_threshold.min(scratch.len());
-            let n = match read_clearing(src, src_fd, &mut scratch[..want]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                break;
-            }
-            moved.set(moved.get() + n as u64);
-            match write_now(dst, dst_fd, &scratch[..n])? {
-                w if w == n => n == want,
-                w => {
-                    // The peer is slow: keep the rest in a buffer of this connection's own.
-                    let rest = scratch[w..n].to_vec();
-                    drop(scratch);
-                    write_all(dst, dst_fd, &rest).await?;
-                    n == want
-                }
-            }
-        };
-        if filled {
-            splice_round(bufs, src, dst, moved).await?;
+    if dir.done {
+        return Ok(());
+    }
+    if let Poll::Ready(result) = pump(cx, bufs, src, dst, dir, active) {
+        result?;
+        dir.done = true;
+        // When the other way is finished too, close() sends the FIN: skip a syscall.
+        if !other_done {
+            shutdown_write(dst.as_raw_fd());
         }
     }
-    shutdown_write(dst_fd);
     Ok(())
 }
 
-/// Splices `src` into `dst` until `src` has nothing more for now. Returns at EOF too: the
-/// caller's next read sees it.
-async fn splice_round(
+/// Moves what `src` has to `dst` until one of them would block (Pending, wakers registered) or
+/// `src` reaches EOF (Ready(Ok)).
+fn pump(
+    cx: &mut Context<'_>,
     bufs: &RelayBuffers,
     src: &TcpStream,
     dst: &TcpStream,
-    moved: &Cell<u64>,
-) -> io::Result<()> {
-    let mut pipe = bufs.pipes.take()?;
-    let result = splice_through(&mut pipe, src, dst, moved).await;
-    if result.is_ok() {
-        bufs.pipes.give(pipe);
-    }
-    result
-}
-
-async fn splice_through(
-    pipe: &mut Pipe,
-    src: &TcpStream,
-    dst: &TcpStream,
-    moved: &Cell<u64>,
-) -> io::Result<()> {
+    dir: &mut Direction,
+    active: &mut bool,
+) -> Poll<io::Result<()>> {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     loop {
+        if let Some(stash) = dir.stash.as_deref_mut() {
+            ready!(flush(cx, dst, dst_fd, stash))?;
+            if let Some(stash) = dir.stash.take() {
+                if let Stash::Pipe(pipe) = *stash {
+                    bufs.pipes.give(pipe);
+                }
+            }
+        }
+        // Also spends tokio's cooperative budget, so a busy transfer yields to other tasks.
+        ready!(src.poll_read_ready(cx))?;
+        let mut scratch = bufs.scratch.borrow_mut();
+        let want = bufs.splice_threshold;
+        let n = match read_clearing(src, src_fd, &mut scratch[..want]) {
+            Ok(0) => return Poll::Ready(Ok(())),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        *active = true;
+        dir.moved += n as u64;
+        let written = write_now(dst, dst_fd, &scratch[..n])?;
+        if written < n {
+            // The peer is slow: keep the rest in a buffer of this connection's own.
+            let buf = scratch[written..n].to_vec();
+            dir.stash = Some(Box::new(Stash::Bytes { buf, sent: 0 }));
+        } else if n == want {
+            drop(scratch);
+            if let Some(pipe) = splice_round(bufs, src, dst, dir)? {
+                dir.stash = Some(Box::new(Stash::Pipe(pipe)));
+            }
+        }
+    }
+}
+
+/// Splices `src` into `dst` through a pooled pipe until `src` is empty for now, at EOF, or the
+/// round's budget is spent. Returns the pipe if `dst` stopped taking bytes with some still in it.
+fn splice_round(
+    bufs: &RelayBuffers,
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: &mut Direction,
+) -> io::Result<Option<Pipe>> {
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut pipe = bufs.pipes.take()?;
+    for _ in 0..SPLICE_ROUNDS_PER_POLL {
         debug_assert_eq!(pipe.len, 0);
-        // The pipe is empty, so EAGAIN here means the socket is empty: clear readiness.
+        // The pipe is empty, so EAGAIN here means the socket is empty: clear readiness. EOF
+        // (0) leaves readiness set, and the caller's next read sees it.
         let n = match src.try_io(Interest::READABLE, || {
             splice(src_fd, pipe.write_fd(), pipe.capacity)
         }) {
-            Ok(0) => return Ok(()),
+            Ok(0) => break,
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         };
         pipe.len = n;
-        moved.set(moved.get() + n as u64);
+        dir.moved += n as u64;
         while pipe.len > 0 {
             match dst.try_io(Interest::WRITABLE, || {
                 splice(pipe.read_fd(), dst_fd, pipe.len)
             }) {
                 Ok(m) => pipe.len -= m,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Some(pipe)),
                 Err(e) => return Err(e),
             }
+        }
+    }
+    bufs.pipes.give(pipe);
+    Ok(None)
+}
+
+/// Writes a stash out as `dst` takes it; Ready(Ok) once it is empty.
+fn flush(
+    cx: &mut Context<'_>,
+    dst: &TcpStream,
+    dst_fd: RawFd,
+    stash: &mut Stash,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(dst.poll_write_ready(cx))?;
+        let emptied = match stash {
+            Stash::Bytes { buf, sent } => {
+                let n = write_now(dst, dst_fd, &buf[*sent..])?;
+                *sent += n;
+                *sent == buf.len()
+            }
+            Stash::Pipe(pipe) => match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read_fd(), dst_fd, pipe.len)
+            }) {
+                Ok(m) => {
+                    pipe.len -= m;
+                    pipe.len == 0
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                Err(e) => return Poll::Ready(Err(e)),
+            },
+        };
+        if emptied {
+            return Poll::Ready(Ok(()));
         }
     }
 }
@@ -234,8 +312,8 @@ fn write_now(dst: &TcpStream, fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &buf[done..];
-        // SAFETY: rest is valid for rest.len() bytes for the duration of the call.
         match dst.try_io(Interest::WRITABLE, || {
+            // SAFETY: rest is valid for rest.len() bytes for the duration of the call.
             let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
             if n < 0 {
                 Err(io::Error::last_os_error())
@@ -249,15 +327,6 @@ fn write_now(dst: &TcpStream, fd: RawFd, buf: &[u8]) -> io::Result<usize> {
         }
     }
     Ok(done)
-}
-
-async fn write_all(dst: &TcpStream, fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        dst.writable().await?;
-        let n = write_now(dst, fd, buf)?;
-        buf = &buf[n..];
-    }
-    Ok(())
 }
 
 fn shutdown_write(fd: RawFd) {
