@@ -6,6 +6,7 @@ did or did not reach a backend.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import threading
@@ -60,10 +61,8 @@ class Backend:
         self.sock.close()
         with self.lock:
             for c in self._conns:
-                try:
+                with contextlib.suppress(OSError):
                     c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 c.close()
 
 

@@ -16,7 +16,6 @@ import pytest
 from backends import Backend, Handler
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

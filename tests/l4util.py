@@ -19,7 +19,9 @@ def l4_config(
 ) -> str:
     """A config with one tcp listener over one pool, health checks off."""
     weights = weights or [1] * len(backends)
-    entries = ", ".join(f'{{ address = "{a}", weight = {w} }}' for a, w in zip(backends, weights, strict=True))
+    entries = ", ".join(
+        f'{{ address = "{a}", weight = {w} }}' for a, w in zip(backends, weights, strict=True)
+    )
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
     return f"""
 [runtime]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fastlb._native import Engine
 from fastlb.config import Config, ConfigError, Duration, load_config, parse_config
 

@@ -162,7 +162,9 @@ def test_port_in_use_is_a_runtime_failure(backends, fastlb, tmp_path):
     port = taken.getsockname()[1]
     path = tmp_path / "c.toml"
     path.write_text(l4_config(port, [b.address]))
-    r = subprocess.run([sys.executable, "-m", "fastlb", "serve", "-c", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlb", "serve", "-c", str(path)], capture_output=True, text=True
+    )
     taken.close()
     assert r.returncode == 1, r.stderr
     assert "front" in r.stderr and str(port) in r.stderr
