@@ -12,7 +12,7 @@
 //! caller (`balance::consistent_hash`) skips backends that are not usable, so a health flip
 //! never rebuilds the ring and moves only the keys of the backend that flipped.
 
-use crate::balance::{hash_key, weights_gcd};
+use crate::balance::{hash_key, reduced_weights};
 
 /// Points per unit of (gcd-reduced) weight, as in libketama and nginx.
 pub const POINTS_PER_WEIGHT: u64 = 160;
@@ -37,7 +37,7 @@ impl HashRing {
     /// index wins every one of them.
     pub fn new(names: &[&str], weights: &[u32]) -> Self {
         debug_assert_eq!(names.len(), weights.len());
-        let units = reduced_units(weights);
+        let units = reduced_weights(weights, UNITS_MAX);
         let total: u64 = units.iter().sum();
         let mut points = Vec::with_capacity((total * POINTS_PER_WEIGHT) as usize);
         for (i, (name, &u)) in names.iter().zip(&units).enumerate() {
@@ -101,21 +101,6 @@ impl HashRing {
 /// Where point `j` of backend `name` sits: `xxh3_64` of the bytes of `"{name}-{j}"`.
 fn point_hash(name: &str, j: u64) -> u64 {
     hash_key(format!("{name}-{j}").as_bytes())
-}
-
-/// Weights divided by their gcd, scaled down (never below 1 for a weight above 0) when their
-/// total exceeds `UNITS_MAX`.
-fn reduced_units(weights: &[u32]) -> Vec<u64> {
-    let g = weights_gcd(weights) as u64;
-    let mut units: Vec<u64> = weights.iter().map(|&w| w as u64 / g).collect();
-    let total: u64 = units.iter().sum();
-    if total > UNITS_MAX {
-        let scale = total as f64 / UNITS_MAX as f64;
-        for u in units.iter_mut().filter(|u| **u > 0) {
-            *u = ((*u as f64 / scale).round() as u64).max(1);
-        }
-    }
-    units
 }
 
 #[cfg(test)]

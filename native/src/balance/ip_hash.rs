@@ -8,7 +8,7 @@
 //! hashed again with an attempt counter, up to 20 times) so that they spread over the others
 //! while every other key stays where it was, and come back when it does.
 
-use super::{hash_key, weights_gcd, BackendState, Selector};
+use super::{hash_key, reduced_weights, BackendState, Selector};
 use std::sync::Arc;
 
 /// Largest table kept; beyond it weights are scaled down (ratios stay within 1/TABLE_MAX).
@@ -26,15 +26,7 @@ pub struct IpHash {
 impl IpHash {
     /// Builds the table from the configured weights; zero-weight backends get no entries.
     pub fn new(weights: &[u32]) -> Self {
-        let g = weights_gcd(weights) as u64;
-        let mut reduced: Vec<u64> = weights.iter().map(|&w| w as u64 / g).collect();
-        let total: u64 = reduced.iter().sum();
-        if total > TABLE_MAX {
-            let scale = total as f64 / TABLE_MAX as f64;
-            for w in reduced.iter_mut().filter(|w| **w > 0) {
-                *w = ((*w as f64 / scale).round() as u64).max(1);
-            }
-        }
+        let reduced = reduced_weights(weights, TABLE_MAX);
         let table = reduced
             .iter()
             .enumerate()

@@ -281,6 +281,22 @@ pub fn build_selector(cfg: &PoolConfig, states: &[Arc<BackendState>]) -> Box<dyn
     }
 }
 
+/// Weights divided by their gcd and, when their total exceeds `max_total`, scaled down
+/// proportionally (never below 1 for a weight above 0): the unit counts that weight-sized
+/// tables (round robin sequence, ip_hash table, ketama points) are built from.
+pub fn reduced_weights(weights: &[u32], max_total: u64) -> Vec<u64> {
+    let g = weights_gcd(weights) as u64;
+    let mut units: Vec<u64> = weights.iter().map(|&w| w as u64 / g).collect();
+    let total: u64 = units.iter().sum();
+    if total > max_total {
+        let scale = total as f64 / max_total as f64;
+        for u in units.iter_mut().filter(|u| **u > 0) {
+            *u = ((*u as f64 / scale).round() as u64).max(1);
+        }
+    }
+    units
+}
+
 /// Greatest common divisor of the non-zero weights (1 if none), so that tables sized by
 /// weight stay as small as the ratios allow.
 pub fn weights_gcd(weights: &[u32]) -> u32 {

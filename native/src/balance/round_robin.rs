@@ -6,12 +6,12 @@
 //! 10-entry table), and workers walk it with one shared atomic counter. Backends that are not
 //! usable are skipped by walking on; a weight change through the admin API rebuilds the pool.
 
-use super::{weights_gcd, BackendState, Selector};
+use super::{reduced_weights, BackendState, Selector};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Largest table kept; beyond it weights are scaled down (ratios stay within 1/TABLE_MAX).
-const TABLE_MAX: usize = 1 << 16;
+const TABLE_MAX: u64 = 1 << 16;
 
 pub struct RoundRobin {
     /// The smooth sequence of backend indices, one period long.
@@ -30,16 +30,8 @@ impl RoundRobin {
 
 /// One period of nginx's smooth weighted round robin over `weights`.
 pub fn smooth_sequence(weights: &[u32]) -> Vec<u32> {
-    let g = weights_gcd(weights) as u64;
-    let mut reduced: Vec<u64> = weights.iter().map(|&w| w as u64 / g).collect();
-    let mut total: u64 = reduced.iter().sum();
-    if total as usize > TABLE_MAX {
-        let scale = total as f64 / TABLE_MAX as f64;
-        for w in reduced.iter_mut().filter(|w| **w > 0) {
-            *w = ((*w as f64 / scale).round() as u64).max(1);
-        }
-        total = reduced.iter().sum();
-    }
+    let reduced = reduced_weights(weights, TABLE_MAX);
+    let total: u64 = reduced.iter().sum();
     let mut current = vec![0i64; reduced.len()];
     let mut sequence = Vec::with_capacity(total as usize);
     for _ in 0..total {
