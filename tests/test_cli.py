@@ -27,7 +27,7 @@ def test_sighup_reload_applies_a_valid_config_and_keeps_the_old_one_on_errors(ba
         l4_config(port, [b.address]).replace('algorithm = "round_robin"', "algorithm = 7")
     )
     p.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    time.sleep(1.0)
     assert [ask_name(port) for _ in range(5)] == ["b"] * 5, "an invalid reload keeps the running config"
     code, err = p.stop()
     assert code == 0
@@ -68,3 +68,14 @@ def test_usage_errors_exit_2():
     assert "-c" in r.stderr
     r = subprocess.run([sys.executable, "-m", "fastlb", "bogus"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_serve_refuses_http_listeners_until_l7_lands(backends, tmp_path):
+    b = backends(says_name)
+    path = tmp_path / "http.toml"
+    path.write_text(l4_config(free_port(), [b.address]).replace('protocol = "tcp"', 'protocol = "http"'))
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlb", "serve", "-c", str(path)], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "listeners[0].protocol" in r.stderr and "Traceback" not in r.stderr
