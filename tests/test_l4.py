@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import threading
 import time
@@ -169,3 +170,23 @@ def test_port_in_use_is_a_runtime_failure(backends, fastlb, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "front" in r.stderr and str(port) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_sigterm_lets_an_open_transfer_finish(backends, fastlb):
+    def slow_sender(conn: socket.socket, backend) -> None:
+        for i in range(10):
+            conn.sendall(payload(100_000, seed=i))
+            time.sleep(0.1)
+
+    b = backends(slow_sender)
+    port = free_port()
+    p = fastlb(l4_config(port, [b.address]), port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        first = s.recv(1000)
+        assert first, "the transfer started"
+        p.proc.send_signal(signal.SIGTERM)
+        rest = read_all(s)
+    assert first + rest == b"".join(payload(100_000, seed=i) for i in range(10))
+    assert p.proc.wait(10) == 0, p.stop()[1]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -125,7 +125,11 @@ async def _control_loop(
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
+    stopped = False
+
     def on_stop(signame: str) -> None:
+        if stopped:
+            return  # already drained; the process is on its way out
         if stopping.is_set():
             log.warning("second %s: exiting now", signame)
             os._exit(EXIT_RUNTIME)
@@ -158,6 +162,7 @@ async def _control_loop(
         await before()
     await stopping.wait()
     await loop.run_in_executor(None, engine.stop, engine.drain_timeout_s())
+    stopped = True
     log.info("stopped")
     return EXIT_OK
 
