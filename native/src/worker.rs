@@ -163,7 +163,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: TcpListener) {
                 ctx: &ctx,
                 listener: &entry,
             };
-            l4::serve(&ctx, stream, peer, entry.clone()).await;
+            l4::serve(&ctx, stream, peer, &entry).await;
         });
     }
 }

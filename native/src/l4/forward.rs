@@ -39,9 +39,9 @@ pub const SPLICE_THRESHOLD: usize = 64 * 1024;
 /// Buffers one worker thread shares between all its connections. A connection only owns memory
 /// of its own while a write to a slow peer is pending.
 pub struct RelayBuffers {
+    /// As long as the splice threshold: a read that fills it switches to splice.
     scratch: RefCell<Box<[u8]>>,
     pipes: PipePool,
-    splice_threshold: usize,
 }
 
 impl RelayBuffers {
@@ -49,7 +49,6 @@ impl RelayBuffers {
         RelayBuffers {
             scratch: RefCell::new(vec![0u8; splice_threshold.max(1024)].into_boxed_slice()),
             pipes: PipePool::default(),
-            splice_threshold: splice_threshold.max(1024),
         }
     }
 }
@@ -191,7 +190,7 @@ fn pump(
         // Also spends tokio's cooperative budget, so a busy transfer yields to other tasks.
         ready!(src.poll_read_ready(cx))?;
         let mut scratch = bufs.scratch.borrow_mut();
-        let want = bufs.splice_threshold;
+        let want = scratch.len();
         let n = match read_clearing(src, src_fd, &mut scratch[..want]) {
             Ok(0) => return Poll::Ready(Ok(())),
             Ok(n) => n,

@@ -24,12 +24,7 @@ use tokio::time::Sleep;
 const MAX_TRIES: usize = 16;
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(
-    ctx: &WorkerCtx,
-    client: TcpStream,
-    peer: SocketAddr,
-    listener: Arc<ListenerEntry>,
-) {
+pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listener: &ListenerEntry) {
     let stats = &listener.stats;
     let started = Instant::now();
     // TCP_NODELAY is inherited from the listening socket: no setsockopt per connection.
