@@ -4,6 +4,7 @@
 //! socket addresses, `workers = "auto"` is a number and `cpu_affinity` is a CPU list.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 /// Whole-engine configuration.
@@ -40,9 +41,74 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     /// The pool (tcp), or the default pool (http).
     pub pool: String,
-    /// Close a connection after this long without a byte either way; 0 = never.
+    /// Close a connection after this long without a byte either way; 0 = never. For http,
+    /// the wait for the next request on a keep-alive connection.
     #[serde(default)]
     pub client_idle_ms: u64,
+    /// http: a request head must arrive whole within this long of its first byte (slowloris);
+    /// 0 = no limit.
+    #[serde(default)]
+    pub header_read_ms: u64,
+    /// http: largest request head (request line and headers) accepted; beyond it 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// http: most header fields in one request head; beyond it 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// http: per client IP request rate limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// http: content routes, first match wins; none matching means `pool`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+
+/// Token bucket per client IP: `requests_per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    pub burst: u32,
+}
+
+/// One `[[listeners.routes]]` entry. Every condition given must hold. Header names are
+/// lower-cased by the control plane; `pool = "x"` arrives as `split = [{pool: "x", weight: 1}]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_exact: Option<String>,
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cookies: BTreeMap<String, String>,
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Networks as `addr/len`, host bits already cleared.
+    #[serde(default)]
+    pub source_cidr: Vec<String>,
+    pub split: Vec<SplitConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    pub pool: String,
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -70,6 +136,46 @@ pub struct PoolConfig {
     pub retries: u32,
     #[serde(default)]
     pub drain_timeout_ms: u64,
+    /// http: sticky-cookie insert.
+    #[serde(default)]
+    pub affinity: Option<AffinityConfig>,
+    /// http: idle upstream connections kept per backend per worker; 0 = no keep-alive.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: usize,
+    /// http: requests waiting for a backend below its `max_connections`.
+    #[serde(default)]
+    pub queue: QueueConfig,
+}
+
+fn default_keepalive() -> usize {
+    32
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityConfig {
+    pub cookie: String,
+    /// Max-Age of the cookie; 0 = a session cookie.
+    #[serde(default)]
+    pub ttl_ms: u64,
+}
+
+/// HAProxy's per-server queue: a request finding every candidate at `max_connections` waits
+/// up to `timeout_ms` (then 503); beyond `size` waiting requests it gets 503 at once.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub size: u32,
+    pub timeout_ms: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            size: 1000,
+            timeout_ms: 5000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -134,9 +240,18 @@ impl EngineConfig {
         if self.runtime.workers == 0 {
             return Err("runtime.workers: must be >= 1".into());
         }
+        let known = |pool: &str| self.pools.iter().any(|p| p.name == pool);
         for l in &self.listeners {
-            if !self.pools.iter().any(|p| p.name == l.pool) {
+            if !known(&l.pool) {
                 return Err(format!("listener {}: unknown pool {}", l.name, l.pool));
+            }
+            for (i, r) in l.routes.iter().enumerate() {
+                if r.split.is_empty() || r.split.iter().all(|s| s.weight == 0) {
+                    return Err(format!("listener {} route {i}: no pool to send to", l.name));
+                }
+                if let Some(s) = r.split.iter().find(|s| !known(&s.pool)) {
+                    return Err(format!("listener {} route {i}: unknown pool {}", l.name, s.pool));
+                }
             }
         }
         Ok(())

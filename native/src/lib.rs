@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod l4;
 pub mod maglev;
 pub mod ring;
@@ -203,11 +204,19 @@ impl PyMaglev {
     }
 }
 
+/// Why `pattern` is not a valid route regex for the data plane (Rust `regex` syntax, which has
+/// no look-around or backreferences), or None when it is.
+#[pyfunction]
+fn regex_error(pattern: &str) -> Option<String> {
+    regex::bytes::Regex::new(pattern).err().map(|e| e.to_string())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyHashRing>()?;
     m.add_class::<PyMaglev>()?;
+    m.add_function(wrap_pyfunction!(regex_error, m)?)?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
