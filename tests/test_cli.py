@@ -34,7 +34,13 @@ def test_sighup_reload_applies_a_valid_config_and_keeps_the_old_one_on_errors(ba
     assert "pools[0].algorithm" in err and "keeping the running config" in err
 
 
-def test_demo_balances_over_three_backends_with_curl():
+def curl(url: str, *args: str) -> str:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "5", *args, url], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_demo_routes_and_splits_http_with_curl():
     port = free_port()
     demo = subprocess.Popen(
         [sys.executable, "-m", "fastlb", "demo", "--listen", f"127.0.0.1:{port}"],
@@ -42,24 +48,21 @@ def test_demo_balances_over_three_backends_with_curl():
         stderr=subprocess.PIPE,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}/"
     try:
         wait_port(port)
-        bodies = [
-            subprocess.run(
-                ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            for _ in range(6)
-        ]
-        assert len(set(bodies)) == 3, bodies
-        assert all(body.startswith("hello from backend-") for body in bodies)
+        bodies = [curl(url) for _ in range(40)]
+        assert all(body.startswith("hello from backend-") for body in bodies), bodies
+        stable = [b for b in bodies if "(stable," in b]
+        assert {b.split()[2] for b in stable} == {"backend-1", "backend-2"}, bodies
+        assert len(stable) >= 30, "90% of requests go to the stable pool"
+        canary = [curl(url, "-H", "x-canary: 1") for _ in range(5)]
+        assert all(b.startswith("hello from backend-3 (canary,") for b in canary), canary
     finally:
         demo.send_signal(signal.SIGINT)
         out, _ = demo.communicate(timeout=20)
     assert demo.returncode == 0
-    assert "curl" in out
+    assert f"curl -s {url}" in out and "x-canary: 1" in out
 
 
 def test_usage_errors_exit_2():
@@ -70,12 +73,10 @@ def test_usage_errors_exit_2():
     assert r.returncode == 2
 
 
-def test_serve_refuses_http_listeners_until_l7_lands(backends, tmp_path):
+def test_serve_runs_an_http_listener(backends, fastlb):
     b = backends(says_name)
-    path = tmp_path / "http.toml"
-    path.write_text(l4_config(free_port(), [b.address]).replace('protocol = "tcp"', 'protocol = "http"'))
-    r = subprocess.run(
-        [sys.executable, "-m", "fastlb", "serve", "-c", str(path)], capture_output=True, text=True
-    )
-    assert r.returncode == 2
-    assert "listeners[0].protocol" in r.stderr and "Traceback" not in r.stderr
+    port = free_port()
+    p = fastlb(l4_config(port, [b.address]).replace('protocol = "tcp"', 'protocol = "http"'), port)
+    code, err = p.stop()
+    assert code == 0, err
+    assert "(http, listener" in err and "Traceback" not in err

@@ -107,7 +107,29 @@ for = "30s"
 # Every key native/src/config.rs (EngineConfig, deny_unknown_fields) accepts, per struct.
 ENGINE_KEYS = {"runtime", "listeners", "pools"}
 RUNTIME_KEYS = {"workers", "cpus", "max_connections"}
-LISTENER_KEYS = {"name", "bind", "protocol", "pool", "client_idle_ms"}
+LISTENER_KEYS = {
+    "name",
+    "bind",
+    "protocol",
+    "pool",
+    "client_idle_ms",
+    "header_read_ms",
+    "max_header_bytes",
+    "max_headers",
+    "rate_limit",
+    "routes",
+}
+ROUTE_KEYS = {
+    "host",
+    "path_prefix",
+    "path_exact",
+    "path_regex",
+    "headers",
+    "cookies",
+    "query",
+    "source_cidr",
+    "split",
+}
 POOL_KEYS = {
     "name",
     "algorithm",
@@ -117,6 +139,9 @@ POOL_KEYS = {
     "timeouts",
     "retries",
     "drain_timeout_ms",
+    "affinity",
+    "keepalive",
+    "queue",
 }
 BACKEND_KEYS = {"address", "addr", "weight", "max_connections", "backup"}
 TIMEOUT_KEYS = {"connect_ms", "read_ms", "send_ms", "idle_ms"}
@@ -179,6 +204,8 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
     assert engine["runtime"]["max_connections"] == 50000
     for listener in engine["listeners"]:
         assert set(listener) == LISTENER_KEYS
+        for route in listener["routes"]:
+            assert set(route) == ROUTE_KEYS
     web, db = engine["listeners"]
     assert web == {
         "name": "web",
@@ -186,8 +213,37 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "protocol": "http",
         "pool": "app",
         "client_idle_ms": 60_000,
+        "header_read_ms": 10_000,
+        "max_header_bytes": 65_536,
+        "max_headers": 100,
+        "rate_limit": {"requests_per_second": 100.0, "burst": 200},
+        "routes": [
+            {
+                "host": "api.example.com",
+                "path_prefix": "/api/v1/",
+                "path_exact": None,
+                "path_regex": None,
+                "headers": {"x-client": "mobile"},
+                "cookies": {"ab-test": "group-a"},
+                "query": {"beta": "1"},
+                "source_cidr": ["10.0.0.0/8", "::1/128"],
+                "split": [{"pool": "v1", "weight": 1}],
+            },
+            {
+                "host": None,
+                "path_prefix": None,
+                "path_exact": None,
+                "path_regex": "^/v2/.*",
+                "headers": {},
+                "cookies": {},
+                "query": {},
+                "source_cidr": [],
+                "split": [{"pool": "v1", "weight": 95}, {"pool": "v2", "weight": 5}],
+            },
+        ],
     }
     assert db["bind"] == "[::]:5432" and db["client_idle_ms"] == 600_000
+    assert db["routes"] == [] and db["rate_limit"] is None
     for pool in engine["pools"]:
         assert set(pool) == POOL_KEYS
         assert set(pool["timeouts"]) == TIMEOUT_KEYS
@@ -198,6 +254,9 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
             assert 0 < int(port) < 65536
     app, v1, v2 = engine["pools"]
     assert app["hash_key"] == "source_ip" and app["retries"] == 2 and app["drain_timeout_ms"] == 30_000
+    assert app["affinity"] == {"cookie": "FASTLB_SRV", "ttl_ms": 3_600_000}
+    assert (app["keepalive"], app["queue"]) == (32, {"size": 1000, "timeout_ms": 5000})
+    assert v1["affinity"] is None
     assert app["timeouts"] == {"connect_ms": 2000, "read_ms": 30_000, "send_ms": 30_000, "idle_ms": 60_000}
     assert app["backends"][1] == {
         "address": "127.0.0.1:9002",
@@ -234,6 +293,18 @@ def test_defaults() -> None:
     assert pool.passive is None and pool.affinity is None
     assert pool.slow_start == 0 and pool.drain_timeout == 30_000
     assert {a.name for a in cfg.alerts} >= {"UnhealthyBackends"}
+    assert (listener.max_header_bytes, listener.max_headers) == (65_536, 100)
+    assert pool.keepalive == 32 and (pool.queue.size, pool.queue.timeout) == (1000, 5000)
+
+
+def test_l7_defaults_match_the_engine() -> None:
+    """What a key left out means here is what native/src/config.rs assumes for a missing key."""
+    engine = parse_config(minimal()).to_engine()
+    listener, pool = engine["listeners"][0], engine["pools"][0]
+    assert (listener["max_header_bytes"], listener["max_headers"]) == (64 * 1024, 100)
+    assert (listener["header_read_ms"], listener["rate_limit"], listener["routes"]) == (10_000, None, [])
+    assert (pool["affinity"], pool["keepalive"]) == (None, 32)
+    assert pool["queue"] == {"size": 1000, "timeout_ms": 5000}
 
 
 def test_tcp_client_idle_default_is_ten_minutes() -> None:
@@ -694,6 +765,235 @@ def test_route_path_rules() -> None:
     ]
 
 
+# --- L7 keys in the engine JSON ---------------------------------------------------------------
+
+
+def l7_pools(data: dict[str, Any]) -> dict[str, Any]:
+    data["pools"] += [
+        {"name": "v1", "backends": [{"address": "127.0.0.1:9101"}]},
+        {"name": "v2", "backends": [{"address": "127.0.0.1:9201"}]},
+    ]
+    return data
+
+
+def test_listener_l7_keys_to_engine() -> None:
+    data = l7_pools(minimal())
+    data["listeners"][0].update(
+        timeouts={"header_read": "2.5s"},
+        max_header_bytes=8192,
+        max_headers=50,
+        rate_limit={"requests_per_second": 2.5},
+        routes=[
+            {
+                "host": "API.Example.COM.",
+                "path_prefix": "/api/",
+                "headers": {"X-Client": "mobile", "accept": "text/html"},
+                "cookies": {"AB-Test": "group-A"},
+                "query": {"Beta": "1"},
+                "source_cidr": ["10.1.2.3/8", "192.168.1.1", "2001:DB8::1/32", "::1"],
+                "pool": "v1",
+            },
+            {"host": "*.example.com", "path_exact": "/health", "pool": "app"},
+            {"path_regex": "^/v2/[a-z]+$", "split": [{"pool": "v1", "weight": 0}, {"pool": "v2"}]},
+        ],
+    )
+    listener = parse_config(data).to_engine()["listeners"][0]
+    assert listener == {
+        "name": "web",
+        "bind": "127.0.0.1:8080",
+        "protocol": "http",
+        "pool": "app",
+        "client_idle_ms": 60_000,
+        "header_read_ms": 2500,
+        "max_header_bytes": 8192,
+        "max_headers": 50,
+        "rate_limit": {"requests_per_second": 2.5, "burst": 3},
+        "routes": [
+            {
+                "host": "api.example.com",
+                "path_prefix": "/api/",
+                "path_exact": None,
+                "path_regex": None,
+                "headers": {"x-client": "mobile", "accept": "text/html"},
+                "cookies": {"AB-Test": "group-A"},
+                "query": {"Beta": "1"},
+                "source_cidr": ["10.0.0.0/8", "192.168.1.1/32", "2001:db8::/32", "::1/128"],
+                "split": [{"pool": "v1", "weight": 1}],
+            },
+            {
+                "host": "*.example.com",
+                "path_prefix": None,
+                "path_exact": "/health",
+                "path_regex": None,
+                "headers": {},
+                "cookies": {},
+                "query": {},
+                "source_cidr": [],
+                "split": [{"pool": "app", "weight": 1}],
+            },
+            {
+                "host": None,
+                "path_prefix": None,
+                "path_exact": None,
+                "path_regex": "^/v2/[a-z]+$",
+                "headers": {},
+                "cookies": {},
+                "query": {},
+                "source_cidr": [],
+                "split": [{"pool": "v1", "weight": 0}, {"pool": "v2", "weight": 1}],
+            },
+        ],
+    }
+
+
+def test_tcp_listener_sends_http_keys_as_defaults() -> None:
+    data = minimal()
+    data["listeners"][0]["protocol"] = "tcp"
+    listener = parse_config(data).to_engine()["listeners"][0]
+    assert {k: listener[k] for k in ("max_header_bytes", "max_headers", "rate_limit", "routes")} == {
+        "max_header_bytes": 65_536,
+        "max_headers": 100,
+        "rate_limit": None,
+        "routes": [],
+    }
+
+
+def test_pool_l7_keys_to_engine() -> None:
+    data = minimal()
+    data["pools"][0].update(
+        affinity={"cookie": "SRV", "ttl": "1h"}, keepalive=0, queue={"size": 0, "timeout": "250ms"}
+    )
+    data["pools"].append(
+        {
+            "name": "other",
+            "affinity": {"cookie": "S2"},
+            "keepalive": 10_000,
+            "queue": {"size": 1_000_000},
+            "backends": [{"address": "127.0.0.1:9101"}],
+        }
+    )
+    app, other = parse_config(data).to_engine()["pools"]
+    assert {k: app[k] for k in ("affinity", "keepalive", "queue")} == {
+        "affinity": {"cookie": "SRV", "ttl_ms": 3_600_000},
+        "keepalive": 0,
+        "queue": {"size": 0, "timeout_ms": 250},
+    }
+    assert {k: other[k] for k in ("affinity", "keepalive", "queue")} == {
+        "affinity": {"cookie": "S2", "ttl_ms": 0},
+        "keepalive": 10_000,
+        "queue": {"size": 1_000_000, "timeout_ms": 5000},
+    }
+
+
+# --- L7 keys: bad values ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_header_bytes", 1023, "must be >= 1024"),
+        ("max_header_bytes", 1_048_577, "must be <= 1048576"),
+        ("max_header_bytes", "64k", "must be an integer"),
+        ("max_header_bytes", 8192.0, "must be an integer"),
+        ("max_headers", 0, "must be >= 1"),
+        ("max_headers", 1001, "must be <= 1000"),
+        ("max_headers", True, "must be an integer"),
+    ],
+)
+def test_bad_listener_l7_value(key: str, value: object, message: str) -> None:
+    data = minimal()
+    data["listeners"][0][key] = value
+    assert errors_of(data) == [f"listeners[0].{key}: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_header_bytes", 1024), ("max_header_bytes", 1_048_576), ("max_headers", 1), ("max_headers", 1000)],
+)
+def test_listener_l7_bounds_allowed(key: str, value: int) -> None:
+    data = minimal()
+    data["listeners"][0][key] = value
+    assert parse_config(data).to_engine()["listeners"][0][key] == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path", "message"),
+    [
+        ("keepalive", -1, "keepalive", "must be >= 0"),
+        ("keepalive", 10_001, "keepalive", "must be <= 10000"),
+        ("keepalive", "32", "keepalive", "must be an integer"),
+        ("queue", 100, "queue", "must be a table"),
+        ("queue", {"size": -1}, "queue.size", "must be >= 0"),
+        ("queue", {"size": 1_000_001}, "queue.size", "must be <= 1000000"),
+        ("queue", {"size": "1k"}, "queue.size", "must be an integer"),
+        ("queue", {"timeout": "0s"}, "queue.timeout", "must be > 0"),
+        ("queue", {"timeout": 5}, "queue.timeout", 'must be a duration with a unit, e.g. "5s"'),
+        ("queue", {"maxqueue": 5}, "queue.maxqueue", "unknown key"),
+        ("affinity", {"cookie": "a b"}, "affinity.cookie", "not a valid header/cookie name: 'a b'"),
+        ("affinity", {"cookie": "S", "ttl": "0s"}, "affinity.ttl", "must be > 0"),
+    ],
+)
+def test_bad_pool_l7_value(key: str, value: object, path: str, message: str) -> None:
+    data = minimal()
+    data["pools"][0][key] = value
+    assert errors_of(data) == [f"pools[0].{path}: {message}"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_header_bytes", 8192), ("max_headers", 10)])
+def test_tcp_listener_with_header_limits(key: str, value: int) -> None:
+    data = minimal()
+    data["listeners"][0].update({"protocol": "tcp", key: value})
+    assert errors_of(data) == [f'listeners[0].{key}: only for protocol = "http"']
+
+
+@pytest.mark.parametrize(("key", "value"), [("keepalive", 0), ("queue", {"size": 10})])
+def test_tcp_listener_pool_with_http_only_key(key: str, value: object) -> None:
+    data = minimal()
+    data["listeners"][0]["protocol"] = "tcp"
+    data["pools"][0][key] = value
+    assert errors_of(data) == [f"pools[0].{key}: http only, but tcp listener 'web' uses this pool"]
+
+
+def test_tcp_listener_pool_with_default_http_keys_written_out() -> None:
+    data = minimal()
+    data["listeners"][0].update(protocol="tcp", max_header_bytes=65_536, max_headers=100)
+    data["pools"][0].update(keepalive=32, queue={"size": 1000, "timeout": "5s"})
+    parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("^/(api", "bad regex: unclosed group"),
+        ("^/(?=api)", "bad regex: look-around, including look-ahead and look-behind, is not supported"),
+        (r"^/(a)\1", "bad regex: backreferences are not supported"),
+        ("a{1000}{1000}", "bad regex: Compiled regex exceeds size limit of 10485760 bytes."),
+    ],
+)
+def test_regex_the_data_plane_cannot_compile(pattern: str, message: str) -> None:
+    data = minimal()
+    data["listeners"][0]["routes"] = [
+        {"path_prefix": "/", "pool": "app"},
+        {"path_regex": pattern, "pool": "app"},
+    ]
+    assert errors_of(data) == [f"listeners[0].routes[1].path_regex: {message}"]
+
+
+@pytest.mark.parametrize("pattern", [r"^/(?<ver>v\d+)/", r"^/static/.+\.(css|js)\z", "[[:alpha:]]+"])
+def test_regex_in_data_plane_syntax_accepted(pattern: str) -> None:
+    data = minimal()
+    data["listeners"][0]["routes"] = [{"path_regex": pattern, "pool": "app"}]
+    assert parse_config(data).to_engine()["listeners"][0]["routes"][0]["path_regex"] == pattern
+
+
+def test_route_names_a_header_twice() -> None:
+    data = minimal()
+    data["listeners"][0]["routes"] = [{"headers": {"X-Client": "a", "x-client": "b"}, "pool": "app"}]
+    assert errors_of(data) == [
+        'listeners[0].routes[0].headers["x-client"]: same header as "X-Client" (names are case-insensitive)'
+    ]
+
+
 # --- hash keys ----------------------------------------------------------------------------------
 
 
@@ -946,7 +1246,30 @@ def test_native_engine_accepts_to_engine() -> None:
             "backends": [{"address": "localhost:9101", "weight": 2, "max_connections": 5, "backup": True}],
         }
     )
-    data["pools"][0].update(algorithm="maglev", hash_key="header:X-User")
+    data["pools"][0].update(
+        algorithm="maglev",
+        hash_key="header:X-User",
+        affinity={"cookie": "SRV", "ttl": "1h"},
+        keepalive=0,
+        queue={"size": 0, "timeout": "1s"},
+    )
+    data["listeners"][0].update(
+        max_header_bytes=4096,
+        max_headers=20,
+        rate_limit={"requests_per_second": 0.5, "burst": 2},
+        routes=[
+            {
+                "host": "*.Example.com",
+                "path_regex": "^/v[0-9]+/",
+                "headers": {"X-A": "1"},
+                "cookies": {"c": "1"},
+                "query": {"q": "1"},
+                "source_cidr": ["10.1.2.3/8"],
+                "pool": "hashed",
+            },
+            {"path_prefix": "/", "split": [{"pool": "app", "weight": 9}, {"pool": "hashed", "weight": 1}]},
+        ],
+    )
     spec = json.dumps(parse_config(data).to_engine())
     engine = Engine(spec)
     try:

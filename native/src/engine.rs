@@ -7,6 +7,7 @@
 
 use crate::balance::{AdminState, BackendState, Pool};
 use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
+use crate::http::HttpListener;
 use crate::stats::{ListenerSnapshot, ListenerStats};
 use crate::worker::{self, WorkerCmd};
 use arc_swap::ArcSwap;
@@ -33,6 +34,9 @@ pub struct Shared {
     pub max_connections: usize,
     /// Read size above which a relay switches to splice (see l4::forward).
     pub splice_threshold: usize,
+    /// This process's `Via` pseudonym (`fastlb-` and 8 hex digits): a request that already
+    /// carries it has looped back here.
+    pub via_token: String,
 }
 
 /// The routing tables: immutable once published.
@@ -46,6 +50,8 @@ pub struct ListenerEntry {
     pub cfg: ListenerConfig,
     pub pool: Arc<Pool>,
     pub stats: Arc<ListenerStats>,
+    /// Routes, limits and rate limiter of an http listener.
+    pub http: Option<HttpListener>,
 }
 
 /// Errors the control plane gets back.
@@ -124,6 +130,7 @@ impl Engine {
                 connections: AtomicUsize::new(0),
                 max_connections: config.runtime.max_connections,
                 splice_threshold: splice_threshold(),
+                via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
             }),
             workers: Vec::with_capacity(n),
             config: config.clone(),
@@ -131,7 +138,7 @@ impl Engine {
             listener_stats: HashMap::new(),
             stopped: false,
         };
-        engine.publish(&config);
+        engine.publish(&config)?;
         for index in 0..n {
             let (tx, rx) = mpsc::unbounded_channel();
             let cpu = (!config.runtime.cpus.is_empty())
@@ -182,7 +189,7 @@ impl Engine {
             })
             .map(|old| old.name.clone())
             .collect();
-        self.publish(&config);
+        self.publish(&config)?;
         for name in removed {
             if !new_sockets.iter().any(|(n, _)| *n == name) {
                 for w in &self.workers {
@@ -242,8 +249,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.backend(pool, address)?.set_weight(weight.min(1000));
         let config = self.config.clone();
-        self.publish(&config);
-        Ok(())
+        self.publish(&config)
     }
 
     pub fn set_admin(
@@ -277,6 +283,7 @@ impl Engine {
                 dropped: e.stats.dropped(),
                 bytes_in: e.stats.bytes_in.load(Relaxed),
                 bytes_out: e.stats.bytes_out.load(Relaxed),
+                requests_total: e.stats.requests_total.load(Relaxed),
                 duration_us_sum: e.stats.duration_us_sum.load(Relaxed),
                 duration_count: e.stats.duration_count.load(Relaxed),
             })
@@ -300,15 +307,16 @@ impl Engine {
     }
 
     /// Builds tables for `config`, reusing the state of unchanged backends, and publishes them.
-    fn publish(&mut self, config: &EngineConfig) {
+    fn publish(&mut self, config: &EngineConfig) -> Result<(), EngineError> {
         let mut backends = HashMap::new();
         let mut pools = HashMap::new();
         for p in &config.pools {
             let mut states = Vec::with_capacity(p.backends.len());
             for b in &p.backends {
                 let id = format!("{}/{}", p.name, b.address);
-                let state = match self.backends.remove(&id) {
-                    Some(known) if known.cfg == *b => known.state,
+                // Looked up, not removed: a failed publish leaves the engine as it was.
+                let state = match self.backends.get(&id) {
+                    Some(known) if known.cfg == *b => known.state.clone(),
                     Some(known)
                         if known.cfg.addr == b.addr
                             && known.cfg.backup == b.backup
@@ -316,7 +324,7 @@ impl Engine {
                     {
                         // Only the configured weight changed: the new config's weight wins.
                         known.state.set_weight(b.weight);
-                        known.state
+                        known.state.clone()
                     }
                     _ => Arc::new(BackendState::new(&p.name, b)),
                 };
@@ -331,9 +339,12 @@ impl Engine {
             }
             pools.insert(p.name.clone(), Arc::new(Pool::build(p, states)));
         }
-        self.backends = backends;
         let mut listeners = HashMap::new();
         for l in &config.listeners {
+            let http = match l.protocol {
+                Protocol::Http => Some(HttpListener::build(l, &pools).map_err(EngineError::Config)?),
+                Protocol::Tcp => None,
+            };
             let stats = self
                 .listener_stats
                 .entry(l.name.clone())
@@ -346,14 +357,17 @@ impl Engine {
                     cfg: l.clone(),
                     pool,
                     stats,
+                    http,
                 }),
             );
         }
+        self.backends = backends;
         self.listener_stats
             .retain(|name, _| listeners.contains_key(name));
         self.shared
             .tables
             .store(Arc::new(Tables { listeners, pools }));
+        Ok(())
     }
 
     fn listen(&self, name: &str, per_worker: Vec<std::net::TcpListener>) {
@@ -394,6 +408,7 @@ struct BackendSnapshot<'a> {
     weight: u32,
     active_connections: u32,
     connections_total: u64,
+    requests_total: u64,
     failures: Failures,
     bytes_in: u64,
     bytes_out: u64,
@@ -405,6 +420,8 @@ struct Failures {
     connect: u64,
     timeout: u64,
     reset: u64,
+    #[serde(rename = "5xx")]
+    status_5xx: u64,
 }
 
 fn backend_snapshot(b: &BackendState) -> BackendSnapshot<'_> {
@@ -427,7 +444,9 @@ fn backend_snapshot(b: &BackendState) -> BackendSnapshot<'_> {
             connect: c.failures_connect.load(Relaxed),
             timeout: c.failures_timeout.load(Relaxed),
             reset: c.failures_reset.load(Relaxed),
+            status_5xx: c.failures_5xx.load(Relaxed),
         },
+        requests_total: c.requests_total.load(Relaxed),
         bytes_in: c.bytes_in.load(Relaxed),
         bytes_out: c.bytes_out.load(Relaxed),
         latency_ewma_ms: b.latency_ewma_ns() / 1e6,

@@ -11,6 +11,11 @@ pub struct ListenerStats {
     pub connections_active: AtomicU64,
     pub dropped_max_connections: AtomicU64,
     pub dropped_no_backend: AtomicU64,
+    pub dropped_rate_limited: AtomicU64,
+    /// http: requests whose head was read (including refused ones).
+    pub requests_total: AtomicU64,
+    /// http: requests answered 400/408/431 for malformed input.
+    pub bad_requests: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Sum and count of finished connection lifetimes (microseconds), for the mean until the
@@ -31,6 +36,7 @@ pub struct ListenerSnapshot<'a> {
     pub dropped: Dropped,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub requests_total: u64,
     pub duration_us_sum: u64,
     pub duration_count: u64,
 }
@@ -39,6 +45,8 @@ pub struct ListenerSnapshot<'a> {
 pub struct Dropped {
     pub max_connections: u64,
     pub no_backend: u64,
+    pub rate_limited: u64,
+    pub bad_request: u64,
 }
 
 impl ListenerStats {
@@ -46,6 +54,8 @@ impl ListenerStats {
         Dropped {
             max_connections: self.dropped_max_connections.load(Relaxed),
             no_backend: self.dropped_no_backend.load(Relaxed),
+            rate_limited: self.dropped_rate_limited.load(Relaxed),
+            bad_request: self.bad_requests.load(Relaxed),
         }
     }
 }

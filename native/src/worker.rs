@@ -3,6 +3,8 @@
 //! behind arc-swap and atomics); the control plane talks to them through a command channel.
 
 use crate::engine::{ListenerEntry, Shared};
+use crate::config::Protocol;
+use crate::http::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
 use std::cell::Cell;
@@ -35,6 +37,7 @@ pub enum WorkerCmd {
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub relay: RelayBuffers,
+    pub http: HttpWorker,
     /// Client connections open on this worker.
     open: Cell<usize>,
     /// Signalled when `open` drops to zero.
@@ -82,6 +85,7 @@ pub fn run(
     };
     let ctx = Rc::new(WorkerCtx {
         relay: RelayBuffers::new(shared.splice_threshold),
+        http: HttpWorker::default(),
         shared,
         open: Cell::new(0),
         idle: Notify::new(),
@@ -91,6 +95,7 @@ pub fn run(
 }
 
 async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<WorkerCmd>) {
+    let sweeper = tokio::task::spawn_local(http::sweep_loop(ctx.clone()));
     let mut accepting: HashMap<String, JoinHandle<()>> = HashMap::new();
     while let Some(cmd) = commands.recv().await {
         match cmd {
@@ -123,6 +128,8 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                     }
                 };
                 let _ = tokio::time::timeout(grace, drained).await;
+                sweeper.abort();
+                ctx.http.upstream.clear();
                 return;
             }
         }
@@ -163,7 +170,10 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: TcpListener) {
                 ctx: &ctx,
                 listener: &entry,
             };
-            l4::serve(&ctx, stream, peer, &entry).await;
+            match entry.cfg.protocol {
+                Protocol::Tcp => l4::serve(&ctx, stream, peer, &entry).await,
+                Protocol::Http => http::serve(&ctx, stream, peer, &entry).await,
+            }
         });
     }
 }

@@ -79,25 +79,12 @@ def cmd_serve(path: Path) -> int:
     return serve_config(config, reload)
 
 
-def not_yet_served(config: Config) -> list[str]:
-    """Parts of a valid config this build cannot serve yet (L7 lands with the HTTP data plane);
-    refused up front instead of being silently proxied as plain TCP."""
-    return [
-        f'listeners[{i}].protocol: "http" is not served by this version yet; use "tcp"'
-        for i, listener in enumerate(config.listeners)
-        if listener.protocol == "http"
-    ]
-
-
 def serve_config(
     config: Config,
     reload: Callable[[], Config] | None = None,
     before: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Starts the engine for `config` and runs the control loop until SIGTERM/SIGINT."""
-    if missing := not_yet_served(config):
-        _print_errors(ConfigError(missing))
-        return EXIT_USAGE
     try:
         engine = Engine(config)
     except (OSError, RuntimeError, ValueError) as err:
@@ -142,8 +129,6 @@ async def _control_loop(
             return
         try:
             new = reload()
-            if missing := not_yet_served(new):
-                raise ConfigError(missing)
         except ConfigError as err:
             for line in err.errors:
                 log.error("reload refused, keeping the running config: %s", line)

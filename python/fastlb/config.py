@@ -14,14 +14,21 @@ Defaults (a key left out means this):
     log       level = "info" (trace | debug | info | warn | warning | error), access_log = "off"
     listeners timeouts.client_idle = "60s" for http, "10m" for tcp (nginx stream's proxy_timeout;
               "0s" = never), timeouts.header_read = "10s" (http only);
-              rate_limit.burst = requests_per_second rounded up (at least 1)
+              rate_limit.burst = requests_per_second rounded up (at least 1);
+              max_header_bytes = 65536 (1024..=1048576; a bigger request head gets 431, like
+              HAProxy's tune.bufsize), max_headers = 100 (1..=1000; HAProxy's limit is 101)
     pools     algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
               backend weight = 1, max_connections = 0 (unlimited), backup = false, retries = 2,
               timeouts = {connect = "2s", read = "30s", send = "30s", idle = "60s"},
               health = {type = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 3},
               http health: path = "/", expect_status = any 2xx or 3xx (HAProxy httpchk), host =
               the backend's host; passive = off; slow_start = "0s"; drain_timeout = "30s";
-              affinity.ttl = none (a session cookie, like HAProxy `cookie ... insert`)
+              affinity.ttl = none (a session cookie, like HAProxy `cookie ... insert`);
+              keepalive = 32 (0..=10000 idle upstream connections kept per backend per worker
+              thread, as nginx `keepalive 32`; 0 = a new upstream connection per request);
+              queue = {size = 1000, timeout = "5s"} (HAProxy maxqueue / timeout queue: a request
+              finding every backend at max_connections waits up to `timeout`, then 503; size
+              0..=1000000, 0 = no queue: 503 at once)
     alerts    when the key is absent: DEFAULT_ALERTS; `alerts = []` means none; for = "0s"
 
 Choices where the contract is silent:
@@ -39,6 +46,13 @@ Choices where the contract is silent:
     - Alert expressions are `METRIC OP NUMBER`; METRIC is one of ALERT_METRICS, OP one of
       < <= > >= == !=; latency_p99 is in seconds, error_rate a fraction.
     - Split weights follow backend weights (integers 0..=1000); a pool may appear once per split.
+    - `path_regex` uses the data plane's syntax (Rust `regex`): no look-around and no
+      backreferences; a pattern it cannot compile is a config error, with its reason. Python's
+      `re` is not consulted (it would refuse valid patterns such as `(?<name>...)` or `\\z`).
+    - Route hosts go to the engine lower-case and without a trailing dot (host names are
+      case-insensitive); header names too, so a route may not name the same header twice.
+    - max_header_bytes, max_headers (listeners) and keepalive, queue (pools) are http-only: a
+      non-default value on a tcp listener, or on a pool a tcp listener uses, is an error.
 """
 
 from __future__ import annotations
@@ -285,10 +299,21 @@ def _path(text: str) -> str:
 
 
 def _regex(text: str) -> str:
+    """A pattern the data plane (Rust `regex`) compiles; Python's `re` only without the extension."""
     try:
-        re.compile(text)
-    except re.error as exc:
-        raise ValueError(f"bad regex: {exc}") from None
+        from fastlb._native import regex_error
+    except ImportError:  # pragma: no cover - the extension ships with the package
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ValueError(f"bad regex: {exc}") from None
+        return text
+    error = regex_error(text)
+    if error is not None:
+        lines = [line.strip() for line in error.splitlines() if line.strip()] or ["unknown error"]
+        # "regex parse error:\n    PATTERN\n    ^^^\nerror: WHY" -> WHY; other errors are one line.
+        why = lines[-1].removeprefix("error: ") if lines[0] == "regex parse error:" else lines[0]
+        raise ValueError(f"bad regex: {why}")
     return text
 
 
@@ -398,6 +423,8 @@ class Listener(_Model):
     protocol: Annotated[Literal["tcp", "http"], PlainValidator(_protocol)]
     pool: str
     timeouts: ListenerTimeouts = Field(default_factory=ListenerTimeouts)
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 65_536
+    max_headers: Annotated[int, Field(ge=1, le=1000)] = 100
     rate_limit: RateLimit | None = None
     routes: list[Route] = []
 
@@ -461,6 +488,13 @@ class Affinity(_Model):
     ttl: PositiveDuration | None = None
 
 
+class Queue(_Model):
+    """Requests waiting for a backend below its max_connections (http); 503 when full or late."""
+
+    size: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
+    timeout: PositiveDuration = Duration.parse("5s")
+
+
 class Pool(_Model):
     name: Name
     algorithm: Literal[
@@ -469,6 +503,8 @@ class Pool(_Model):
     hash_key: Annotated[str, AfterValidator(_hash_key)] = "source_ip"
     hash_balance_factor: Annotated[int, AfterValidator(_balance_factor)] = 0
     affinity: Affinity | None = None
+    keepalive: Annotated[int, Field(ge=0, le=10_000)] = 32
+    queue: Queue = Field(default_factory=Queue)
     backends: list[Backend] = Field(min_length=1)
     timeouts: PoolTimeouts = Field(default_factory=PoolTimeouts)
     retries: Annotated[int, Field(ge=0, le=10)] = 2
@@ -691,6 +727,14 @@ def _route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]:
     matchers = [m for m in ("path_prefix", "path_exact", "path_regex") if getattr(route, m)]
     if len(matchers) > 1:
         errors.append(f"{at}.{matchers[1]}: only one of path_prefix, path_exact, path_regex")
+    named: dict[str, str] = {}
+    for name in route.headers:
+        if name.lower() in named:
+            first = json.dumps(named[name.lower()])
+            errors.append(
+                f"{at}.headers{_key(name, at)}: same header as {first} (names are case-insensitive)"
+            )
+        named.setdefault(name.lower(), name)
     return errors
 
 
@@ -706,6 +750,9 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
             errors.append(f"{at}.rate_limit: {http_only}")
         if lst.timeouts.header_read != ListenerTimeouts().header_read:
             errors.append(f"{at}.timeouts.header_read: {http_only}")
+        for key in ("max_header_bytes", "max_headers"):
+            if getattr(lst, key) != Listener.model_fields[key].default:
+                errors.append(f"{at}.{key}: {http_only}")
         if lst.pool in pools:
             p, pool = pools[lst.pool], cfg.pools[pools[lst.pool]]
             uses = f"tcp listener {lst.name!r} uses this pool"
@@ -713,6 +760,10 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
                 errors.append(f'pools[{p}].hash_key: {uses}; only "source_ip" works for tcp')
             if pool.affinity is not None:
                 errors.append(f"pools[{p}].affinity: http only, but {uses}")
+            if pool.keepalive != Pool.model_fields["keepalive"].default:
+                errors.append(f"pools[{p}].keepalive: http only, but {uses}")
+            if pool.queue != Queue():
+                errors.append(f"pools[{p}].queue: http only, but {uses}")
     for j, route in enumerate(lst.routes):
         errors += _route_errors(f"{at}.routes[{j}]", route, pools)
     return errors
@@ -977,18 +1028,53 @@ class _Engine:
         if self.errors:
             raise ConfigError(self.errors)
         listeners = [
-            {
-                "name": x.name,
-                "bind": _socket_addr(next(iter(ep[0])), ep[1]),
-                "protocol": x.protocol,
-                "pool": x.pool,
-                "client_idle_ms": x.timeouts.client_idle.ms,
-            }
+            self.listener(x, _socket_addr(next(iter(ep[0])), ep[1]))
             for x, ep in zip(cfg.listeners, binds, strict=True)
             if ep is not None
         ]
         pools = [self.pool(i, p, backends) for i, p in enumerate(cfg.pools)]
         return {"runtime": runtime, "listeners": listeners, "pools": pools}
+
+    @staticmethod
+    def listener(x: Listener, bind: str) -> dict[str, Any]:
+        """`ListenerConfig`; tcp listeners carry the http keys too (defaults, no routes)."""
+        rate = x.rate_limit
+        return {
+            "name": x.name,
+            "bind": bind,
+            "protocol": x.protocol,
+            "pool": x.pool,
+            "client_idle_ms": x.timeouts.client_idle.ms,
+            "header_read_ms": x.timeouts.header_read.ms,
+            "max_header_bytes": x.max_header_bytes,
+            "max_headers": x.max_headers,
+            "rate_limit": (
+                None
+                if rate is None
+                else {"requests_per_second": float(rate.requests_per_second), "burst": rate.burst}
+            ),
+            "routes": [_Engine.route(r) for r in x.routes],
+        }
+
+    @staticmethod
+    def route(r: Route) -> dict[str, Any]:
+        """`RouteConfig`: host lower-case without a trailing dot, header names lower-case,
+        networks with host bits cleared, `pool = "x"` as a one-entry split."""
+        if r.split is None:
+            split = [{"pool": r.pool, "weight": 1}]
+        else:
+            split = [{"pool": e.pool, "weight": e.weight} for e in r.split]
+        return {
+            "host": None if r.host is None else r.host.lower().rstrip("."),
+            "path_prefix": r.path_prefix,
+            "path_exact": r.path_exact,
+            "path_regex": r.path_regex,
+            "headers": {name.lower(): value for name, value in r.headers.items()},
+            "cookies": dict(r.cookies),
+            "query": dict(r.query),
+            "source_cidr": [str(ipaddress.ip_network(c, strict=False)) for c in r.source_cidr],
+            "split": split,
+        }
 
     @staticmethod
     def pool(i: int, pool: Pool, resolved: dict[tuple[int, int], Endpoint]) -> dict[str, Any]:
@@ -1019,4 +1105,11 @@ class _Engine:
             },
             "retries": pool.retries,
             "drain_timeout_ms": pool.drain_timeout.ms,
+            "affinity": (
+                None
+                if pool.affinity is None
+                else {"cookie": pool.affinity.cookie, "ttl_ms": (pool.affinity.ttl or Duration(0)).ms}
+            ),
+            "keepalive": pool.keepalive,
+            "queue": {"size": pool.queue.size, "timeout_ms": pool.queue.timeout.ms},
         }

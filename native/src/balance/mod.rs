@@ -15,7 +15,9 @@ pub mod peak_ewma;
 pub mod random;
 pub mod round_robin;
 
-use crate::config::{Algorithm, BackendConfig, HashKey, PoolConfig, PoolTimeouts};
+use crate::config::{
+    AffinityConfig, Algorithm, BackendConfig, HashKey, PoolConfig, PoolTimeouts, QueueConfig,
+};
 use crossbeam_utils::CachePadded;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -87,6 +89,10 @@ pub struct BackendCounters {
     pub failures_connect: AtomicU64,
     pub failures_timeout: AtomicU64,
     pub failures_reset: AtomicU64,
+    /// http: responses with a 5xx status.
+    pub failures_5xx: AtomicU64,
+    /// http: requests sent to this backend.
+    pub requests_total: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
 }
@@ -99,7 +105,7 @@ fn clock_origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     clock_origin().elapsed().as_nanos() as u64
 }
 
@@ -217,6 +223,16 @@ pub struct Pool {
     pub timeouts: PoolTimeouts,
     pub retries: u32,
     pub drain_timeout_ms: u64,
+    /// http: sticky cookie; `affinity_tokens[i]` is backend i's opaque cookie value.
+    pub affinity: Option<AffinityConfig>,
+    pub affinity_tokens: Vec<[u8; 16]>,
+    /// http: idle upstream connections kept per backend per worker.
+    pub keepalive: usize,
+    pub queue: QueueConfig,
+    /// http: requests waiting for a backend below `max_connections`.
+    pub queued: AtomicU32,
+    /// Signalled when a request on a backend with `max_connections` finishes.
+    pub slot_freed: tokio::sync::Notify,
     has_backup: bool,
 }
 
@@ -224,6 +240,10 @@ impl Pool {
     /// Builds a pool; `states` are the backends' shared states, in config order.
     pub fn build(cfg: &PoolConfig, states: Vec<Arc<BackendState>>) -> Pool {
         let selector = build_selector(cfg, &states);
+        let affinity_tokens = states
+            .iter()
+            .map(|b| affinity_token(&cfg.name, &b.address))
+            .collect();
         Pool {
             name: cfg.name.clone(),
             has_backup: states.iter().any(|b| b.backup),
@@ -233,7 +253,32 @@ impl Pool {
             timeouts: cfg.timeouts,
             retries: cfg.retries,
             drain_timeout_ms: cfg.drain_timeout_ms,
+            affinity: cfg.affinity.clone(),
+            affinity_tokens,
+            keepalive: cfg.keepalive,
+            queue: cfg.queue,
+            queued: AtomicU32::new(0),
+            slot_freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The usable backend whose affinity token is `token`, if any.
+    pub fn pinned(&self, token: &[u8]) -> Option<usize> {
+        let i = self.affinity_tokens.iter().position(|t| t == token)?;
+        let b = &self.backends[i];
+        (b.usable() && (!b.backup || !self.any_primary_up())).then_some(i)
+    }
+
+    /// Whether a request finding no usable backend should queue: some candidate is healthy and
+    /// enabled but at its `max_connections`.
+    pub fn only_busy(&self) -> bool {
+        self.backends.iter().any(|b| {
+            b.max_connections > 0
+                && b.is_up()
+                && b.admin() == AdminState::Enabled
+                && b.weight() > 0
+                && (!b.backup || !self.any_primary_up())
+        })
     }
 
     /// Picks a backend for `key`, never one in `tried`. Backups are considered only when no
@@ -259,6 +304,17 @@ impl Pool {
             .iter()
             .any(|b| !b.backup && b.is_up() && b.admin() == AdminState::Enabled && b.weight() > 0)
     }
+}
+
+/// A backend's sticky-cookie value: 16 hex digits of a hash of its id, so that it is stable
+/// across workers, reloads and restarts but does not disclose the address.
+pub fn affinity_token(pool: &str, address: &str) -> [u8; 16] {
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(format!("{pool}/{address}").as_bytes(), 0x5eed_f457);
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// Builds the selector for a pool's algorithm from the backends' weights as configured now.

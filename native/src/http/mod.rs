@@ -1,6 +1,934 @@
-//! L7 (HTTP/1.1) proxying.
+//! L7 (HTTP/1.1 and 1.0) proxying: parse, route, balance per request, forward over pooled
+//! upstream connections, stream bodies through.
+//!
+//! One task per client connection runs `serve`: read a request head (`parse` refuses anything
+//! ambiguous), decide where it goes (`route`, the pool's selector, affinity), rewrite the head
+//! (`rewrite`), send it over a kept-alive backend connection (`upstream`), and stream the
+//! response back. Buffers come from the worker (`buf`) and go back when the request is done,
+//! so an idle keep-alive connection holds no buffer.
 
+pub mod buf;
 pub mod chunked;
+pub mod io;
 pub mod parse;
 pub mod ratelimit;
+pub mod rewrite;
 pub mod route;
+pub mod upstream;
+
+use crate::balance::{hash_key, BackendState, Pool};
+use crate::config::{HashKey, ListenerConfig};
+use crate::engine::ListenerEntry;
+use crate::l4::forward;
+use crate::worker::WorkerCtx;
+use buf::{Buf, BufPool, BUF_SIZE};
+use chunked::ChunkedDecoder;
+use io::{read_some, wait_ready, write_all, Deadline};
+use parse::{BodyKind, HeadError, HeaderSpan, Limits, Method, RequestHead, Version};
+use ratelimit::RateLimiter;
+use rewrite::{ClientConnection, View};
+use route::{find_query_param, RequestView, RouteTable};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use upstream::UpstreamPool;
+
+/// Most backends one request tries (the config caps `retries` at 10).
+const MAX_TRIES: usize = 16;
+
+/// Largest response head accepted from a backend.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+const RESPONSE_LIMITS: Limits = Limits {
+    max_header_bytes: MAX_RESPONSE_HEAD,
+    max_headers: 256,
+};
+
+/// An http listener's compiled settings.
+pub struct HttpListener {
+    pub routes: RouteTable,
+    pub rate_limit: Option<RateLimiter>,
+    pub limits: Limits,
+}
+
+impl HttpListener {
+    pub fn build(cfg: &ListenerConfig, pools: &HashMap<String, Arc<Pool>>) -> Result<Self, String> {
+        let routes = RouteTable::build(&cfg.routes, pools)
+            .map_err(|e| format!("listener {}: {e}", cfg.name))?;
+        Ok(HttpListener {
+            routes,
+            rate_limit: cfg
+                .rate_limit
+                .map(|r| RateLimiter::new(r.requests_per_second, r.burst)),
+            limits: Limits {
+                max_header_bytes: cfg.max_header_bytes,
+                max_headers: cfg.max_headers,
+            },
+        })
+    }
+}
+
+/// What one worker keeps for all its http connections.
+#[derive(Default)]
+pub struct HttpWorker {
+    pub bufs: BufPool,
+    pub upstream: UpstreamPool,
+    /// Header positions of the head being parsed; only used between two awaits.
+    headers: RefCell<Vec<HeaderSpan>>,
+}
+
+/// Closes parked upstream connections that expired or were closed by their backend.
+pub async fn sweep_loop(ctx: std::rc::Rc<WorkerCtx>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ctx.http.upstream.sweep();
+    }
+}
+
+/// One client connection.
+struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// A request head that arrived in part, kept at its exact size while we wait for the rest.
+    partial: Vec<u8>,
+    /// Bytes of the next pipelined request(s), already read.
+    pending: Option<Buf>,
+}
+
+/// Whether the client connection stays open after an exchange.
+#[derive(PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one accepted client connection to the end.
+pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, listener: &ListenerEntry) {
+    let Some(http) = listener.http.as_ref() else {
+        return;
+    };
+    let timer = pin!(tokio::time::sleep(Duration::ZERO));
+    let mut deadline = Deadline::new(timer);
+    let mut client = Client {
+        stream,
+        peer,
+        partial: Vec::new(),
+        pending: None,
+    };
+    loop {
+        let (mut req, head) = match read_request(ctx, listener, http, &mut client, &mut deadline).await {
+            Ok(r) => r,
+            Err(Some(status)) => {
+                listener.stats.bad_requests.fetch_add(1, Relaxed);
+                refuse_and_close(ctx, &client, status, &mut deadline).await;
+                return;
+            }
+            Err(None) => return,
+        };
+        let next = exchange(ctx, listener, http, &mut client, &mut req, head, &mut deadline).await;
+        if next == Next::Close || req.is_empty() {
+            ctx.http.bufs.give(req);
+        } else {
+            client.pending = Some(req);
+        }
+        if next == Next::Close {
+            return;
+        }
+    }
+}
+
+/// Bytes and time a refused client's leftover input is read for before the socket closes.
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Closes after an error answer the way nginx's lingering close does: send FIN, then read and
+/// discard what the client still sends for a moment. Closing with unread input would make the
+/// kernel send a reset, which can destroy the answer before the client reads it. Nothing read
+/// here is ever parsed.
+/// Answers `status` and closes the connection (malformed input: nothing more is read from it).
+async fn refuse_and_close(ctx: &WorkerCtx, client: &Client, status: u16, deadline: &mut Deadline<'_>) {
+    if answer(ctx, client, status, true, false, 0, deadline).await.is_ok() {
+        lingering_close(ctx, &client.stream, deadline).await;
+    }
+}
+
+async fn lingering_close(ctx: &WorkerCtx, stream: &TcpStream, deadline: &mut Deadline<'_>) {
+    // SAFETY: shutdown on a socket we own; failure (peer gone) is harmless.
+    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    let mut sink = ctx.http.bufs.take();
+    deadline.set(LINGER_TIME);
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        match read_some(stream, sink.spare(BUF_SIZE), deadline).await {
+            Ok(n) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+    ctx.http.bufs.give(sink);
+}
+
+/// Reads until a whole request head is buffered. Err(None): the client left or idled out;
+/// Err(Some(status)): answer that status and close.
+async fn read_request(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    http: &HttpListener,
+    client: &mut Client,
+    deadline: &mut Deadline<'_>,
+) -> Result<(Buf, RequestHead), Option<u16>> {
+    let bufs = &ctx.http.bufs;
+    let cfg = &listener.cfg;
+    let max_len = http.limits.max_header_bytes.saturating_add(1).max(BUF_SIZE);
+    let mut buf = match client.pending.take() {
+        Some(b) => b,
+        None => {
+            if client.partial.is_empty() {
+                deadline.set(Duration::from_millis(cfg.client_idle_ms));
+                wait_ready(&client.stream, deadline, true)
+                    .await
+                    .map_err(|_| None)?;
+            }
+            restore(bufs, &mut client.partial)
+        }
+    };
+    let mut head_clock_started = !client.partial.is_empty();
+    loop {
+        if !buf.is_empty() {
+            let parsed = {
+                let mut headers = ctx.http.headers.borrow_mut();
+                parse::parse_request(buf.filled(), &http.limits, &mut headers)
+            };
+            match parsed {
+                Ok(Some(head)) => return Ok((buf, head)),
+                Ok(None) => {}
+                Err(e) => {
+                    bufs.give(buf);
+                    return Err(Some(e.status()));
+                }
+            }
+            if !head_clock_started {
+                head_clock_started = true;
+                deadline.set(Duration::from_millis(cfg.header_read_ms));
+            }
+        }
+        let spare = buf.spare(max_len);
+        if spare.is_empty() {
+            bufs.give(buf);
+            return Err(Some(HeadError::TooLarge.status()));
+        }
+        let fd = client.stream.as_raw_fd();
+        match forward::read_clearing(&client.stream, fd, spare) {
+            Ok(0) => {
+                bufs.give(buf);
+                return Err(None);
+            }
+            Ok(n) => buf.advance(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // Wait without holding a pooled buffer: keep just the bytes we have.
+                client.partial.extend_from_slice(buf.filled());
+                bufs.give(buf);
+                if client.partial.is_empty() {
+                    deadline.set(Duration::from_millis(cfg.client_idle_ms));
+                }
+                if wait_ready(&client.stream, deadline, true).await.is_err() {
+                    let timed_out_mid_head = !client.partial.is_empty();
+                    client.partial = Vec::new();
+                    return Err(timed_out_mid_head.then_some(408));
+                }
+                buf = restore(bufs, &mut client.partial);
+            }
+            Err(_) => {
+                bufs.give(buf);
+                return Err(None);
+            }
+        }
+    }
+}
+
+/// A pooled buffer holding `partial`'s bytes; `partial` is freed.
+fn restore(bufs: &BufPool, partial: &mut Vec<u8>) -> Buf {
+    let mut buf = bufs.take();
+    if !partial.is_empty() {
+        buf.extend_from_slice(partial);
+        *partial = Vec::new();
+    }
+    buf
+}
+
+/// Writes an answer of fastlb's own.
+async fn answer(
+    ctx: &WorkerCtx,
+    client: &Client,
+    status: u16,
+    close: bool,
+    http10_keep_alive: bool,
+    retry_after: u64,
+    deadline: &mut Deadline<'_>,
+) -> std::io::Result<()> {
+    let mut out = ctx.http.bufs.take_vec();
+    rewrite::error_response(
+        &mut out,
+        status,
+        ClientConnection {
+            close,
+            http10_keep_alive,
+        },
+        retry_after,
+    );
+    deadline.set(Duration::from_secs(10));
+    let r = write_all(&client.stream, &out, deadline).await;
+    ctx.http.bufs.give_vec(out);
+    r
+}
+
+/// Where a request goes, decided synchronously from its head.
+struct Plan {
+    pool: Arc<Pool>,
+    key: u64,
+    /// The backend the affinity cookie names, if usable.
+    pinned: Option<usize>,
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+/// Body bytes still to come from a peer, and how to tell where the body ends.
+enum BodyLeft {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+}
+
+impl BodyLeft {
+    fn new(kind: BodyKind) -> Self {
+        match kind {
+            BodyKind::None => BodyLeft::Length(0),
+            BodyKind::Length(n) => BodyLeft::Length(n),
+            BodyKind::Chunked => BodyLeft::Chunked(ChunkedDecoder::new()),
+            BodyKind::UntilClose => BodyLeft::UntilClose,
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self {
+            BodyLeft::Length(n) => *n == 0,
+            BodyLeft::Chunked(d) => d.is_done(),
+            BodyLeft::UntilClose => false,
+        }
+    }
+
+    /// How many of `data`'s first bytes belong to the body; Err on a malformed chunk.
+    fn take(&mut self, data: &[u8]) -> Result<usize, chunked::ChunkError> {
+        match self {
+            BodyLeft::Length(n) => {
+                let k = (*n).min(data.len() as u64);
+                *n -= k;
+                Ok(k as usize)
+            }
+            BodyLeft::Chunked(d) => d.feed(data).map(|(k, _)| k),
+            BodyLeft::UntilClose => Ok(data.len()),
+        }
+    }
+}
+
+/// Which side failed while a body streamed through.
+enum CopyError {
+    /// The source closed or failed before the body ended.
+    Source,
+    Destination,
+    /// A malformed chunked body.
+    Framing,
+}
+
+/// Streams the rest of a body from `src` to `dst`, using `buf` (which may already hold
+/// bytes); bytes after the body's end stay in `buf`.
+async fn copy_body(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut Buf,
+    left: &mut BodyLeft,
+    read_timeout: Duration,
+    write_timeout: Duration,
+    deadline: &mut Deadline<'_>,
+) -> Result<u64, CopyError> {
+    let mut moved = 0;
+    while !left.done() {
+        if buf.is_empty() {
+            deadline.set(read_timeout);
+            match read_some(src, buf.spare(BUF_SIZE), deadline).await {
+                Ok(0) if matches!(left, BodyLeft::UntilClose) => return Ok(moved),
+                Ok(0) | Err(_) => return Err(CopyError::Source),
+                Ok(n) => buf.advance(n),
+            }
+        }
+        let k = left.take(buf.filled()).map_err(|_| CopyError::Framing)?;
+        deadline.set(write_timeout);
+        write_all(dst, &buf.filled()[..k], deadline)
+            .await
+            .map_err(|_| CopyError::Destination)?;
+        buf.consume(k);
+        moved += k as u64;
+    }
+    Ok(moved)
+}
+
+/// Decides the pool, key and affinity of a request and writes the head for the backend into
+/// `out`. Err(status) when fastlb answers itself.
+fn plan(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    http: &HttpListener,
+    buf: &[u8],
+    head: &RequestHead,
+    peer: SocketAddr,
+    out: &mut Vec<u8>,
+) -> Result<Plan, u16> {
+    let headers = ctx.http.headers.borrow();
+    let via = &ctx.shared.via_token;
+    if rewrite::has_looped(buf, &headers, via) {
+        return Err(508);
+    }
+    let view = View {
+        buf,
+        head,
+        headers: &headers,
+        peer,
+    };
+    let pool = match http.routes.select(&view) {
+        Some((_, pool)) => pool.clone(),
+        None => listener.pool.clone(),
+    };
+    let key = request_key(&pool.hash_key, &view);
+    let pinned = match &pool.affinity {
+        Some(a) => view
+            .cookie(a.cookie.as_bytes())
+            .and_then(|token| pool.pinned(token)),
+        None => None,
+    };
+    let upgrade = head.conn_upgrade && head.upgrade.is_some();
+    rewrite::request_head(out, buf, head, &headers, peer, via, upgrade);
+    Ok(Plan {
+        key,
+        pinned,
+        method: head.method,
+        version: head.version,
+        keep_alive: head.keep_alive(),
+        expect_continue: head.expect_continue && head.version == Version::Http11,
+        upgrade,
+        pool,
+    })
+}
+
+/// The hash a hashing algorithm uses for this request; a request without the configured
+/// header, cookie or parameter falls back to its source IP.
+fn request_key(hash: &HashKey, view: &View<'_>) -> u64 {
+    let value = match hash {
+        HashKey::SourceIp => None,
+        HashKey::Header(name) => view.header(name.as_bytes()),
+        HashKey::Cookie(name) => view.cookie(name.as_bytes()),
+        HashKey::Path => Some(view.path()),
+        HashKey::Query(name) => view
+            .query()
+            .and_then(|q| find_query_param(q, name.as_bytes())),
+    };
+    match (value, view.peer.ip()) {
+        (Some(v), _) => hash_key(v),
+        (None, IpAddr::V4(ip)) => hash_key(&ip.octets()),
+        (None, IpAddr::V6(ip)) => hash_key(&ip.octets()),
+    }
+}
+
+/// Releases a backend after a request; wakes a queued request if the backend is capped.
+fn release(pool: &Pool, backend: &BackendState) {
+    backend.release();
+    if backend.max_connections > 0 && pool.queued.load(Relaxed) > 0 {
+        pool.slot_freed.notify_one();
+    }
+}
+
+/// Waits for a backend below its `max_connections` (HAProxy's queue); None when the queue is
+/// full or the wait times out.
+async fn queue_wait(pool: &Pool, key: u64, deadline: &mut Deadline<'_>) -> Option<usize> {
+    if pool.queued.fetch_add(1, Relaxed) >= pool.queue.size {
+        pool.queued.fetch_sub(1, Relaxed);
+        return None;
+    }
+    deadline.set(Duration::from_millis(pool.queue.timeout_ms.max(1)));
+    let picked = loop {
+        let mut notified = pin!(pool.slot_freed.notified());
+        notified.as_mut().enable();
+        if let Some(i) = pool.select(key, &[]) {
+            break Some(i);
+        }
+        let expired = poll_fn(|cx| {
+            if notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            deadline.poll_expired(cx).map(|_| true)
+        })
+        .await;
+        if expired {
+            break pool.select(key, &[]);
+        }
+    };
+    pool.queued.fetch_sub(1, Relaxed);
+    picked
+}
+
+/// How one attempt at a backend ended.
+enum Attempt {
+    /// The response went to the client; whether the client connection stays open.
+    Done(Next),
+    /// Nothing reached the client: try another backend if the request allows it, else answer
+    /// the status.
+    Failed { status: u16, retryable: bool },
+    /// A kept-alive backend connection turned out closed before any response byte (the
+    /// backend closed it while idle): worth one more try on a fresh connection.
+    Stale,
+    /// The client went away or the exchange broke after response bytes were sent.
+    Broken,
+}
+
+/// Proxies one request (its head parsed at the start of `req`) and its response.
+async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    http: &HttpListener,
+    client: &mut Client,
+    req: &mut Buf,
+    head: RequestHead,
+    deadline: &mut Deadline<'_>,
+) -> Next {
+    let stats = &listener.stats;
+    stats.requests_total.fetch_add(1, Relaxed);
+    if let Some(limiter) = &http.rate_limit {
+        if let Err(after) = limiter.check(client.peer.ip(), crate::balance::now_ns()) {
+            stats.dropped_rate_limited.fetch_add(1, Relaxed);
+            return refuse(ctx, client, req, &head, 429, after, deadline).await;
+        }
+    }
+    let mut out = ctx.http.bufs.take_vec();
+    let plan = match plan(ctx, listener, http, req.filled(), &head, client.peer, &mut out) {
+        Ok(p) => p,
+        Err(status) => {
+            ctx.http.bufs.give_vec(out);
+            return refuse(ctx, client, req, &head, status, 0, deadline).await;
+        }
+    };
+    // The body bytes that came with the head go out with it; the rest streams after.
+    req.consume(head.len);
+    let mut body = BodyLeft::new(head.body);
+    match body.take(req.filled()) {
+        Ok(k) => {
+            out.extend_from_slice(&req.filled()[..k]);
+            req.consume(k);
+        }
+        Err(_) => {
+            ctx.http.bufs.give_vec(out);
+            stats.bad_requests.fetch_add(1, Relaxed);
+            refuse_and_close(ctx, client, 400, deadline).await;
+            return Next::Close;
+        }
+    }
+    let replayable = body.done();
+    let next = attempts(ctx, listener, client, req, &plan, &mut out, &mut body, replayable, deadline).await;
+    ctx.http.bufs.give_vec(out);
+    next
+}
+
+/// Answers a request fastlb refuses before any backend is involved; the connection stays open
+/// only when the request had no body left unread.
+async fn refuse(
+    ctx: &WorkerCtx,
+    client: &Client,
+    req: &mut Buf,
+    head: &RequestHead,
+    status: u16,
+    retry_after: u64,
+    deadline: &mut Deadline<'_>,
+) -> Next {
+    let mut keep = head.keep_alive();
+    match head.body {
+        BodyKind::None | BodyKind::Length(0) => req.consume(head.len),
+        BodyKind::Length(n) if (req.len() - head.len) as u64 >= n => {
+            req.consume(head.len + n as usize)
+        }
+        _ => keep = false,
+    }
+    let http10 = keep && head.version == Version::Http10;
+    match answer(ctx, client, status, !keep, http10, retry_after, deadline).await {
+        Ok(()) if keep => Next::KeepAlive,
+        Ok(()) => {
+            lingering_close(ctx, &client.stream, deadline).await;
+            Next::Close
+        }
+        Err(_) => Next::Close,
+    }
+}
+
+/// Tries backends in turn until one answers or the retries are spent.
+#[allow(clippy::too_many_arguments)]
+async fn attempts(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    client: &mut Client,
+    req: &mut Buf,
+    plan: &Plan,
+    out: &mut Vec<u8>,
+    body: &mut BodyLeft,
+    replayable: bool,
+    deadline: &mut Deadline<'_>,
+) -> Next {
+    let pool = &plan.pool;
+    let tries = (pool.retries as usize + 1).min(MAX_TRIES);
+    let mut tried = [usize::MAX; MAX_TRIES];
+    let mut n_tried = 0;
+    let mut status = 503;
+    let mut stale_retry = true;
+    let mut sent_continue = false;
+    while n_tried < tries {
+        let pick = match plan.pinned {
+            Some(i) if !tried[..n_tried].contains(&i) && pool.backends[i].usable() => Some(i),
+            _ => pool.select(plan.key, &tried[..n_tried]),
+        };
+        let i = match pick {
+            Some(i) => i,
+            None if n_tried == 0 && pool.queue.size > 0 && pool.only_busy() => {
+                match queue_wait(pool, plan.key, deadline).await {
+                    Some(i) => i,
+                    None => break,
+                }
+            }
+            None => break,
+        };
+        tried[n_tried] = i;
+        n_tried += 1;
+        let backend = &pool.backends[i];
+        backend.acquire();
+        let result = attempt(
+            ctx, listener, client, req, plan, i, out, body, replayable, &mut sent_continue,
+            deadline,
+        )
+        .await;
+        release(pool, backend);
+        match result {
+            Attempt::Done(next) => return next,
+            Attempt::Broken => return Next::Close,
+            Attempt::Stale if stale_retry && replayable => {
+                // Not the backend's fault: same choice again, on a new connection.
+                stale_retry = false;
+                n_tried -= 1;
+            }
+            Attempt::Stale => {
+                status = 502;
+                if !(plan.method.is_idempotent() && replayable) {
+                    break;
+                }
+            }
+            Attempt::Failed {
+                status: s,
+                retryable,
+            } => {
+                status = s;
+                if !retryable {
+                    break;
+                }
+            }
+        }
+    }
+    if n_tried == 0 {
+        listener.stats.dropped_no_backend.fetch_add(1, Relaxed);
+    }
+    let keep = plan.keep_alive && body.done();
+    let http10 = keep && plan.version == Version::Http10;
+    match answer(ctx, client, status, !keep, http10, 0, deadline).await {
+        Ok(()) if keep => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+/// One try at backend `i`: connection, request, response.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    client: &mut Client,
+    req: &mut Buf,
+    plan: &Plan,
+    i: usize,
+    out: &mut Vec<u8>,
+    body: &mut BodyLeft,
+    replayable: bool,
+    sent_continue: &mut bool,
+    deadline: &mut Deadline<'_>,
+) -> Attempt {
+    let pool = &plan.pool;
+    let backend = &pool.backends[i];
+    let t = &pool.timeouts;
+    let idempotent = plan.method.is_idempotent() && replayable;
+    let pooled = ctx.http.upstream.take(backend.addr).filter(|_| !plan.upgrade);
+    let (upstream, reused) = match pooled {
+        Some(s) => (s, true),
+        _ => {
+            let connect_timeout = Duration::from_millis(t.connect_ms.max(1));
+            let t0 = Instant::now();
+            let mut timer = deadline.timer();
+            timer.as_mut().reset((t0 + connect_timeout).into());
+            match crate::l4::connect(backend.addr, timer).await {
+                Ok(s) => {
+                    backend.counters.connections_total.fetch_add(1, Relaxed);
+                    (s, false)
+                }
+                Err(e) => {
+                    if e.kind() == ErrorKind::TimedOut {
+                        backend.counters.failures_timeout.fetch_add(1, Relaxed);
+                    } else {
+                        backend.counters.failures_connect.fetch_add(1, Relaxed);
+                    }
+                    // Nothing was sent: any request may go to the next backend.
+                    return Attempt::Failed {
+                        status: 502,
+                        retryable: true,
+                    };
+                }
+            }
+        }
+    };
+    let failed = |retryable: bool| Attempt::Failed {
+        status: 502,
+        retryable,
+    };
+    let client_timeout = Duration::from_millis(listener.cfg.client_idle_ms);
+    let send_timeout = Duration::from_millis(t.send_ms);
+    if plan.expect_continue && !body.done() && !*sent_continue {
+        *sent_continue = true;
+        deadline.set(client_timeout);
+        if write_all(&client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
+            .await
+            .is_err()
+        {
+            return Attempt::Broken;
+        }
+    }
+    deadline.set(send_timeout);
+    if write_all(&upstream, out, deadline).await.is_err() {
+        if reused {
+            return Attempt::Stale;
+        }
+        backend.counters.failures_reset.fetch_add(1, Relaxed);
+        return failed(replayable);
+    }
+    if !body.done() {
+        match copy_body(&client.stream, &upstream, req, body, client_timeout, send_timeout, deadline).await {
+            Ok(_) => {}
+            Err(CopyError::Destination) => return failed(false),
+            Err(CopyError::Source) => return Attempt::Broken,
+            Err(CopyError::Framing) => {
+                listener.stats.bad_requests.fetch_add(1, Relaxed);
+                refuse_and_close(ctx, client, 400, deadline).await;
+                return Attempt::Broken;
+            }
+        }
+    }
+    backend.counters.requests_total.fetch_add(1, Relaxed);
+    let mut resp = ctx.http.bufs.take();
+    let result = response(ctx, listener, client, req, plan, i, upstream, reused, idempotent, &mut resp, out, deadline).await;
+    ctx.http.bufs.give(resp);
+    result
+}
+
+/// Reads the backend's response head and forwards the response.
+#[allow(clippy::too_many_arguments)]
+async fn response(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    client: &mut Client,
+    req: &mut Buf,
+    plan: &Plan,
+    i: usize,
+    upstream: TcpStream,
+    reused: bool,
+    retryable: bool,
+    resp: &mut Buf,
+    out: &mut Vec<u8>,
+    deadline: &mut Deadline<'_>,
+) -> Attempt {
+    let pool = &plan.pool;
+    let backend = &pool.backends[i];
+    let t = &pool.timeouts;
+    let read_timeout = Duration::from_millis(t.read_ms);
+    let client_timeout = Duration::from_millis(listener.cfg.client_idle_ms);
+    let sent = Instant::now();
+    let mut forwarded_interim = false;
+    let head = loop {
+        if !resp.is_empty() {
+            let parsed = {
+                let mut headers = ctx.http.headers.borrow_mut();
+                parse::parse_response(resp.filled(), plan.method, &RESPONSE_LIMITS, &mut headers)
+            };
+            match parsed {
+                Ok(None) => {}
+                Err(_) => {
+                    return Attempt::Failed {
+                        status: 502,
+                        retryable: false,
+                    }
+                }
+                Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                    // Interim responses (103 Early Hints, a backend's own 100) pass through
+                    // to HTTP/1.1 clients; after one, no retry is possible.
+                    if plan.version == Version::Http11 {
+                        forwarded_interim = true;
+                        deadline.set(client_timeout);
+                        let interim = &resp.filled()[..h.len];
+                        if write_all(&client.stream, interim, deadline).await.is_err() {
+                            return Attempt::Broken;
+                        }
+                    }
+                    resp.consume(h.len);
+                    continue;
+                }
+                Ok(Some(h)) => break h,
+            }
+        }
+        deadline.set(read_timeout);
+        match read_some(&upstream, resp.spare(MAX_RESPONSE_HEAD + 1), deadline).await {
+            Ok(0) if reused && resp.is_empty() && !forwarded_interim => return Attempt::Stale,
+            Ok(0) => {
+                // Closed without answering (or mid-head).
+                backend.counters.failures_reset.fetch_add(1, Relaxed);
+                return Attempt::Failed {
+                    status: 502,
+                    retryable: retryable && !forwarded_interim,
+                };
+            }
+            Ok(n) => resp.advance(n),
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                backend.counters.failures_timeout.fetch_add(1, Relaxed);
+                return Attempt::Failed {
+                    status: 504,
+                    retryable: false,
+                };
+            }
+            Err(_) if reused && resp.is_empty() && !forwarded_interim => return Attempt::Stale,
+            Err(_) => {
+                backend.counters.failures_reset.fetch_add(1, Relaxed);
+                return Attempt::Failed {
+                    status: 502,
+                    retryable: retryable && !forwarded_interim,
+                };
+            }
+        }
+    };
+    backend.observe_latency(sent.elapsed().as_nanos() as u64);
+    if matches!(head.status, 502..=504) && retryable && !forwarded_interim {
+        backend.counters.failures_5xx.fetch_add(1, Relaxed);
+        return Attempt::Failed {
+            status: head.status,
+            retryable: true,
+        };
+    }
+    if head.status >= 500 {
+        backend.counters.failures_5xx.fetch_add(1, Relaxed);
+    }
+    if head.status == 101 && plan.upgrade {
+        return tunnel(ctx, listener, client, req, upstream, resp, deadline).await;
+    }
+    let mut left = BodyLeft::new(head.body);
+    let close_after = !plan.keep_alive || matches!(left, BodyLeft::UntilClose);
+    out.clear();
+    let set_cookie = match (&pool.affinity, plan.pinned) {
+        (Some(a), pinned) if pinned != Some(i) => {
+            Some((a.cookie.as_str(), &pool.affinity_tokens[i], a.ttl_ms))
+        }
+        _ => None,
+    };
+    {
+        let headers = ctx.http.headers.borrow();
+        rewrite::response_head(
+            out,
+            resp.filled(),
+            &headers,
+            ClientConnection {
+                close: close_after,
+                http10_keep_alive: !close_after && plan.version == Version::Http10,
+            },
+            set_cookie,
+        );
+    }
+    resp.consume(head.len);
+    let Ok(k) = left.take(resp.filled()) else {
+        return Attempt::Failed {
+            status: 502,
+            retryable: false,
+        };
+    };
+    out.extend_from_slice(&resp.filled()[..k]);
+    resp.consume(k);
+    deadline.set(client_timeout);
+    if write_all(&client.stream, out, deadline).await.is_err() {
+        return Attempt::Broken;
+    }
+    let mut moved = k as u64;
+    if !left.done() {
+        match copy_body(&upstream, &client.stream, resp, &mut left, read_timeout, client_timeout, deadline).await {
+            Ok(n) => moved += n,
+            Err(_) => return Attempt::Broken,
+        }
+    }
+    listener.stats.bytes_out.fetch_add(moved, Relaxed);
+    backend.counters.bytes_in.fetch_add(moved, Relaxed);
+    let reusable = !head.conn_close
+        && !matches!(left, BodyLeft::UntilClose)
+        && resp.is_empty()
+        && (head.version == Version::Http11 || head.conn_keep_alive);
+    if reusable {
+        ctx.http.upstream.put(
+            backend.addr,
+            upstream,
+            pool.keepalive,
+            Duration::from_millis(t.idle_ms),
+        );
+    }
+    Attempt::Done(if close_after { Next::Close } else { Next::KeepAlive })
+}
+
+/// After a 101: the head goes to the client, then bytes flow both ways until both close.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel(
+    ctx: &WorkerCtx,
+    listener: &ListenerEntry,
+    client: &mut Client,
+    req: &mut Buf,
+    upstream: TcpStream,
+    resp: &mut Buf,
+    deadline: &mut Deadline<'_>,
+) -> Attempt {
+    let idle = Duration::from_millis(listener.cfg.client_idle_ms);
+    deadline.set(idle);
+    // The 101 head is forwarded as the backend wrote it (Upgrade and Connection included),
+    // with whatever the backend sent after it.
+    if write_all(&client.stream, resp.filled(), deadline).await.is_err() {
+        return Attempt::Broken;
+    }
+    resp.clear();
+    if !req.is_empty() {
+        if write_all(&upstream, req.filled(), deadline).await.is_err() {
+            return Attempt::Broken;
+        }
+        req.clear();
+    }
+    let _ = forward::relay(&ctx.relay, &client.stream, &upstream, idle, deadline.timer()).await;
+    Attempt::Done(Next::Close)
+}

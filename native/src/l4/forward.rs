@@ -286,7 +286,7 @@ fn flush(
 /// One `read`. A short read clears tokio's readiness (see the module doc), saving the EAGAIN
 /// read that would otherwise follow.
 #[inline]
-fn read_clearing(src: &TcpStream, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_clearing(src: &TcpStream, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     let got = Cell::new(None);
     let r = src.try_io(Interest::READABLE, || {
         // SAFETY: buf is valid for buf.len() bytes for the duration of the call.
@@ -309,7 +309,7 @@ fn read_clearing(src: &TcpStream, fd: RawFd, buf: &mut [u8]) -> io::Result<usize
 
 /// As much of `buf` as the socket takes now (possibly 0).
 #[inline]
-fn write_now(dst: &TcpStream, fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn write_now(dst: &TcpStream, fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &buf[done..];

@@ -114,7 +114,7 @@ async fn connect_backend<'p>(
 /// A non-blocking connect that completes when the socket turns writable or fails with
 /// `TimedOut` when `timer` fires first. Written against `poll_write_ready` rather than tokio's
 /// `TcpSocket::connect` to keep the connection's future small (its own timer would double it).
-async fn connect(addr: SocketAddr, mut timer: Pin<&mut Sleep>) -> io::Result<TcpStream> {
+pub(crate) async fn connect(addr: SocketAddr, mut timer: Pin<&mut Sleep>) -> io::Result<TcpStream> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),

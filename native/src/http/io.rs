@@ -1,0 +1,125 @@
+//! Socket reads and writes with deadlines, on the connection's one timer.
+//!
+//! `Deadline` re-arms tokio's timer only when a deadline moves *earlier*; a later deadline is
+//! just recorded and the timer, when it fires early, is re-armed once. A keep-alive request
+//! sets three deadlines (idle, response read, next idle) and usually resets no timer at all.
+
+use crate::l4::forward::{read_clearing, write_now};
+use std::future::{poll_fn, Future};
+use std::io::{self, ErrorKind};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+pub struct Deadline<'t> {
+    timer: Pin<&'t mut Sleep>,
+    /// None: no deadline now.
+    due: Option<Instant>,
+}
+
+impl<'t> Deadline<'t> {
+    pub fn new(timer: Pin<&'t mut Sleep>) -> Self {
+        Deadline { timer, due: None }
+    }
+
+    /// Sets the deadline `after` from now; zero means none.
+    pub fn set(&mut self, after: Duration) {
+        if after.is_zero() {
+            self.due = None;
+            return;
+        }
+        let due = Instant::now() + after;
+        if self.timer.deadline() > due || self.timer.is_elapsed() {
+            self.timer.as_mut().reset(due);
+        }
+        self.due = Some(due);
+    }
+
+    pub fn clear(&mut self) {
+        self.due = None;
+    }
+
+    /// Ready when the deadline has passed; registers the waker otherwise.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(due) = self.due else {
+            return Poll::Pending;
+        };
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= due {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(due);
+        }
+        Poll::Pending
+    }
+
+    /// Gives the timer back for a relay (WebSocket tunnels).
+    pub fn timer(&mut self) -> Pin<&mut Sleep> {
+        self.due = None;
+        self.timer.as_mut()
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(ErrorKind::TimedOut, "timed out")
+}
+
+/// One read of at most `buf.len()` bytes; waits for data until the deadline (`TimedOut`).
+/// Ok(0) is EOF.
+pub async fn read_some(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: &mut Deadline<'_>,
+) -> io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    loop {
+        match read_clearing(stream, fd, buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            other => return other,
+        }
+        wait_ready(stream, deadline, true).await?;
+    }
+}
+
+/// Waits until the deadline or until `stream` is readable (or writable).
+pub async fn wait_ready(
+    stream: &TcpStream,
+    deadline: &mut Deadline<'_>,
+    readable: bool,
+) -> io::Result<()> {
+    poll_fn(|cx| {
+        let ready = if readable {
+            stream.poll_read_ready(cx)
+        } else {
+            stream.poll_write_ready(cx)
+        };
+        if let Poll::Ready(r) = ready {
+            return Poll::Ready(r);
+        }
+        if deadline.poll_expired(cx).is_ready() {
+            return Poll::Ready(Err(timed_out()));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Writes all of `data`; waits for the peer to take it until the deadline (`TimedOut`).
+pub async fn write_all(
+    stream: &TcpStream,
+    mut data: &[u8],
+    deadline: &mut Deadline<'_>,
+) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    loop {
+        let n = write_now(stream, fd, data)?;
+        data = &data[n..];
+        if data.is_empty() {
+            return Ok(());
+        }
+        wait_ready(stream, deadline, false).await?;
+    }
+}

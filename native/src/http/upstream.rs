@@ -1,0 +1,93 @@
+//! Per-worker keep-alive pool of backend connections (nginx's `keepalive N` in an upstream).
+//!
+//! Per worker rather than shared: a connection is registered with its worker's reactor and
+//! taking one needs no lock. Connections are taken newest first (the likeliest to be alive)
+//! and checked before reuse: a backend that closed an idle connection has made it readable,
+//! which tokio has already recorded, so the check costs a syscall only for those.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+struct IdleConn {
+    stream: TcpStream,
+    since: Instant,
+    /// The pool's `timeouts.idle` when the connection was parked.
+    max_idle: Duration,
+}
+
+impl IdleConn {
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.since) >= self.max_idle
+    }
+}
+
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: RefCell<HashMap<SocketAddr, Vec<IdleConn>>>,
+}
+
+/// Whether a parked connection still looks usable: nothing to read (a backend sends nothing
+/// unasked; EOF or stray bytes both mean it is unusable).
+fn alive(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock)
+}
+
+impl UpstreamPool {
+    /// An idle connection to `addr`, if one is parked and alive.
+    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let conns = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some(c) = conns.pop() {
+            if !c.expired(now) && alive(&c.stream) {
+                return Some(c.stream);
+            }
+        }
+        None
+    }
+
+    /// Parks a connection after a complete exchange; beyond `max` per backend the oldest goes.
+    pub fn put(&self, addr: SocketAddr, stream: TcpStream, max: usize, max_idle: Duration) {
+        if max == 0 || max_idle.is_zero() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let conns = idle.entry(addr).or_default();
+        if conns.len() >= max {
+            conns.remove(0);
+        }
+        conns.push(IdleConn {
+            stream,
+            since: Instant::now(),
+            max_idle,
+        });
+    }
+
+    /// Closes expired connections and those the backend closed; run periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        for conns in idle.values_mut() {
+            conns.retain(|c| !c.expired(now) && alive(&c.stream));
+        }
+        idle.retain(|_, conns| !conns.is_empty());
+    }
+
+    /// Parked connections, all backends.
+    pub fn len(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&self) {
+        self.idle.borrow_mut().clear();
+    }
+}
