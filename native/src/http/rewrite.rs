@@ -94,10 +94,10 @@ pub fn request_head(
                 continue;
             }
             HeaderKind::XRequestId => has_request_id = true,
-            HeaderKind::Other if has_connection => {
-                if named_in_connection(h.name.get(buf), headers, buf) {
-                    continue;
-                }
+            HeaderKind::Other
+                if has_connection && named_in_connection(h.name.get(buf), headers, buf) =>
+            {
+                continue
             }
             _ => {}
         }
@@ -177,10 +177,10 @@ pub fn response_head(
             HeaderKind::Connection | HeaderKind::KeepAlive | HeaderKind::ProxyConnection => {
                 continue
             }
-            HeaderKind::Other | HeaderKind::Trailer if has_connection => {
-                if named_in_connection(h.name.get(buf), headers, buf) {
-                    continue;
-                }
+            HeaderKind::Other | HeaderKind::Trailer
+                if has_connection && named_in_connection(h.name.get(buf), headers, buf) =>
+            {
+                continue
             }
             _ => {}
         }
