@@ -39,6 +39,21 @@ pub struct Shared {
     pub via_token: String,
 }
 
+impl Shared {
+    pub fn new(max_connections: usize) -> Self {
+        Shared {
+            tables: ArcSwap::from_pointee(Tables {
+                listeners: HashMap::new(),
+                pools: HashMap::new(),
+            }),
+            connections: AtomicUsize::new(0),
+            max_connections,
+            splice_threshold: splice_threshold(),
+            via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
+        }
+    }
+}
+
 /// The routing tables: immutable once published.
 pub struct Tables {
     pub listeners: HashMap<String, Arc<ListenerEntry>>,
@@ -122,16 +137,7 @@ impl Engine {
             sockets.push((l.name.clone(), bind_listener(l, n)?));
         }
         let mut engine = Engine {
-            shared: Arc::new(Shared {
-                tables: ArcSwap::from_pointee(Tables {
-                    listeners: HashMap::new(),
-                    pools: HashMap::new(),
-                }),
-                connections: AtomicUsize::new(0),
-                max_connections: config.runtime.max_connections,
-                splice_threshold: splice_threshold(),
-                via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
-            }),
+            shared: Arc::new(Shared::new(config.runtime.max_connections)),
             workers: Vec::with_capacity(n),
             config: config.clone(),
             backends: HashMap::new(),

@@ -44,6 +44,18 @@ pub struct WorkerCtx {
     idle: Notify,
 }
 
+impl WorkerCtx {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        WorkerCtx {
+            relay: RelayBuffers::new(shared.splice_threshold),
+            http: HttpWorker::default(),
+            shared,
+            open: Cell::new(0),
+            idle: Notify::new(),
+        }
+    }
+}
+
 /// Decrements the process-wide and the worker's connection counts when a connection ends,
 /// however it ends.
 struct ConnGuard<'a> {
@@ -83,13 +95,7 @@ pub fn run(
             return;
         }
     };
-    let ctx = Rc::new(WorkerCtx {
-        relay: RelayBuffers::new(shared.splice_threshold),
-        http: HttpWorker::default(),
-        shared,
-        open: Cell::new(0),
-        idle: Notify::new(),
-    });
+    let ctx = Rc::new(WorkerCtx::new(shared));
     LocalSet::new().block_on(&runtime, command_loop(ctx, commands));
     // Dropping the runtime here aborts whatever connections outlived the grace period.
 }

@@ -932,3 +932,48 @@ async fn tunnel(
     let _ = forward::relay(&ctx.relay, &client.stream, &upstream, idle, deadline.timer()).await;
     Attempt::Done(Next::Close)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EngineConfig;
+    use crate::engine::Shared;
+    use crate::stats::ListenerStats;
+
+    /// Idle RSS per client connection is a target (<= 4 KB): the task holds this future, and
+    /// a connection waiting for its next request (or the rest of a head) holds nothing else
+    /// but its socket.
+    #[test]
+    fn per_connection_future_stays_small() {
+        let cfg = EngineConfig::from_json(
+            r#"{"runtime": {"workers": 1}, "listeners": [{"name": "web",
+                "bind": "127.0.0.1:0", "protocol": "http", "pool": "app"}],
+                "pools": [{"name": "app", "algorithm": "round_robin", "backends": [
+                {"address": "127.0.0.1:1", "addr": "127.0.0.1:1", "weight": 1}],
+                "timeouts": {"connect_ms": 1, "read_ms": 1, "send_ms": 1, "idle_ms": 1}}]}"#,
+        )
+        .unwrap();
+        let states = vec![Arc::new(BackendState::new("app", &cfg.pools[0].backends[0]))];
+        let pool = Arc::new(Pool::build(&cfg.pools[0], states));
+        let pools = HashMap::from([("app".to_string(), pool.clone())]);
+        let entry = ListenerEntry {
+            http: Some(HttpListener::build(&cfg.listeners[0], &pools).unwrap()),
+            cfg: cfg.listeners[0].clone(),
+            pool,
+            stats: Arc::new(ListenerStats::default()),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ctx = WorkerCtx::new(Arc::new(Shared::new(0)));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let fut = serve(&ctx, stream, addr, &entry);
+            let size = std::mem::size_of_val(&fut);
+            assert!(size <= 2304, "serve future: {size} bytes");
+        });
+    }
+}
