@@ -250,7 +250,10 @@ impl EngineConfig {
                     return Err(format!("listener {} route {i}: no pool to send to", l.name));
                 }
                 if let Some(s) = r.split.iter().find(|s| !known(&s.pool)) {
-                    return Err(format!("listener {} route {i}: unknown pool {}", l.name, s.pool));
+                    return Err(format!(
+                        "listener {} route {i}: unknown pool {}",
+                        l.name, s.pool
+                    ));
                 }
             }
         }

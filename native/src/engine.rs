@@ -348,7 +348,9 @@ impl Engine {
         let mut listeners = HashMap::new();
         for l in &config.listeners {
             let http = match l.protocol {
-                Protocol::Http => Some(HttpListener::build(l, &pools).map_err(EngineError::Config)?),
+                Protocol::Http => {
+                    Some(HttpListener::build(l, &pools).map_err(EngineError::Config)?)
+                }
                 Protocol::Tcp => None,
             };
             let stats = self

@@ -208,7 +208,9 @@ impl PyMaglev {
 /// no look-around or backreferences), or None when it is.
 #[pyfunction]
 fn regex_error(pattern: &str) -> Option<String> {
-    regex::bytes::Regex::new(pattern).err().map(|e| e.to_string())
+    regex::bytes::Regex::new(pattern)
+        .err()
+        .map(|e| e.to_string())
 }
 
 #[pymodule]

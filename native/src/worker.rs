@@ -2,8 +2,8 @@
 //! own SO_REUSEPORT listening socket per listener. Workers share nothing but `Shared` (tables
 //! behind arc-swap and atomics); the control plane talks to them through a command channel.
 
-use crate::engine::{ListenerEntry, Shared};
 use crate::config::Protocol;
+use crate::engine::{ListenerEntry, Shared};
 use crate::http::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;

@@ -309,7 +309,8 @@ impl Pool {
 /// A backend's sticky-cookie value: 16 hex digits of a hash of its id, so that it is stable
 /// across workers, reloads and restarts but does not disclose the address.
 pub fn affinity_token(pool: &str, address: &str) -> [u8; 16] {
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(format!("{pool}/{address}").as_bytes(), 0x5eed_f457);
+    let h =
+        xxhash_rust::xxh3::xxh3_64_with_seed(format!("{pool}/{address}").as_bytes(), 0x5eed_f457);
     let mut out = [0u8; 16];
     for (i, o) in out.iter_mut().enumerate() {
         *o = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];

@@ -125,16 +125,26 @@ pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, listene
         pending: None,
     };
     loop {
-        let (mut req, head) = match read_request(ctx, listener, http, &mut client, &mut deadline).await {
-            Ok(r) => r,
-            Err(Some(status)) => {
-                listener.stats.bad_requests.fetch_add(1, Relaxed);
-                refuse_and_close(ctx, &client, status, &mut deadline).await;
-                return;
-            }
-            Err(None) => return,
-        };
-        let next = exchange(ctx, listener, http, &mut client, &mut req, head, &mut deadline).await;
+        let (mut req, head) =
+            match read_request(ctx, listener, http, &mut client, &mut deadline).await {
+                Ok(r) => r,
+                Err(Some(status)) => {
+                    listener.stats.bad_requests.fetch_add(1, Relaxed);
+                    refuse_and_close(ctx, &client, status, &mut deadline).await;
+                    return;
+                }
+                Err(None) => return,
+            };
+        let next = exchange(
+            ctx,
+            listener,
+            http,
+            &mut client,
+            &mut req,
+            head,
+            &mut deadline,
+        )
+        .await;
         if next == Next::Close || req.is_empty() {
             ctx.http.bufs.give(req);
         } else {
@@ -155,8 +165,16 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// kernel send a reset, which can destroy the answer before the client reads it. Nothing read
 /// here is ever parsed.
 /// Answers `status` and closes the connection (malformed input: nothing more is read from it).
-async fn refuse_and_close(ctx: &WorkerCtx, client: &Client, status: u16, deadline: &mut Deadline<'_>) {
-    if answer(ctx, client, status, true, false, 0, deadline).await.is_ok() {
+async fn refuse_and_close(
+    ctx: &WorkerCtx,
+    client: &Client,
+    status: u16,
+    deadline: &mut Deadline<'_>,
+) {
+    if answer(ctx, client, status, true, false, 0, deadline)
+        .await
+        .is_ok()
+    {
         lingering_close(ctx, &client.stream, deadline).await;
     }
 }
@@ -519,7 +537,15 @@ async fn exchange(
         }
     }
     let mut out = ctx.http.bufs.take_vec();
-    let plan = match plan(ctx, listener, http, req.filled(), &head, client.peer, &mut out) {
+    let plan = match plan(
+        ctx,
+        listener,
+        http,
+        req.filled(),
+        &head,
+        client.peer,
+        &mut out,
+    ) {
         Ok(p) => p,
         Err(status) => {
             ctx.http.bufs.give_vec(out);
@@ -542,7 +568,10 @@ async fn exchange(
         }
     }
     let replayable = body.done();
-    let next = attempts(ctx, listener, client, req, &plan, &mut out, &mut body, replayable, deadline).await;
+    let next = attempts(
+        ctx, listener, client, req, &plan, &mut out, &mut body, replayable, deadline,
+    )
+    .await;
     ctx.http.bufs.give_vec(out);
     next
 }
@@ -617,7 +646,16 @@ async fn attempts(
         let backend = &pool.backends[i];
         backend.acquire();
         let result = attempt(
-            ctx, listener, client, req, plan, i, out, body, replayable, &mut sent_continue,
+            ctx,
+            listener,
+            client,
+            req,
+            plan,
+            i,
+            out,
+            body,
+            replayable,
+            &mut sent_continue,
             deadline,
         )
         .await;
@@ -677,7 +715,11 @@ async fn attempt(
     let backend = &pool.backends[i];
     let t = &pool.timeouts;
     let idempotent = plan.method.is_idempotent() && replayable;
-    let pooled = ctx.http.upstream.take(backend.addr).filter(|_| !plan.upgrade);
+    let pooled = ctx
+        .http
+        .upstream
+        .take(backend.addr)
+        .filter(|_| !plan.upgrade);
     let (upstream, reused) = match pooled {
         Some(s) => (s, true),
         _ => {
@@ -730,7 +772,17 @@ async fn attempt(
         return failed(replayable);
     }
     if !body.done() {
-        match copy_body(&client.stream, &upstream, req, body, client_timeout, send_timeout, deadline).await {
+        match copy_body(
+            &client.stream,
+            &upstream,
+            req,
+            body,
+            client_timeout,
+            send_timeout,
+            deadline,
+        )
+        .await
+        {
             Ok(_) => {}
             Err(CopyError::Destination) => return failed(false),
             Err(CopyError::Source) => return Attempt::Broken,
@@ -743,7 +795,10 @@ async fn attempt(
     }
     backend.counters.requests_total.fetch_add(1, Relaxed);
     let mut resp = ctx.http.bufs.take();
-    let result = response(ctx, listener, client, req, plan, i, upstream, reused, idempotent, &mut resp, out, deadline).await;
+    let result = response(
+        ctx, listener, client, req, plan, i, upstream, reused, idempotent, &mut resp, out, deadline,
+    )
+    .await;
     ctx.http.bufs.give(resp);
     result
 }
@@ -882,7 +937,17 @@ async fn response(
     }
     let mut moved = k as u64;
     if !left.done() {
-        match copy_body(&upstream, &client.stream, resp, &mut left, read_timeout, client_timeout, deadline).await {
+        match copy_body(
+            &upstream,
+            &client.stream,
+            resp,
+            &mut left,
+            read_timeout,
+            client_timeout,
+            deadline,
+        )
+        .await
+        {
             Ok(n) => moved += n,
             Err(_) => return Attempt::Broken,
         }
@@ -901,7 +966,11 @@ async fn response(
             Duration::from_millis(t.idle_ms),
         );
     }
-    Attempt::Done(if close_after { Next::Close } else { Next::KeepAlive })
+    Attempt::Done(if close_after {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    })
 }
 
 /// After a 101: the head goes to the client, then bytes flow both ways until both close.
@@ -919,7 +988,10 @@ async fn tunnel(
     deadline.set(idle);
     // The 101 head is forwarded as the backend wrote it (Upgrade and Connection included),
     // with whatever the backend sent after it.
-    if write_all(&client.stream, resp.filled(), deadline).await.is_err() {
+    if write_all(&client.stream, resp.filled(), deadline)
+        .await
+        .is_err()
+    {
         return Attempt::Broken;
     }
     resp.clear();
@@ -929,7 +1001,14 @@ async fn tunnel(
         }
         req.clear();
     }
-    let _ = forward::relay(&ctx.relay, &client.stream, &upstream, idle, deadline.timer()).await;
+    let _ = forward::relay(
+        &ctx.relay,
+        &client.stream,
+        &upstream,
+        idle,
+        deadline.timer(),
+    )
+    .await;
     Attempt::Done(Next::Close)
 }
 
@@ -953,7 +1032,10 @@ mod tests {
                 "timeouts": {"connect_ms": 1, "read_ms": 1, "send_ms": 1, "idle_ms": 1}}]}"#,
         )
         .unwrap();
-        let states = vec![Arc::new(BackendState::new("app", &cfg.pools[0].backends[0]))];
+        let states = vec![Arc::new(BackendState::new(
+            "app",
+            &cfg.pools[0].backends[0],
+        ))];
         let pool = Arc::new(Pool::build(&cfg.pools[0], states));
         let pools = HashMap::from([("app".to_string(), pool.clone())]);
         let entry = ListenerEntry {

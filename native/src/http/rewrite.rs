@@ -52,7 +52,10 @@ impl RequestView for View<'_> {
 
 /// The request line through the end of its CRLF.
 fn first_line(buf: &[u8]) -> &[u8] {
-    let end = buf.iter().position(|&b| b == b'\n').map_or(buf.len(), |i| i + 1);
+    let end = buf
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(buf.len(), |i| i + 1);
     &buf[..end]
 }
 
@@ -106,7 +109,10 @@ pub fn request_head(
     let ip = peer.ip();
     out.extend_from_slice(b"X-Forwarded-For: ");
     if several_xff {
-        for h in headers.iter().filter(|h| h.kind == HeaderKind::XForwardedFor) {
+        for h in headers
+            .iter()
+            .filter(|h| h.kind == HeaderKind::XForwardedFor)
+        {
             out.extend_from_slice(h.value.get(buf));
             out.extend_from_slice(b", ");
         }
