@@ -2,7 +2,8 @@
 //!
 //! `Deadline` re-arms tokio's timer only when a deadline moves *earlier*; a later deadline is
 //! just recorded and the timer, when it fires early, is re-armed once. A keep-alive request
-//! sets three deadlines (idle, response read, next idle) and usually resets no timer at all.
+//! sets several deadlines (idle, send, response read, next idle) and usually resets no timer
+//! and reads the clock once.
 
 use crate::l4::forward::{read_clearing, write_now};
 use std::future::{poll_fn, Future};
@@ -16,49 +17,60 @@ use tokio::time::{Instant, Sleep};
 
 pub struct Deadline<'t> {
     timer: Pin<&'t mut Sleep>,
-    /// None: no deadline now.
+    /// The timeout asked for by the last `set`; None: no deadline now.
+    after: Option<Duration>,
+    /// When it expires; computed the first time something actually waits, so an operation
+    /// that completes at once never reads the clock.
     due: Option<Instant>,
+    /// Where the timer is armed now (None: never, or unknown after `timer()`).
+    armed: Option<Instant>,
 }
 
 impl<'t> Deadline<'t> {
     pub fn new(timer: Pin<&'t mut Sleep>) -> Self {
-        Deadline { timer, due: None }
+        Deadline {
+            timer,
+            after: None,
+            due: None,
+            armed: None,
+        }
     }
 
-    /// Sets the deadline `after` from now; zero means none.
+    /// Sets the deadline `after` from now (from the first wait, strictly); zero means none.
+    #[inline]
     pub fn set(&mut self, after: Duration) {
-        if after.is_zero() {
-            self.due = None;
-            return;
-        }
-        let due = Instant::now() + after;
-        if self.timer.deadline() > due || self.timer.is_elapsed() {
-            self.timer.as_mut().reset(due);
-        }
-        self.due = Some(due);
-    }
-
-    pub fn clear(&mut self) {
+        self.after = (!after.is_zero()).then_some(after);
         self.due = None;
     }
 
-    /// Ready when the deadline has passed; registers the waker otherwise.
+    /// Ready when the deadline has passed; registers the waker otherwise. The timer is only
+    /// re-armed when the deadline is earlier than where it is armed (a new connection's first
+    /// wait) or when it fires early; resetting it to an earlier time can make tokio wake its
+    /// driver through an eventfd write, a syscall per request.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(due) = self.due else {
+        let Some(after) = self.after else {
             return Poll::Pending;
         };
+        let due = *self.due.get_or_insert_with(|| Instant::now() + after);
+        if self.armed.is_none_or(|armed| armed > due) {
+            self.timer.as_mut().reset(due);
+            self.armed = Some(due);
+        }
         while self.timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= due {
                 return Poll::Ready(());
             }
             self.timer.as_mut().reset(due);
+            self.armed = Some(due);
         }
         Poll::Pending
     }
 
-    /// Gives the timer back for a relay (WebSocket tunnels).
+    /// Lends the timer out (connect, WebSocket relay); it is re-armed on the next wait.
     pub fn timer(&mut self) -> Pin<&mut Sleep> {
+        self.after = None;
         self.due = None;
+        self.armed = None;
         self.timer.as_mut()
     }
 }

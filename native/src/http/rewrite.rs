@@ -77,7 +77,7 @@ pub fn request_head(
     upgrade: bool,
 ) {
     out.extend_from_slice(first_line(buf));
-    let has_connection = headers.iter().any(|h| h.kind == HeaderKind::Connection);
+    let has_connection = connection_lists_fields(buf, headers);
     let mut forwarded_for: Option<Span> = None;
     let mut several_xff = false;
     let mut has_request_id = false;
@@ -120,24 +120,26 @@ pub fn request_head(
         out.extend_from_slice(v.get(buf));
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{ip}\r\nX-Forwarded-Proto: http\r\n");
+    push_ip(out, ip);
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nForwarded: for=");
     match ip {
-        IpAddr::V4(_) => {
-            let _ = write!(out, "Forwarded: for={ip};proto=http\r\n");
-        }
+        IpAddr::V4(_) => push_ip(out, ip),
         IpAddr::V6(_) => {
-            let _ = write!(out, "Forwarded: for=\"[{ip}]\";proto=http\r\n");
+            out.extend_from_slice(b"\"[");
+            push_ip(out, ip);
+            out.extend_from_slice(b"]\"");
         }
     }
+    out.extend_from_slice(b";proto=http\r\n");
     if !has_request_id {
-        let _ = write!(
-            out,
-            "X-Request-Id: {:016x}{:016x}\r\n",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        );
+        out.extend_from_slice(b"X-Request-Id: ");
+        push_hex(out, fastrand::u64(..));
+        push_hex(out, fastrand::u64(..));
+        out.extend_from_slice(b"\r\n");
     }
-    let _ = write!(out, "Via: 1.1 {via_token}\r\n");
+    out.extend_from_slice(b"Via: 1.1 ");
+    out.extend_from_slice(via_token.as_bytes());
+    out.extend_from_slice(b"\r\n");
     if upgrade {
         if let Some(u) = head.upgrade {
             out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
@@ -149,6 +151,55 @@ pub fn request_head(
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a Connection field names other fields (anything but close, keep-alive, upgrade),
+/// which then are hop-by-hop too. Most messages have none, or just `keep-alive`: this spares
+/// them a per-field lookup.
+fn connection_lists_fields(buf: &[u8], headers: &[HeaderSpan]) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.kind == HeaderKind::Connection)
+        .any(|h| {
+            h.value.get(buf).split(|&b| b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"upgrade")
+            })
+        })
+}
+
+/// An IP address in its usual text form; IPv4 by hand, as `fmt` costs more than the rest of
+/// the head rewrite (perf: 1.3% of a keep-alive request).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// 16 lower-case hex digits.
+fn push_hex(out: &mut Vec<u8>, v: u64) {
+    for i in (0..16).rev() {
+        out.push(b"0123456789abcdef"[((v >> (i * 4)) & 0xf) as usize]);
+    }
 }
 
 /// Whether any Via field of the request names this process: the request has looped.
@@ -177,7 +228,7 @@ pub fn response_head(
     set_cookie: Option<(&str, &[u8; 16], u64)>,
 ) {
     out.extend_from_slice(first_line(buf));
-    let has_connection = headers.iter().any(|h| h.kind == HeaderKind::Connection);
+    let has_connection = connection_lists_fields(buf, headers);
     for h in headers {
         match h.kind {
             HeaderKind::Connection | HeaderKind::KeepAlive | HeaderKind::ProxyConnection => {
@@ -259,4 +310,29 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, conn: ClientConnection, re
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     let _ = write!(out, "\r\n{text}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ips_and_hex_are_written_like_fmt() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.100.255.9",
+            "255.255.255.255",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().as_bytes());
+        }
+        let mut out = Vec::new();
+        push_hex(&mut out, 0x0123_4567_89ab_cdef);
+        assert_eq!(out, b"0123456789abcdef");
+    }
 }
