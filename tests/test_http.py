@@ -12,6 +12,7 @@ import http.client
 import itertools
 import json
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -859,3 +860,29 @@ def test_idle_keepalive_connection_is_closed(hb, lb):
         c.send(request_bytes("GET", "/", [HOST]))
         assert c.read_response().body == b"b1"
         assert c.read_to_eof() == b""  # closed by fastlb well before the 15 s socket timeout
+
+
+# --- reload -----------------------------------------------------------------------------------
+
+
+def test_reload_applies_to_open_keepalive_connections(hb, fastlb):
+    """A SIGHUP that adds a route takes effect at the next request of a connection that was
+    opened before it, and that connection is not closed."""
+    a, b = hb("a"), hb("b")
+    port = free_port()
+    pools = [pool("app", [a.address]), pool("new", [b.address])]
+    proc = fastlb(http_config(port, pools), port)
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/x")
+    assert c.getresponse().read() == b"a"
+    proc.config_path.write_text(http_config(port, pools, routes=[{"path_prefix": "/x", "pool": "new"}]))
+    proc.proc.send_signal(signal.SIGHUP)
+
+    def routed_to_new() -> bool:
+        c.request("GET", "/x")
+        return c.getresponse().read() == b"b"
+
+    try:
+        assert wait_for(routed_to_new), "the reloaded route never applied on the open connection"
+    finally:
+        c.close()

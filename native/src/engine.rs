@@ -43,6 +43,7 @@ impl Shared {
     pub fn new(max_connections: usize) -> Self {
         Shared {
             tables: ArcSwap::from_pointee(Tables {
+                generation: 0,
                 listeners: HashMap::new(),
                 pools: HashMap::new(),
             }),
@@ -56,6 +57,9 @@ impl Shared {
 
 /// The routing tables: immutable once published.
 pub struct Tables {
+    /// Bumped by every publish: a keep-alive connection compares it per request to pick up a
+    /// reload (a pointer comparison could be fooled by a freed table's address being reused).
+    pub generation: u64,
     pub listeners: HashMap<String, Arc<ListenerEntry>>,
     pub pools: HashMap<String, Arc<Pool>>,
 }
@@ -372,9 +376,11 @@ impl Engine {
         self.backends = backends;
         self.listener_stats
             .retain(|name, _| listeners.contains_key(name));
-        self.shared
-            .tables
-            .store(Arc::new(Tables { listeners, pools }));
+        self.shared.tables.store(Arc::new(Tables {
+            generation: self.shared.tables.load().generation + 1,
+            listeners,
+            pools,
+        }));
         Ok(())
     }
 

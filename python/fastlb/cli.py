@@ -79,15 +79,23 @@ def cmd_serve(path: Path) -> int:
     return serve_config(config, reload)
 
 
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def serve_config(
     config: Config,
     reload: Callable[[], Config] | None = None,
     before: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Starts the engine for `config` and runs the control loop until SIGTERM/SIGINT."""
+    # Signals stay blocked until the control loop's handlers are installed: a SIGHUP or SIGTERM
+    # sent as soon as the port opens is then handled (reload, drain) rather than killing the
+    # process. The data plane's threads inherit the mask, so signals always reach this thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         engine = Engine(config)
     except (OSError, RuntimeError, ValueError) as err:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         print(f"fastlb: {err}", file=sys.stderr)
         return EXIT_RUNTIME
     for listener in config.listeners:
@@ -143,6 +151,7 @@ async def _control_loop(
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     if before is not None:
         await before()
     await stopping.wait()

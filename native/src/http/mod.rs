@@ -112,10 +112,11 @@ enum Next {
 }
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, listener: &ListenerEntry) {
-    let Some(http) = listener.http.as_ref() else {
-        return;
-    };
+pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, accepted: &ListenerEntry) {
+    // Each request uses the listener's tables as they are when its head arrives, so a reload
+    // applies to open keep-alive connections at their next request.
+    let mut generation = ctx.shared.tables.load().generation;
+    let mut reloaded: Option<Arc<ListenerEntry>> = None;
     let timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut deadline = Deadline::new(timer);
     let mut client = Client {
@@ -125,6 +126,10 @@ pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, listene
         pending: None,
     };
     loop {
+        let listener = reloaded.as_deref().unwrap_or(accepted);
+        let Some(http) = listener.http.as_ref() else {
+            return;
+        };
         let (mut req, head) =
             match read_request(ctx, listener, http, &mut client, &mut deadline).await {
                 Ok(r) => r,
@@ -135,6 +140,18 @@ pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, listene
                 }
                 Err(None) => return,
             };
+        let tables = ctx.shared.tables.load();
+        if tables.generation != generation {
+            generation = tables.generation;
+            if let Some(entry) = tables.listeners.get(&accepted.cfg.name) {
+                reloaded = Some(entry.clone());
+            }
+        }
+        drop(tables);
+        let listener = reloaded.as_deref().unwrap_or(accepted);
+        let Some(http) = listener.http.as_ref() else {
+            return;
+        };
         let next = exchange(
             ctx,
             listener,
