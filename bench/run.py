@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""`make bench`: the L4 comparison with HAProxy, nginx and the bare C relay, plus the splice
-threshold measurement; writes bench/RESULTS.md.
+"""`make bench`: the L4 and L7 comparisons with HAProxy, nginx and the bare C relay, plus the
+splice threshold measurement; writes bench/RESULTS.md.
 
 Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and gcc (it offers the apt-get line if they
 are missing), and the comparison harness compare_lb.py (looked up in ../shared/tools, or given
 with --compare). Every figure is a ratio within one run: the machine is shared and noisy.
 
-usage: python bench/run.py [--runs 3] [--secs 5] [--compare PATH]
+usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--compare PATH]
 """
 
 from __future__ import annotations
@@ -34,16 +34,24 @@ FIGURES = [
 ]
 
 
-def compare_run(compare: Path, secs: int, floor: Path) -> dict[str, dict[str, Any]]:
+# Per layer: fastlb's target name, the anchors, and the protocol lb_from_env.py serves.
+LAYERS = {
+    "l4": ("fastlb-tcp", ["haproxy-tcp", "nginx-stream", "floor"], "tcp"),
+    "l7": ("fastlb-http", ["haproxy-http", "nginx-http", "floor"], "http"),
+}
+
+
+def compare_run(compare: Path, secs: int, floor: Path, layer: str) -> dict[str, dict[str, Any]]:
+    fastlb, anchors, protocol = LAYERS[layer]
     cmd = [
         sys.executable,
         str(compare),
         "--secs",
         str(secs),
         "--only",
-        "haproxy-tcp,nginx-stream,fastlb-tcp,floor",
-        "--fastlb-tcp",
-        f"{sys.executable} {HERE / 'lb_from_env.py'} tcp",
+        ",".join([*anchors, fastlb]),
+        f"--fastlb-{protocol}",
+        f"{sys.executable} {HERE / 'lb_from_env.py'} {protocol}",
         "--extra",
         f"floor={floor}",
     ]
@@ -51,10 +59,37 @@ def compare_run(compare: Path, secs: int, floor: Path) -> dict[str, dict[str, An
     return {t["name"]: t for t in json.loads(out)["targets"]}
 
 
+def ratio(ours: object, theirs: object) -> str:
+    numbers = isinstance(ours, int | float) and isinstance(theirs, int | float)
+    return f"{ours / theirs:.2f}" if numbers and theirs else "-"  # type: ignore[operator]
+
+
+def layer_table(layer: str, runs: list[dict[str, dict[str, Any]]]) -> list[str]:
+    fastlb, anchors, _ = LAYERS[layer]
+    names = [fastlb, *anchors]
+    lines = [
+        f"## {layer.upper()}, per run: fastlb and its ratio to each anchor",
+        "",
+        "| run | figure | " + " | ".join(names) + " | " + " | ".join(f"/ {a}" for a in anchors) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names + anchors) + " |",
+    ]
+    for n, run in enumerate(runs, 1):
+        for key, label in FIGURES:
+            vals = [run[name].get(key) for name in names]
+            ratios = [ratio(vals[0], v) for v in vals[1:]]
+            cells = " | ".join(str(v) for v in vals) + " | " + " | ".join(ratios)
+            lines.append(f"| {n} | {label} | {cells} |")
+        for conns in ("c1", "c64"):
+            lat = " | ".join(f"{run[name][conns]['p50_ms']}/{run[name][conns]['p99_ms']}" for name in names)
+            lines.append(f"| {n} | latency p50/p99 ms at {conns} | {lat} |" + " |" * len(anchors))
+    return [*lines, ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
+    ap.add_argument("--layers", default="l4,l7", help="comma-separated: l4, l7")
     ap.add_argument("--compare", type=Path, default=ROOT.parent / "shared" / "tools" / "compare_lb.py")
     args = ap.parse_args()
     missing = [t for t in TOOLS if not shutil.which(t)]
@@ -66,10 +101,12 @@ def main() -> None:
         sys.exit(f"no comparison harness at {args.compare}; pass --compare PATH")
     floor = Path(tempfile.mkdtemp()) / "floor_relay"
     subprocess.run(["gcc", "-O2", "-o", str(floor), str(args.compare.parent / "floor_relay.c")], check=True)
-    runs = []
+    layers = [x for x in args.layers.split(",") if x]
+    results: dict[str, list[dict[str, dict[str, Any]]]] = {layer: [] for layer in layers}
     for i in range(args.runs):
-        print(f"comparison run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
-        runs.append(compare_run(args.compare, args.secs, floor))
+        for layer in layers:
+            print(f"{layer} comparison run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+            results[layer].append(compare_run(args.compare, args.secs, floor, layer))
     print("splice threshold ...", file=sys.stderr, flush=True)
     splice = subprocess.run(
         [sys.executable, str(HERE / "splice_threshold.py")], capture_output=True, text=True, check=True
@@ -79,26 +116,13 @@ def main() -> None:
         "",
         f"Written by `make bench` ({time.strftime('%Y-%m-%d')}) on {platform.node()}: {os.cpu_count()} CPUs,"
         f" {platform.machine()}, Linux {platform.release()}. Proxy pinned to CPU 0 with one worker; wrk and"
-        " the nginx backend on CPU 1 (`compare_lb.py`). Ratios are within one run.",
+        " the nginx backend on CPU 1 (`compare_lb.py`). Ratios are within one run. `floor` is the bare C"
+        " read/write relay (an L4 relay, shown at L7 too as the least any proxy can spend).",
         "",
-        "## L4, per run: fastlb and its ratio to each anchor",
-        "",
-        "| run | figure | fastlb | haproxy-tcp | nginx-stream | floor | / haproxy | / nginx | / floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for n, run in enumerate(runs, 1):
-        for key, label in FIGURES:
-            vals = [run[name].get(key) for name in ("fastlb-tcp", "haproxy-tcp", "nginx-stream", "floor")]
-            ratios = [f"{vals[0] / v:.2f}" if v else "-" for v in vals[1:]]
-            lines.append(
-                f"| {n} | {label} | " + " | ".join(str(v) for v in vals) + " | " + " | ".join(ratios) + " |"
-            )
-        lat = " / ".join(
-            f"{name} {run[name]['c1']['p50_ms']}/{run[name]['c1']['p99_ms']}"
-            for name in ("fastlb-tcp", "haproxy-tcp", "nginx-stream", "floor")
-        )
-        lines.append(f"| {n} | latency p50/p99 ms at c=1 | {lat} | | | | | | |")
-    lines += ["", "## Splice threshold (bench/splice_threshold.py)", "", splice]
+    for layer in layers:
+        lines += layer_table(layer, results[layer])
+    lines += ["## Splice threshold (bench/splice_threshold.py)", "", splice]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
 

@@ -10,11 +10,15 @@ use crate::l4::forward::RelayBuffers;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, LocalSet};
 
@@ -105,7 +109,11 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
     let mut accepting: HashMap<String, JoinHandle<()>> = HashMap::new();
     while let Some(cmd) = commands.recv().await {
         match cmd {
-            WorkerCmd::Listen { name, socket } => match TcpListener::from_std(socket) {
+            // SAFETY: the AsyncFd owns the listening socket, so its fd stays open and the same
+            // for the AsyncFd's whole life.
+            WorkerCmd::Listen { name, socket } => match unsafe {
+                AsyncFd::register_with_interest(socket, Interest::READABLE)
+            } {
                 Ok(listener) => {
                     let task =
                         tokio::task::spawn_local(accept_loop(ctx.clone(), name.clone(), listener));
@@ -142,9 +150,9 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
     }
 }
 
-async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: TcpListener) {
+async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::net::TcpListener>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match accept(&listener).await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS: back off instead of spinning (mini-redis does too).
@@ -171,16 +179,68 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: TcpListener) {
         entry.stats.connections_active.fetch_add(1, Relaxed);
         ctx.open.set(ctx.open.get() + 1);
         let ctx = ctx.clone();
-        tokio::task::spawn_local(async move {
-            let _guard = ConnGuard {
-                ctx: &ctx,
-                listener: &entry,
+        // One spawn per protocol: a task is as large as its future, and an L4 connection's is a
+        // fraction of an http one's (idle RSS per connection is a target).
+        match entry.cfg.protocol {
+            Protocol::Tcp => tokio::task::spawn_local(async move {
+                let _guard = ConnGuard {
+                    ctx: &ctx,
+                    listener: &entry,
+                };
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => l4::serve(&ctx, stream, peer, &entry).await,
+                    Err(e) => eprintln!("fastlb: listener {}: {e}", entry.cfg.name),
+                }
+            }),
+            // Registered with the reactor only if it ever has to wait (http::client).
+            Protocol::Http => tokio::task::spawn_local(async move {
+                let _guard = ConnGuard {
+                    ctx: &ctx,
+                    listener: &entry,
+                };
+                http::serve(&ctx, stream, peer, &entry).await
+            }),
+        };
+    }
+}
+
+/// Accepts one connection without registering it with the reactor (the caller decides when),
+/// non-blocking and close-on-exec in the one accept4 call. TCP_NODELAY is inherited from the
+/// listening socket.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        let fd = listener.get_ref().as_raw_fd();
+        let accepted = ready.try_io(|_| {
+            // SAFETY: accept4 fills at most `len` bytes of the storage socket2 provides.
+            let (client, addr) = unsafe {
+                socket2::SockAddr::try_init(|storage, len| {
+                    let client = libc::accept4(
+                        fd,
+                        storage.cast(),
+                        len,
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    );
+                    if client < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(client)
+                    }
+                })?
             };
-            match entry.cfg.protocol {
-                Protocol::Tcp => l4::serve(&ctx, stream, peer, &entry).await,
-                Protocol::Http => http::serve(&ctx, stream, peer, &entry).await,
-            }
+            // SAFETY: accept4 returned a new socket this function now owns.
+            let stream = unsafe { std::net::TcpStream::from_raw_fd(client) };
+            let peer = addr
+                .as_socket()
+                .ok_or_else(|| io::Error::other("accepted a non-IP socket"))?;
+            Ok((stream, peer))
         });
+        match accepted {
+            Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
     }
 }
 

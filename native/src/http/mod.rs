@@ -9,6 +9,7 @@
 
 pub mod buf;
 pub mod chunked;
+pub mod client;
 pub mod io;
 pub mod parse;
 pub mod ratelimit;
@@ -23,7 +24,8 @@ use crate::l4::forward;
 use crate::worker::WorkerCtx;
 use buf::{Buf, BufPool, BUF_SIZE};
 use chunked::ChunkedDecoder;
-use io::{read_some, wait_ready, write_all, Deadline};
+use client::ClientSocket;
+use io::{read_some, write_all, Deadline};
 use parse::{BodyKind, HeadError, HeaderSpan, Limits, Method, RequestHead, Version};
 use ratelimit::RateLimiter;
 use rewrite::{ClientConnection, View};
@@ -33,7 +35,6 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -96,7 +97,7 @@ pub async fn sweep_loop(ctx: std::rc::Rc<WorkerCtx>) {
 
 /// One client connection.
 struct Client {
-    stream: TcpStream,
+    stream: ClientSocket,
     peer: SocketAddr,
     /// A request head that arrived in part, kept at its exact size while we wait for the rest.
     partial: Vec<u8>,
@@ -112,7 +113,12 @@ enum Next {
 }
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, accepted: &ListenerEntry) {
+pub async fn serve(
+    ctx: &WorkerCtx,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    accepted: &ListenerEntry,
+) {
     // Each request uses the listener's tables as they are when its head arrives, so a reload
     // applies to open keep-alive connections at their next request.
     let mut generation = ctx.shared.tables.load().generation;
@@ -120,7 +126,7 @@ pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, accepte
     let timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut deadline = Deadline::new(timer);
     let mut client = Client {
-        stream,
+        stream: ClientSocket::new(stream),
         peer,
         partial: Vec::new(),
         pending: None,
@@ -135,7 +141,7 @@ pub async fn serve(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, accepte
                 Ok(r) => r,
                 Err(Some(status)) => {
                     listener.stats.bad_requests.fetch_add(1, Relaxed);
-                    refuse_and_close(ctx, &client, status, &mut deadline).await;
+                    refuse_and_close(ctx, &mut client, status, &mut deadline).await;
                     return;
                 }
                 Err(None) => return,
@@ -184,7 +190,7 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// Answers `status` and closes the connection (malformed input: nothing more is read from it).
 async fn refuse_and_close(
     ctx: &WorkerCtx,
-    client: &Client,
+    client: &mut Client,
     status: u16,
     deadline: &mut Deadline<'_>,
 ) {
@@ -192,21 +198,28 @@ async fn refuse_and_close(
         .await
         .is_ok()
     {
-        lingering_close(ctx, &client.stream, deadline).await;
+        lingering_close(ctx, &mut client.stream, deadline).await;
     }
 }
 
-async fn lingering_close(ctx: &WorkerCtx, stream: &TcpStream, deadline: &mut Deadline<'_>) {
+async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &mut Deadline<'_>) {
     // SAFETY: shutdown on a socket we own; failure (peer gone) is harmless.
-    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    unsafe { libc::shutdown(stream.fd(), libc::SHUT_WR) };
     let mut sink = ctx.http.bufs.take();
     deadline.set(LINGER_TIME);
     let mut discarded = 0;
     while discarded < LINGER_BYTES {
-        match read_some(stream, sink.spare(BUF_SIZE), deadline).await {
-            Ok(n) if n > 0 => discarded += n,
-            _ => break,
+        match stream.try_read(sink.spare(BUF_SIZE)) {
+            Ok(0) => break,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if stream.readable(deadline).await.is_err() {
+                    break;
+                }
+            }
+            Err(_) => break,
         }
+        sink.clear();
     }
     ctx.http.bufs.give(sink);
 }
@@ -223,17 +236,11 @@ async fn read_request(
     let bufs = &ctx.http.bufs;
     let cfg = &listener.cfg;
     let max_len = http.limits.max_header_bytes.saturating_add(1).max(BUF_SIZE);
+    // Try a read before waiting: a new connection's request is usually there already, and a
+    // registered idle one answers WouldBlock from tokio's readiness without a syscall.
     let mut buf = match client.pending.take() {
         Some(b) => b,
-        None => {
-            if client.partial.is_empty() {
-                deadline.set(Duration::from_millis(cfg.client_idle_ms));
-                wait_ready(&client.stream, deadline, true)
-                    .await
-                    .map_err(|_| None)?;
-            }
-            restore(bufs, &mut client.partial)
-        }
+        None => restore(bufs, &mut client.partial),
     };
     let mut head_clock_started = !client.partial.is_empty();
     loop {
@@ -260,8 +267,7 @@ async fn read_request(
             bufs.give(buf);
             return Err(Some(HeadError::TooLarge.status()));
         }
-        let fd = client.stream.as_raw_fd();
-        match forward::read_clearing(&client.stream, fd, spare) {
+        match client.stream.try_read(spare) {
             Ok(0) => {
                 bufs.give(buf);
                 return Err(None);
@@ -274,7 +280,7 @@ async fn read_request(
                 if client.partial.is_empty() {
                     deadline.set(Duration::from_millis(cfg.client_idle_ms));
                 }
-                if wait_ready(&client.stream, deadline, true).await.is_err() {
+                if client.stream.readable(deadline).await.is_err() {
                     let timed_out_mid_head = !client.partial.is_empty();
                     client.partial = Vec::new();
                     return Err(timed_out_mid_head.then_some(408));
@@ -302,7 +308,7 @@ fn restore(bufs: &BufPool, partial: &mut Vec<u8>) -> Buf {
 /// Writes an answer of fastlb's own.
 async fn answer(
     ctx: &WorkerCtx,
-    client: &Client,
+    client: &mut Client,
     status: u16,
     close: bool,
     http10_keep_alive: bool,
@@ -320,7 +326,11 @@ async fn answer(
         retry_after,
     );
     deadline.set(Duration::from_secs(10));
-    let r = write_all(&client.stream, &out, deadline).await;
+    let r = if close {
+        client.stream.write_last(&out, deadline).await
+    } else {
+        client.stream.write_all(&out, deadline).await
+    };
     ctx.http.bufs.give_vec(out);
     r
 }
@@ -597,7 +607,7 @@ async fn exchange(
 /// only when the request had no body left unread.
 async fn refuse(
     ctx: &WorkerCtx,
-    client: &Client,
+    client: &mut Client,
     req: &mut Buf,
     head: &RequestHead,
     status: u16,
@@ -616,7 +626,7 @@ async fn refuse(
     match answer(ctx, client, status, !keep, http10, retry_after, deadline).await {
         Ok(()) if keep => Next::KeepAlive,
         Ok(()) => {
-            lingering_close(ctx, &client.stream, deadline).await;
+            lingering_close(ctx, &mut client.stream, deadline).await;
             Next::Close
         }
         Err(_) => Next::Close,
@@ -773,7 +783,9 @@ async fn attempt(
     if plan.expect_continue && !body.done() && !*sent_continue {
         *sent_continue = true;
         deadline.set(client_timeout);
-        if write_all(&client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
+        if client
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
             .await
             .is_err()
         {
@@ -781,6 +793,7 @@ async fn attempt(
         }
     }
     deadline.set(send_timeout);
+    let mut sent = out.len() as u64;
     if write_all(&upstream, out, deadline).await.is_err() {
         if reused {
             return Attempt::Stale;
@@ -789,8 +802,11 @@ async fn attempt(
         return failed(replayable);
     }
     if !body.done() {
+        let Ok(client_stream) = client.stream.registered() else {
+            return Attempt::Broken;
+        };
         match copy_body(
-            &client.stream,
+            client_stream,
             &upstream,
             req,
             body,
@@ -800,7 +816,7 @@ async fn attempt(
         )
         .await
         {
-            Ok(_) => {}
+            Ok(n) => sent += n,
             Err(CopyError::Destination) => return failed(false),
             Err(CopyError::Source) => return Attempt::Broken,
             Err(CopyError::Framing) => {
@@ -811,6 +827,8 @@ async fn attempt(
         }
     }
     backend.counters.requests_total.fetch_add(1, Relaxed);
+    backend.counters.bytes_out.fetch_add(sent, Relaxed);
+    listener.stats.bytes_in.fetch_add(sent, Relaxed);
     let mut resp = ctx.http.bufs.take();
     let result = response(
         ctx, listener, client, req, plan, i, upstream, reused, idempotent, &mut resp, out, deadline,
@@ -864,7 +882,7 @@ async fn response(
                         forwarded_interim = true;
                         deadline.set(client_timeout);
                         let interim = &resp.filled()[..h.len];
-                        if write_all(&client.stream, interim, deadline).await.is_err() {
+                        if client.stream.write_all(interim, deadline).await.is_err() {
                             return Attempt::Broken;
                         }
                     }
@@ -914,8 +932,15 @@ async fn response(
     if head.status >= 500 {
         backend.counters.failures_5xx.fetch_add(1, Relaxed);
     }
-    if head.status == 101 && plan.upgrade {
-        return tunnel(ctx, listener, client, req, upstream, resp, deadline).await;
+    if head.status == 101 {
+        if plan.upgrade {
+            return tunnel(ctx, listener, client, req, upstream, resp, deadline).await;
+        }
+        // Switching protocols nobody asked for: the connection can carry nothing more.
+        return Attempt::Failed {
+            status: 502,
+            retryable: false,
+        };
     }
     let mut left = BodyLeft::new(head.body);
     let close_after = !plan.keep_alive || matches!(left, BodyLeft::UntilClose);
@@ -949,14 +974,22 @@ async fn response(
     out.extend_from_slice(&resp.filled()[..k]);
     resp.consume(k);
     deadline.set(client_timeout);
-    if write_all(&client.stream, out, deadline).await.is_err() {
+    let written = if close_after && left.done() {
+        client.stream.write_last(out, deadline).await
+    } else {
+        client.stream.write_all(out, deadline).await
+    };
+    if written.is_err() {
         return Attempt::Broken;
     }
     let mut moved = k as u64;
     if !left.done() {
+        let Ok(client_stream) = client.stream.registered() else {
+            return Attempt::Broken;
+        };
         match copy_body(
             &upstream,
-            &client.stream,
+            client_stream,
             resp,
             &mut left,
             read_timeout,
@@ -1005,7 +1038,9 @@ async fn tunnel(
     deadline.set(idle);
     // The 101 head is forwarded as the backend wrote it (Upgrade and Connection included),
     // with whatever the backend sent after it.
-    if write_all(&client.stream, resp.filled(), deadline)
+    if client
+        .stream
+        .write_all(resp.filled(), deadline)
         .await
         .is_err()
     {
@@ -1018,14 +1053,10 @@ async fn tunnel(
         }
         req.clear();
     }
-    let _ = forward::relay(
-        &ctx.relay,
-        &client.stream,
-        &upstream,
-        idle,
-        deadline.timer(),
-    )
-    .await;
+    let Ok(client_stream) = client.stream.registered() else {
+        return Attempt::Broken;
+    };
+    let _ = forward::relay(&ctx.relay, client_stream, &upstream, idle, deadline.timer()).await;
     Attempt::Done(Next::Close)
 }
 
@@ -1069,7 +1100,7 @@ mod tests {
             let ctx = WorkerCtx::new(Arc::new(Shared::new(0)));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let stream = TcpStream::connect(addr).await.unwrap();
+            let stream = TcpStream::connect(addr).await.unwrap().into_std().unwrap();
             let fut = serve(&ctx, stream, addr, &entry);
             let size = std::mem::size_of_val(&fut);
             assert!(size <= 2304, "serve future: {size} bytes");
