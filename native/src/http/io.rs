@@ -43,6 +43,13 @@ impl<'t> Deadline<'t> {
         self.due = None;
     }
 
+    /// Sets the deadline `after` from `start`, an instant the caller has just read.
+    #[inline]
+    pub fn set_from(&mut self, start: std::time::Instant, after: Duration) {
+        self.after = (!after.is_zero()).then_some(after);
+        self.due = self.after.map(|a| Instant::from_std(start) + a);
+    }
+
     /// Ready when the deadline has passed; registers the waker otherwise. The timer is only
     /// re-armed when the deadline is earlier than where it is armed (a new connection's first
     /// wait) or when it fires early; resetting it to an earlier time can make tokio wake its

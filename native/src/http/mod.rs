@@ -860,6 +860,7 @@ async fn response(
     let read_timeout = Duration::from_millis(t.read_ms);
     let client_timeout = Duration::from_millis(listener.cfg.client_idle_ms);
     let sent = Instant::now();
+    deadline.set_from(sent, read_timeout);
     let mut forwarded_interim = false;
     let head = loop {
         if !resp.is_empty() {
@@ -892,7 +893,6 @@ async fn response(
                 Ok(Some(h)) => break h,
             }
         }
-        deadline.set(read_timeout);
         match read_some(&upstream, resp.spare(MAX_RESPONSE_HEAD + 1), deadline).await {
             Ok(0) if reused && resp.is_empty() && !forwarded_interim => return Attempt::Stale,
             Ok(0) => {
@@ -903,7 +903,11 @@ async fn response(
                     retryable: retryable && !forwarded_interim,
                 };
             }
-            Ok(n) => resp.advance(n),
+            Ok(n) => {
+                resp.advance(n);
+                // `timeouts.read` runs between two reads from the backend.
+                deadline.set(read_timeout);
+            }
             Err(e) if e.kind() == ErrorKind::TimedOut => {
                 backend.counters.failures_timeout.fetch_add(1, Relaxed);
                 return Attempt::Failed {
@@ -921,7 +925,9 @@ async fn response(
             }
         }
     };
-    backend.observe_latency(sent.elapsed().as_nanos() as u64);
+    let first_byte = Instant::now();
+    let ttfb = first_byte.saturating_duration_since(sent).as_nanos() as u64;
+    backend.observe_latency_at(ttfb, crate::balance::ns_at(first_byte));
     if matches!(head.status, 502..=504) && retryable && !forwarded_interim {
         backend.counters.failures_5xx.fetch_add(1, Relaxed);
         return Attempt::Failed {
