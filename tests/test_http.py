@@ -853,6 +853,15 @@ def test_slow_header_is_cut_off(hb, lb):
     assert b.received == []
 
 
+def test_silent_new_connection_is_cut_off_after_header_read(hb, lb):
+    """Before its first request a connection gets `header_read`, not the keep-alive idle time."""
+    b = hb("b1")
+    port = lb([pool("app", [b.address])], timeouts={"client_idle": "60s", "header_read": "1s"})
+    with RawConn(port, timeout=15) as c:
+        assert c.read_to_eof() == b""  # a socket timeout (15 s) here fails the test
+    assert b.received == []
+
+
 def test_idle_keepalive_connection_is_closed(hb, lb):
     b = hb("b1")
     port = lb([pool("app", [b.address])], timeouts={"client_idle": "1s", "header_read": "10s"})

@@ -70,7 +70,7 @@ impl ClientSocket {
             ClientSocket::Registered(s) => read_clearing(s, s.as_raw_fd(), buf),
             ClientSocket::Raw(s) => raw_io(|| {
                 // SAFETY: buf is valid for buf.len() bytes for the duration of the call.
-                unsafe { libc::read(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
+                unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
             }),
             ClientSocket::Switching => Err(ErrorKind::NotConnected.into()),
         }
@@ -91,7 +91,9 @@ impl ClientSocket {
                 while done < data.len() {
                     let rest = &data[done..];
                     // SAFETY: rest is valid for rest.len() bytes for the duration of the call.
-                    match raw_io(|| unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) }) {
+                    match raw_io(|| unsafe {
+                        libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL)
+                    }) {
                         Ok(n) => done += n,
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) => return Err(e),

@@ -103,6 +103,8 @@ struct Client {
     partial: Vec<u8>,
     /// Bytes of the next pipelined request(s), already read.
     pending: Option<Buf>,
+    /// Requests read so far.
+    requests: u32,
 }
 
 /// Whether the client connection stays open after an exchange.
@@ -130,6 +132,7 @@ pub async fn serve(
         peer,
         partial: Vec::new(),
         pending: None,
+        requests: 0,
     };
     loop {
         let listener = reloaded.as_deref().unwrap_or(accepted);
@@ -146,6 +149,7 @@ pub async fn serve(
                 }
                 Err(None) => return,
             };
+        client.requests = client.requests.saturating_add(1);
         let tables = ctx.shared.tables.load();
         if tables.generation != generation {
             generation = tables.generation;
@@ -183,10 +187,6 @@ pub async fn serve(
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// Closes after an error answer the way nginx's lingering close does: send FIN, then read and
-/// discard what the client still sends for a moment. Closing with unread input would make the
-/// kernel send a reset, which can destroy the answer before the client reads it. Nothing read
-/// here is ever parsed.
 /// Answers `status` and closes the connection (malformed input: nothing more is read from it).
 async fn refuse_and_close(
     ctx: &WorkerCtx,
@@ -202,6 +202,10 @@ async fn refuse_and_close(
     }
 }
 
+/// Closes after an error answer the way nginx's lingering close does: send FIN, then read and
+/// discard what the client still sends for a moment. Closing with unread input would make the
+/// kernel send a reset, which can destroy the answer before the client reads it. Nothing read
+/// here is ever parsed.
 async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &mut Deadline<'_>) {
     // SAFETY: shutdown on a socket we own; failure (peer gone) is harmless.
     unsafe { libc::shutdown(stream.fd(), libc::SHUT_WR) };
@@ -242,7 +246,7 @@ async fn read_request(
         Some(b) => b,
         None => restore(bufs, &mut client.partial),
     };
-    let mut head_clock_started = !client.partial.is_empty();
+    let mut head_clock_started = false;
     loop {
         if !buf.is_empty() {
             let parsed = {
@@ -278,7 +282,14 @@ async fn read_request(
                 client.partial.extend_from_slice(buf.filled());
                 bufs.give(buf);
                 if client.partial.is_empty() {
-                    deadline.set(Duration::from_millis(cfg.client_idle_ms));
+                    // Between requests the keep-alive timeout applies; before the first one,
+                    // `header_read` (nginx's client_header_timeout, HAProxy's http-request).
+                    let wait = if client.requests == 0 {
+                        cfg.header_read_ms
+                    } else {
+                        cfg.client_idle_ms
+                    };
+                    deadline.set(Duration::from_millis(wait));
                 }
                 if client.stream.readable(deadline).await.is_err() {
                     let timed_out_mid_head = !client.partial.is_empty();

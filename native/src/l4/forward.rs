@@ -283,14 +283,15 @@ fn flush(
     }
 }
 
-/// One `read`. A short read clears tokio's readiness (see the module doc), saving the EAGAIN
-/// read that would otherwise follow.
+/// One `recv` (rather than `read`: a socket call skips the VFS layers, ~1% of a proxied
+/// request in perf). A short read clears tokio's readiness (see the module doc), saving the
+/// EAGAIN read that would otherwise follow.
 #[inline]
 pub(crate) fn read_clearing(src: &TcpStream, fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     let got = Cell::new(None);
     let r = src.try_io(Interest::READABLE, || {
         // SAFETY: buf is valid for buf.len() bytes for the duration of the call.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -307,7 +308,8 @@ pub(crate) fn read_clearing(src: &TcpStream, fd: RawFd, buf: &mut [u8]) -> io::R
     }
 }
 
-/// As much of `buf` as the socket takes now (possibly 0).
+/// As much of `buf` as the socket takes now (possibly 0); `send` with MSG_NOSIGNAL, so a peer
+/// gone away is an EPIPE error, never a signal.
 #[inline]
 pub(crate) fn write_now(dst: &TcpStream, fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     let mut done = 0;
@@ -315,7 +317,7 @@ pub(crate) fn write_now(dst: &TcpStream, fd: RawFd, buf: &[u8]) -> io::Result<us
         let rest = &buf[done..];
         match dst.try_io(Interest::WRITABLE, || {
             // SAFETY: rest is valid for rest.len() bytes for the duration of the call.
-            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+            let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
             if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
