@@ -408,8 +408,12 @@ enum CopyError {
 }
 
 /// Streams the rest of a body from `src` to `dst`, using `buf` (which may already hold
-/// bytes); bytes after the body's end stay in `buf`.
+/// bytes); bytes after the body's end stay in `buf`. A body of known length with at least the
+/// splice threshold left, or one that runs until the backend closes, moves by `splice(2)` once
+/// `buf` is empty, as L4 bulk transfers do (chunked bodies are scanned, so they are copied).
+#[allow(clippy::too_many_arguments)]
 async fn copy_body(
+    relay: &forward::RelayBuffers,
     src: &TcpStream,
     dst: &TcpStream,
     buf: &mut Buf,
@@ -420,6 +424,33 @@ async fn copy_body(
 ) -> Result<u64, CopyError> {
     let mut moved = 0;
     while !left.done() {
+        let bulk = match left {
+            BodyLeft::Length(n) => *n >= relay.splice_threshold() as u64,
+            BodyLeft::UntilClose => true,
+            BodyLeft::Chunked(_) => false,
+        };
+        if bulk && buf.is_empty() {
+            let limit = match left {
+                BodyLeft::Length(n) => *n,
+                _ => u64::MAX,
+            };
+            let n = splice_body(
+                relay,
+                src,
+                dst,
+                limit,
+                read_timeout,
+                write_timeout,
+                deadline,
+            )
+            .await?;
+            moved += n;
+            match left {
+                BodyLeft::Length(rest) => *rest -= n,
+                _ => return Ok(moved),
+            }
+            continue;
+        }
         if buf.is_empty() {
             deadline.set(read_timeout);
             match read_some(src, buf.spare(BUF_SIZE), deadline).await {
@@ -437,6 +468,72 @@ async fn copy_body(
         moved += k as u64;
     }
     Ok(moved)
+}
+
+/// Splices up to `limit` bytes (until EOF for `u64::MAX`) from `src` to `dst` through a
+/// pooled pipe; returns how many moved. The pipe is only ever filled when empty, so splice's
+/// EAGAIN from the socket can only mean "socket empty" and clearing readiness on it is safe.
+async fn splice_body(
+    relay: &forward::RelayBuffers,
+    src: &TcpStream,
+    dst: &TcpStream,
+    limit: u64,
+    read_timeout: Duration,
+    write_timeout: Duration,
+    deadline: &mut Deadline<'_>,
+) -> Result<u64, CopyError> {
+    use crate::l4::pipe::splice;
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+    let mut pipe = relay.pipes.take().map_err(|_| CopyError::Destination)?;
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut moved = 0u64;
+    let result = loop {
+        if moved == limit {
+            break Ok(moved);
+        }
+        let want = (limit - moved).min(pipe.capacity as u64) as usize;
+        deadline.set(read_timeout);
+        let n = loop {
+            match src.try_io(Interest::READABLE, || splice(src_fd, pipe.write_fd(), want)) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if io::wait_ready(src, deadline, true).await.is_err() {
+                        break Err(CopyError::Source);
+                    }
+                }
+                Err(_) => break Err(CopyError::Source),
+                Ok(n) => break Ok(n),
+            }
+        };
+        let n = match n {
+            Ok(0) if limit == u64::MAX => break Ok(moved),
+            Ok(0) | Err(_) => break Err(CopyError::Source),
+            Ok(n) => n,
+        };
+        pipe.len = n;
+        deadline.set(write_timeout);
+        while pipe.len > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read_fd(), dst_fd, pipe.len)
+            }) {
+                Ok(m) => pipe.len -= m,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if io::wait_ready(dst, deadline, false).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if pipe.len > 0 {
+            break Err(CopyError::Destination);
+        }
+        moved += n as u64;
+    };
+    if pipe.len == 0 {
+        relay.pipes.give(pipe);
+    }
+    result
 }
 
 /// Decides the pool, key and affinity of a request and writes the head for the backend into
@@ -817,6 +914,7 @@ async fn attempt(
             return Attempt::Broken;
         };
         match copy_body(
+            &ctx.relay,
             client_stream,
             &upstream,
             req,
@@ -1005,6 +1103,7 @@ async fn response(
             return Attempt::Broken;
         };
         match copy_body(
+            &ctx.relay,
             &upstream,
             client_stream,
             resp,

@@ -41,10 +41,15 @@ pub const SPLICE_THRESHOLD: usize = 64 * 1024;
 pub struct RelayBuffers {
     /// As long as the splice threshold: a read that fills it switches to splice.
     scratch: RefCell<Box<[u8]>>,
-    pipes: PipePool,
+    pub(crate) pipes: PipePool,
 }
 
 impl RelayBuffers {
+    /// Reads of this size or more switch a transfer to splice.
+    pub fn splice_threshold(&self) -> usize {
+        self.scratch.borrow().len()
+    }
+
     pub fn new(splice_threshold: usize) -> Self {
         RelayBuffers {
             scratch: RefCell::new(vec![0u8; splice_threshold.max(1024)].into_boxed_slice()),
