@@ -853,6 +853,19 @@ def test_slow_header_is_cut_off(hb, lb):
     assert b.received == []
 
 
+def test_head_sent_a_byte_at_a_time_is_served(hb, lb):
+    b = hb("b1")
+    port = lb([pool("app", [b.address])])
+    with RawConn(port) as c:
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in b"GET /trickle HTTP/1.1\r\nHost: x\r\n\r\n":
+            c.send(bytes([byte]))
+            time.sleep(0.002)
+        r = c.read_response()
+    assert (r.status, r.body) == (200, b"b1")
+    assert [req.target for req in b.received] == ["/trickle"]
+
+
 def test_silent_new_connection_is_cut_off_after_header_read(hb, lb):
     """Before its first request a connection gets `header_read`, not the keep-alive idle time."""
     b = hb("b1")

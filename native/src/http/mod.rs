@@ -247,8 +247,11 @@ async fn read_request(
         None => restore(bufs, &mut client.partial),
     };
     let mut head_clock_started = false;
+    // Bytes already known not to end the head: a head trickling in a byte at a time is parsed
+    // once per line end, not once per read (httparse starts over each time).
+    let mut scanned = 0;
     loop {
-        if !buf.is_empty() {
+        if !buf.is_empty() && may_end_head(buf.filled(), scanned) {
             let parsed = {
                 let mut headers = ctx.http.headers.borrow_mut();
                 parse::parse_request(buf.filled(), &http.limits, &mut headers)
@@ -266,6 +269,7 @@ async fn read_request(
                 deadline.set(Duration::from_millis(cfg.header_read_ms));
             }
         }
+        scanned = buf.len();
         let spare = buf.spare(max_len);
         if spare.is_empty() {
             bufs.give(buf);
@@ -304,6 +308,19 @@ async fn read_request(
             }
         }
     }
+}
+
+/// Whether `buf` may hold a whole head, looking only at what came after its first `scanned`
+/// bytes: a head ends with an empty line, so some new LF must be followed by LF or CRLF.
+fn may_end_head(buf: &[u8], scanned: usize) -> bool {
+    let from = scanned.saturating_sub(2);
+    buf[from..]
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && matches!(&buf[from + i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+        // A parse also catches a malformed request line before its end: let the first bytes
+        // through once.
+        || scanned == 0
 }
 
 /// A pooled buffer holding `partial`'s bytes; `partial` is freed.
@@ -1182,6 +1199,28 @@ mod tests {
     use crate::config::EngineConfig;
     use crate::engine::Shared;
     use crate::stats::ListenerStats;
+
+    #[test]
+    fn a_head_is_parsed_again_only_when_an_empty_line_may_have_arrived() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut ends = Vec::new();
+        for n in 1..=head.len() {
+            // Fed one byte at a time: the previous n - 1 bytes were scanned already.
+            if may_end_head(&head[..n], n - 1) {
+                ends.push(n);
+            }
+        }
+        assert_eq!(
+            ends,
+            vec![1, head.len()],
+            "parsed at the first byte and at the end only"
+        );
+        assert!(
+            may_end_head(b"GET / HTTP/1.1\n\n", 15),
+            "bare LF heads reach the parser"
+        );
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: x\r\n", 20));
+    }
 
     /// Idle RSS per client connection is a target (<= 4 KB): the task holds this future, and
     /// a connection waiting for its next request (or the rest of a head) holds nothing else
