@@ -201,6 +201,17 @@ impl BackendState {
         f64::from_bits(self.ewma_ns.load(Relaxed))
     }
 
+    /// The estimate as of `now` (ns since `clock_origin`): decayed toward zero for the time
+    /// since the last observation, as Finagle's PeakEwma reads it. A backend that stopped
+    /// getting traffic after one slow sample is not shunned forever: its estimate falls until
+    /// it wins a comparison again and gets measured.
+    #[inline]
+    pub fn latency_estimate_ns(&self, now: u64) -> f64 {
+        let ewma = self.latency_ewma_ns();
+        let since = now.saturating_sub(self.ewma_stamp.load(Relaxed)) as f64;
+        ewma * (-since / EWMA_DECAY_NS).exp()
+    }
+
     /// Records one latency observation: a value above the estimate replaces it at once (the
     /// "peak"), a lower one is blended in with a weight that decays with the time since the
     /// last observation. Concurrent updates may lose one observation; that is harmless.

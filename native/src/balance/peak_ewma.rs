@@ -3,8 +3,9 @@
 //! `latency_ewma_ns * (active + 1) / effective_weight`.
 //!
 //! The latency estimate (`BackendState::observe_latency`) jumps up at once on a slow sample
-//! and decays slowly back, so a backend that turns slow loses traffic immediately and wins it
-//! back gradually; multiplying by the load it would have with this request keeps a fast
+//! and decays slowly back, also while the backend gets no traffic (it is read decayed, as in
+//! Finagle), so a backend that turns slow loses traffic immediately and wins it back
+//! gradually, and one unlucky sample cannot shut a backend out; multiplying by the load it would have with this request keeps a fast
 //! backend from being flooded. Candidates are drawn as in `p2c` (two distinct usable backends,
 //! weighted by `effective_weight`) and the one of lower `cost` wins.
 //!
@@ -40,9 +41,9 @@ impl PeakEwma {
 /// unknown backends) times the load it would have, per unit of weight. Lower is better; a
 /// weight of 0 costs infinity.
 #[inline]
-pub fn cost(b: &BackendState) -> f64 {
+pub fn cost(b: &BackendState, now: u64) -> f64 {
     let active = b.active();
-    let ewma = b.latency_ewma_ns();
+    let ewma = b.latency_estimate_ns(now);
     let latency = if ewma > 0.0 {
         ewma
     } else if active == 0 {
@@ -61,8 +62,15 @@ impl Selector for PeakEwma {
         usable: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         match two_candidates(backends, usable, &mut fastrand::Rng::new())? {
-            (a, Some(b)) if cost(&backends[b]) < cost(&backends[a]) => Some(b),
-            (a, _) => Some(a),
+            (a, Some(b)) => {
+                let now = super::now_ns();
+                Some(if cost(&backends[b], now) < cost(&backends[a], now) {
+                    b
+                } else {
+                    a
+                })
+            }
+            (a, None) => Some(a),
         }
     }
 }
@@ -121,6 +129,20 @@ mod tests {
     }
 
     #[test]
+    fn an_estimate_decays_while_the_backend_gets_no_traffic() {
+        let b = states(&[1]);
+        b[0].observe_latency(50 * MS);
+        let now = crate::balance::now_ns();
+        let later = b[0].latency_estimate_ns(now + 20_000 * MS);
+        let expected = 50.0 * MS as f64 * (-2.0f64).exp();
+        assert!(
+            (later - expected).abs() < 0.01 * expected,
+            "{later} vs {expected}"
+        );
+        assert!(b[0].latency_estimate_ns(now) > later);
+    }
+
+    #[test]
     fn picks_the_cheaper_of_the_two() {
         // With two usable backends both are always the candidates.
         fastrand::seed(5);
@@ -140,7 +162,8 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(sel.select(&b, 0, &|i| b[i].usable()), Some(0));
         }
-        assert!(cost(&b[0]) < cost(&b[1]));
+        let now = crate::balance::now_ns();
+        assert!(cost(&b[0], now) < cost(&b[1], now));
     }
 
     #[test]

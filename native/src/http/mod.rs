@@ -719,12 +719,20 @@ async fn exchange(
             return Next::Close;
         }
     }
-    let replayable = body.done();
-    let next = attempts(
-        ctx, listener, client, req, &plan, &mut out, &mut body, replayable, deadline,
-    )
-    .await;
-    ctx.http.bufs.give_vec(out);
+    let mut exchange = Exchange {
+        ctx,
+        listener,
+        client,
+        req,
+        plan,
+        out,
+        replayable: body.done(),
+        body,
+        sent_continue: false,
+        deadline,
+    };
+    let next = exchange.run().await;
+    ctx.http.bufs.give_vec(exchange.out);
     next
 }
 
@@ -758,439 +766,428 @@ async fn refuse(
     }
 }
 
-/// Tries backends in turn until one answers or the retries are spent.
-#[allow(clippy::too_many_arguments)]
-async fn attempts(
-    ctx: &WorkerCtx,
-    listener: &ListenerEntry,
-    client: &mut Client,
-    req: &mut Buf,
-    plan: &Plan,
-    out: &mut Vec<u8>,
-    body: &mut BodyLeft,
+/// One request on its way to a backend: what each try needs.
+struct Exchange<'a, 't> {
+    ctx: &'a WorkerCtx,
+    listener: &'a ListenerEntry,
+    client: &'a mut Client,
+    /// The client's read buffer: the rest of the request body, then pipelined requests.
+    req: &'a mut Buf,
+    plan: Plan,
+    /// The head (and first body bytes) for the backend; then the response head.
+    out: Vec<u8>,
+    body: BodyLeft,
+    /// The whole request is still in `out`, so another backend can be sent it.
     replayable: bool,
-    deadline: &mut Deadline<'_>,
-) -> Next {
-    let pool = &plan.pool;
-    let tries = (pool.retries as usize + 1).min(MAX_TRIES);
-    let mut tried = [usize::MAX; MAX_TRIES];
-    let mut n_tried = 0;
-    let mut status = 503;
-    let mut stale_retry = true;
-    let mut sent_continue = false;
-    while n_tried < tries {
-        let pick = match plan.pinned {
-            Some(i) if !tried[..n_tried].contains(&i) && pool.backends[i].usable() => Some(i),
-            _ => pool.select(plan.key, &tried[..n_tried]),
-        };
-        let i = match pick {
-            Some(i) => i,
-            None if n_tried == 0 && pool.queue.size > 0 && pool.only_busy() => {
-                match queue_wait(pool, plan.key, deadline).await {
-                    Some(i) => i,
-                    None => break,
-                }
-            }
-            None => break,
-        };
-        tried[n_tried] = i;
-        n_tried += 1;
-        let backend = &pool.backends[i];
-        backend.acquire();
-        let result = attempt(
-            ctx,
-            listener,
-            client,
-            req,
-            plan,
-            i,
-            out,
-            body,
-            replayable,
-            &mut sent_continue,
-            deadline,
-        )
-        .await;
-        release(pool, backend);
-        match result {
-            Attempt::Done(next) => return next,
-            Attempt::Broken => return Next::Close,
-            Attempt::Stale if stale_retry && replayable => {
-                // Not the backend's fault: same choice again, on a new connection.
-                stale_retry = false;
-                n_tried -= 1;
-            }
-            Attempt::Stale => {
-                status = 502;
-                if !(plan.method.is_idempotent() && replayable) {
-                    break;
-                }
-            }
-            Attempt::Failed {
-                status: s,
-                retryable,
-            } => {
-                status = s;
-                if !retryable {
-                    break;
-                }
-            }
-        }
-    }
-    if n_tried == 0 {
-        listener.stats.dropped_no_backend.fetch_add(1, Relaxed);
-    }
-    let keep = plan.keep_alive && body.done();
-    let http10 = keep && plan.version == Version::Http10;
-    match answer(ctx, client, status, !keep, http10, 0, deadline).await {
-        Ok(()) if keep => Next::KeepAlive,
-        _ => Next::Close,
-    }
+    sent_continue: bool,
+    deadline: &'a mut Deadline<'t>,
 }
 
-/// One try at backend `i`: connection, request, response.
-#[allow(clippy::too_many_arguments)]
-async fn attempt(
-    ctx: &WorkerCtx,
-    listener: &ListenerEntry,
-    client: &mut Client,
-    req: &mut Buf,
-    plan: &Plan,
-    i: usize,
-    out: &mut Vec<u8>,
-    body: &mut BodyLeft,
-    replayable: bool,
-    sent_continue: &mut bool,
-    deadline: &mut Deadline<'_>,
-) -> Attempt {
-    let pool = &plan.pool;
-    let backend = &pool.backends[i];
-    let t = &pool.timeouts;
-    let idempotent = plan.method.is_idempotent() && replayable;
-    let pooled = ctx
-        .http
-        .upstream
-        .take(backend.addr)
-        .filter(|_| !plan.upgrade);
-    let (upstream, reused) = match pooled {
-        Some(s) => (s, true),
-        _ => {
-            let connect_timeout = Duration::from_millis(t.connect_ms.max(1));
-            let t0 = Instant::now();
-            let mut timer = deadline.timer();
-            timer.as_mut().reset((t0 + connect_timeout).into());
-            match crate::l4::connect(backend.addr, timer).await {
-                Ok(s) => {
-                    backend.counters.connections_total.fetch_add(1, Relaxed);
-                    (s, false)
-                }
-                Err(e) => {
-                    if e.kind() == ErrorKind::TimedOut {
-                        backend.counters.failures_timeout.fetch_add(1, Relaxed);
-                    } else {
-                        backend.counters.failures_connect.fetch_add(1, Relaxed);
+impl Exchange<'_, '_> {
+    /// Tries backends in turn until one answers or the retries are spent.
+    async fn run(&mut self) -> Next {
+        let tries = (self.plan.pool.retries as usize + 1).min(MAX_TRIES);
+        let mut tried = [usize::MAX; MAX_TRIES];
+        let mut n_tried = 0;
+        let mut status = 503;
+        let mut stale_retry = true;
+        while n_tried < tries {
+            let (pool, key) = (&self.plan.pool, self.plan.key);
+            let pick = match self.plan.pinned {
+                Some(i) if !tried[..n_tried].contains(&i) && pool.backends[i].usable() => Some(i),
+                _ => pool.select(key, &tried[..n_tried]),
+            };
+            let i = match pick {
+                Some(i) => i,
+                None if n_tried == 0 && pool.queue.size > 0 && pool.only_busy() => {
+                    match queue_wait(pool, key, self.deadline).await {
+                        Some(i) => i,
+                        None => break,
                     }
-                    // Nothing was sent: any request may go to the next backend.
-                    return Attempt::Failed {
-                        status: 502,
-                        retryable: true,
-                    };
+                }
+                None => break,
+            };
+            tried[n_tried] = i;
+            n_tried += 1;
+            pool.backends[i].acquire();
+            let result = self.attempt(i).await;
+            let pool = &self.plan.pool;
+            release(pool, &pool.backends[i]);
+            match result {
+                Attempt::Done(next) => return next,
+                Attempt::Broken => return Next::Close,
+                Attempt::Stale if stale_retry && self.replayable => {
+                    // Not the backend's fault: same choice again, on a new connection.
+                    stale_retry = false;
+                    n_tried -= 1;
+                }
+                Attempt::Stale => {
+                    status = 502;
+                    if !self.idempotent() {
+                        break;
+                    }
+                }
+                Attempt::Failed {
+                    status: s,
+                    retryable,
+                } => {
+                    status = s;
+                    if !retryable {
+                        break;
+                    }
                 }
             }
         }
-    };
-    let failed = |retryable: bool| Attempt::Failed {
-        status: 502,
-        retryable,
-    };
-    let client_timeout = Duration::from_millis(listener.cfg.client_idle_ms);
-    let send_timeout = Duration::from_millis(t.send_ms);
-    if plan.expect_continue && !body.done() && !*sent_continue {
-        *sent_continue = true;
-        deadline.set(client_timeout);
-        if client
-            .stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
-            .await
-            .is_err()
-        {
-            return Attempt::Broken;
+        if n_tried == 0 {
+            self.listener.stats.dropped_no_backend.fetch_add(1, Relaxed);
         }
-    }
-    deadline.set(send_timeout);
-    let mut sent = out.len() as u64;
-    if write_all(&upstream, out, deadline).await.is_err() {
-        if reused {
-            return Attempt::Stale;
-        }
-        backend.counters.failures_reset.fetch_add(1, Relaxed);
-        return failed(replayable);
-    }
-    if !body.done() {
-        let Ok(client_stream) = client.stream.registered() else {
-            return Attempt::Broken;
-        };
-        match copy_body(
-            &ctx.relay,
-            client_stream,
-            &upstream,
-            req,
-            body,
-            client_timeout,
-            send_timeout,
-            deadline,
+        let keep = self.plan.keep_alive && self.body.done();
+        let http10 = keep && self.plan.version == Version::Http10;
+        match answer(
+            self.ctx,
+            self.client,
+            status,
+            !keep,
+            http10,
+            0,
+            self.deadline,
         )
         .await
         {
-            Ok(n) => sent += n,
-            Err(CopyError::Destination) => return failed(false),
-            Err(CopyError::Source) => return Attempt::Broken,
-            Err(CopyError::Framing) => {
-                listener.stats.bad_requests.fetch_add(1, Relaxed);
-                refuse_and_close(ctx, client, 400, deadline).await;
+            Ok(()) if keep => Next::KeepAlive,
+            _ => Next::Close,
+        }
+    }
+
+    /// Whether the request may go to another backend after this one failed mid-way.
+    fn idempotent(&self) -> bool {
+        self.plan.method.is_idempotent() && self.replayable
+    }
+
+    /// One try at backend `i`: connection, request, response.
+    async fn attempt(&mut self, i: usize) -> Attempt {
+        let backend = &self.plan.pool.backends[i];
+        let t = self.plan.pool.timeouts;
+        let pooled = self
+            .ctx
+            .http
+            .upstream
+            .take(backend.addr)
+            .filter(|_| !self.plan.upgrade);
+        let (upstream, reused) = match pooled {
+            Some(s) => (s, true),
+            None => {
+                let connect_timeout = Duration::from_millis(t.connect_ms.max(1));
+                let t0 = Instant::now();
+                let mut timer = self.deadline.timer();
+                timer.as_mut().reset((t0 + connect_timeout).into());
+                match crate::l4::connect(backend.addr, timer).await {
+                    Ok(s) => {
+                        backend.counters.connections_total.fetch_add(1, Relaxed);
+                        (s, false)
+                    }
+                    Err(e) => {
+                        if e.kind() == ErrorKind::TimedOut {
+                            backend.counters.failures_timeout.fetch_add(1, Relaxed);
+                        } else {
+                            backend.counters.failures_connect.fetch_add(1, Relaxed);
+                        }
+                        // Nothing was sent: any request may go to the next backend.
+                        return Attempt::Failed {
+                            status: 502,
+                            retryable: true,
+                        };
+                    }
+                }
+            }
+        };
+        let failed = |retryable: bool| Attempt::Failed {
+            status: 502,
+            retryable,
+        };
+        let client_timeout = Duration::from_millis(self.listener.cfg.client_idle_ms);
+        let send_timeout = Duration::from_millis(t.send_ms);
+        if self.plan.expect_continue && !self.body.done() && !self.sent_continue {
+            self.sent_continue = true;
+            self.deadline.set(client_timeout);
+            let written = self
+                .client
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n", self.deadline)
+                .await;
+            if written.is_err() {
                 return Attempt::Broken;
             }
         }
-    }
-    backend.counters.requests_total.fetch_add(1, Relaxed);
-    backend.counters.bytes_out.fetch_add(sent, Relaxed);
-    listener.stats.bytes_in.fetch_add(sent, Relaxed);
-    let mut resp = ctx.http.bufs.take();
-    let result = response(
-        ctx, listener, client, req, plan, i, upstream, reused, idempotent, &mut resp, out, deadline,
-    )
-    .await;
-    ctx.http.bufs.give(resp);
-    result
-}
-
-/// Reads the backend's response head and forwards the response.
-#[allow(clippy::too_many_arguments)]
-async fn response(
-    ctx: &WorkerCtx,
-    listener: &ListenerEntry,
-    client: &mut Client,
-    req: &mut Buf,
-    plan: &Plan,
-    i: usize,
-    upstream: TcpStream,
-    reused: bool,
-    retryable: bool,
-    resp: &mut Buf,
-    out: &mut Vec<u8>,
-    deadline: &mut Deadline<'_>,
-) -> Attempt {
-    let pool = &plan.pool;
-    let backend = &pool.backends[i];
-    let t = &pool.timeouts;
-    let read_timeout = Duration::from_millis(t.read_ms);
-    let client_timeout = Duration::from_millis(listener.cfg.client_idle_ms);
-    let sent = Instant::now();
-    deadline.set_from(sent, read_timeout);
-    let mut forwarded_interim = false;
-    let head = loop {
-        if !resp.is_empty() {
-            let parsed = {
-                let mut headers = ctx.http.headers.borrow_mut();
-                parse::parse_response(resp.filled(), plan.method, &RESPONSE_LIMITS, &mut headers)
+        self.deadline.set(send_timeout);
+        let mut sent = self.out.len() as u64;
+        if write_all(&upstream, &self.out, self.deadline)
+            .await
+            .is_err()
+        {
+            if reused {
+                return Attempt::Stale;
+            }
+            backend.counters.failures_reset.fetch_add(1, Relaxed);
+            return failed(self.replayable);
+        }
+        if !self.body.done() {
+            let Ok(client_stream) = self.client.stream.registered() else {
+                return Attempt::Broken;
             };
-            match parsed {
-                Ok(None) => {}
-                Err(_) => {
-                    return Attempt::Failed {
-                        status: 502,
-                        retryable: false,
-                    }
+            let copied = copy_body(
+                &self.ctx.relay,
+                client_stream,
+                &upstream,
+                self.req,
+                &mut self.body,
+                client_timeout,
+                send_timeout,
+                self.deadline,
+            )
+            .await;
+            match copied {
+                Ok(n) => sent += n,
+                Err(CopyError::Destination) => return failed(false),
+                Err(CopyError::Source) => return Attempt::Broken,
+                Err(CopyError::Framing) => {
+                    self.listener.stats.bad_requests.fetch_add(1, Relaxed);
+                    refuse_and_close(self.ctx, self.client, 400, self.deadline).await;
+                    return Attempt::Broken;
                 }
-                Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
-                    // Interim responses (103 Early Hints, a backend's own 100) pass through
-                    // to HTTP/1.1 clients; after one, no retry is possible.
-                    if plan.version == Version::Http11 {
-                        forwarded_interim = true;
-                        deadline.set(client_timeout);
-                        let interim = &resp.filled()[..h.len];
-                        if client.stream.write_all(interim, deadline).await.is_err() {
-                            return Attempt::Broken;
+            }
+        }
+        backend.counters.requests_total.fetch_add(1, Relaxed);
+        backend.counters.bytes_out.fetch_add(sent, Relaxed);
+        self.listener.stats.bytes_in.fetch_add(sent, Relaxed);
+        let mut resp = self.ctx.http.bufs.take();
+        let result = self.response(i, upstream, reused, &mut resp).await;
+        self.ctx.http.bufs.give(resp);
+        result
+    }
+
+    /// Reads the backend's response head and forwards the response.
+    async fn response(
+        &mut self,
+        i: usize,
+        upstream: TcpStream,
+        reused: bool,
+        resp: &mut Buf,
+    ) -> Attempt {
+        let retryable = self.idempotent();
+        let ctx = self.ctx;
+        let pool = &self.plan.pool;
+        let backend = &pool.backends[i];
+        let t = &pool.timeouts;
+        let read_timeout = Duration::from_millis(t.read_ms);
+        let client_timeout = Duration::from_millis(self.listener.cfg.client_idle_ms);
+        let sent = Instant::now();
+        self.deadline.set_from(sent, read_timeout);
+        let mut forwarded_interim = false;
+        let head = loop {
+            if !resp.is_empty() {
+                let parsed = {
+                    let mut headers = ctx.http.headers.borrow_mut();
+                    let method = self.plan.method;
+                    parse::parse_response(resp.filled(), method, &RESPONSE_LIMITS, &mut headers)
+                };
+                match parsed {
+                    Ok(None) => {}
+                    Err(_) => {
+                        return Attempt::Failed {
+                            status: 502,
+                            retryable: false,
                         }
                     }
-                    resp.consume(h.len);
-                    continue;
+                    Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                        // Interim responses (103 Early Hints, a backend's own 100) pass
+                        // through to HTTP/1.1 clients; after one, no retry is possible.
+                        if self.plan.version == Version::Http11 {
+                            forwarded_interim = true;
+                            self.deadline.set(client_timeout);
+                            let interim = &resp.filled()[..h.len];
+                            let written =
+                                self.client.stream.write_all(interim, self.deadline).await;
+                            if written.is_err() {
+                                return Attempt::Broken;
+                            }
+                        }
+                        resp.consume(h.len);
+                        continue;
+                    }
+                    Ok(Some(h)) => break h,
                 }
-                Ok(Some(h)) => break h,
             }
-        }
-        match read_some(&upstream, resp.spare(MAX_RESPONSE_HEAD + 1), deadline).await {
-            Ok(0) if reused && resp.is_empty() && !forwarded_interim => return Attempt::Stale,
-            Ok(0) => {
-                // Closed without answering (or mid-head).
-                backend.counters.failures_reset.fetch_add(1, Relaxed);
-                return Attempt::Failed {
-                    status: 502,
-                    retryable: retryable && !forwarded_interim,
-                };
+            let stale = reused && resp.is_empty() && !forwarded_interim;
+            match read_some(&upstream, resp.spare(MAX_RESPONSE_HEAD + 1), self.deadline).await {
+                Ok(0) if stale => return Attempt::Stale,
+                Ok(0) => {
+                    // Closed without answering (or mid-head).
+                    backend.counters.failures_reset.fetch_add(1, Relaxed);
+                    return Attempt::Failed {
+                        status: 502,
+                        retryable: retryable && !forwarded_interim,
+                    };
+                }
+                Ok(n) => {
+                    resp.advance(n);
+                    // `timeouts.read` runs between two reads from the backend.
+                    self.deadline.set(read_timeout);
+                }
+                Err(e) if e.kind() == ErrorKind::TimedOut => {
+                    backend.counters.failures_timeout.fetch_add(1, Relaxed);
+                    return Attempt::Failed {
+                        status: 504,
+                        retryable: false,
+                    };
+                }
+                Err(_) if stale => return Attempt::Stale,
+                Err(_) => {
+                    backend.counters.failures_reset.fetch_add(1, Relaxed);
+                    return Attempt::Failed {
+                        status: 502,
+                        retryable: retryable && !forwarded_interim,
+                    };
+                }
             }
-            Ok(n) => {
-                resp.advance(n);
-                // `timeouts.read` runs between two reads from the backend.
-                deadline.set(read_timeout);
-            }
-            Err(e) if e.kind() == ErrorKind::TimedOut => {
-                backend.counters.failures_timeout.fetch_add(1, Relaxed);
-                return Attempt::Failed {
-                    status: 504,
-                    retryable: false,
-                };
-            }
-            Err(_) if reused && resp.is_empty() && !forwarded_interim => return Attempt::Stale,
-            Err(_) => {
-                backend.counters.failures_reset.fetch_add(1, Relaxed);
-                return Attempt::Failed {
-                    status: 502,
-                    retryable: retryable && !forwarded_interim,
-                };
-            }
-        }
-    };
-    let first_byte = Instant::now();
-    let ttfb = first_byte.saturating_duration_since(sent).as_nanos() as u64;
-    backend.observe_latency_at(ttfb, crate::balance::ns_at(first_byte));
-    if matches!(head.status, 502..=504) && retryable && !forwarded_interim {
-        backend.counters.failures_5xx.fetch_add(1, Relaxed);
-        return Attempt::Failed {
-            status: head.status,
-            retryable: true,
         };
-    }
-    if head.status >= 500 {
-        backend.counters.failures_5xx.fetch_add(1, Relaxed);
-    }
-    if head.status == 101 {
-        if plan.upgrade {
-            return tunnel(ctx, listener, client, req, upstream, resp, deadline).await;
+        let first_byte = Instant::now();
+        let ttfb = first_byte.saturating_duration_since(sent).as_nanos() as u64;
+        backend.observe_latency_at(ttfb, crate::balance::ns_at(first_byte));
+        if matches!(head.status, 502..=504) && retryable && !forwarded_interim {
+            backend.counters.failures_5xx.fetch_add(1, Relaxed);
+            return Attempt::Failed {
+                status: head.status,
+                retryable: true,
+            };
         }
-        // Switching protocols nobody asked for: the connection can carry nothing more.
-        return Attempt::Failed {
-            status: 502,
-            retryable: false,
-        };
-    }
-    let mut left = BodyLeft::new(head.body);
-    let close_after = !plan.keep_alive || matches!(left, BodyLeft::UntilClose);
-    out.clear();
-    let set_cookie = match (&pool.affinity, plan.pinned) {
-        (Some(a), pinned) if pinned != Some(i) => {
-            Some((a.cookie.as_str(), &pool.affinity_tokens[i], a.ttl_ms))
+        if head.status >= 500 {
+            backend.counters.failures_5xx.fetch_add(1, Relaxed);
         }
-        _ => None,
-    };
-    {
-        let headers = ctx.http.headers.borrow();
-        rewrite::response_head(
-            out,
-            resp.filled(),
-            &headers,
-            ClientConnection {
-                close: close_after,
-                http10_keep_alive: !close_after && plan.version == Version::Http10,
-            },
-            set_cookie,
-        );
-    }
-    resp.consume(head.len);
-    let Ok(k) = left.take(resp.filled()) else {
-        return Attempt::Failed {
-            status: 502,
-            retryable: false,
+        if head.status == 101 {
+            if self.plan.upgrade {
+                return self.tunnel(upstream, resp).await;
+            }
+            // Switching protocols nobody asked for: the connection can carry nothing more.
+            return Attempt::Failed {
+                status: 502,
+                retryable: false,
+            };
+        }
+        let mut left = BodyLeft::new(head.body);
+        let close_after = !self.plan.keep_alive || matches!(left, BodyLeft::UntilClose);
+        self.out.clear();
+        let set_cookie = match (&pool.affinity, self.plan.pinned) {
+            (Some(a), pinned) if pinned != Some(i) => {
+                Some((a.cookie.as_str(), &pool.affinity_tokens[i], a.ttl_ms))
+            }
+            _ => None,
         };
-    };
-    out.extend_from_slice(&resp.filled()[..k]);
-    resp.consume(k);
-    deadline.set(client_timeout);
-    let written = if close_after && left.done() {
-        client.stream.write_last(out, deadline).await
-    } else {
-        client.stream.write_all(out, deadline).await
-    };
-    if written.is_err() {
-        return Attempt::Broken;
-    }
-    let mut moved = k as u64;
-    if !left.done() {
-        let Ok(client_stream) = client.stream.registered() else {
-            return Attempt::Broken;
-        };
-        match copy_body(
-            &ctx.relay,
-            &upstream,
-            client_stream,
-            resp,
-            &mut left,
-            read_timeout,
-            client_timeout,
-            deadline,
-        )
-        .await
         {
-            Ok(n) => moved += n,
-            Err(_) => return Attempt::Broken,
+            let headers = ctx.http.headers.borrow();
+            rewrite::response_head(
+                &mut self.out,
+                resp.filled(),
+                &headers,
+                ClientConnection {
+                    close: close_after,
+                    http10_keep_alive: !close_after && self.plan.version == Version::Http10,
+                },
+                set_cookie,
+            );
         }
-    }
-    listener.stats.bytes_out.fetch_add(moved, Relaxed);
-    backend.counters.bytes_in.fetch_add(moved, Relaxed);
-    let reusable = !head.conn_close
-        && !matches!(left, BodyLeft::UntilClose)
-        && resp.is_empty()
-        && (head.version == Version::Http11 || head.conn_keep_alive);
-    if reusable {
-        ctx.http.upstream.put(
-            backend.addr,
-            upstream,
-            pool.keepalive,
-            Duration::from_millis(t.idle_ms),
-        );
-    }
-    Attempt::Done(if close_after {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    })
-}
-
-/// After a 101: the head goes to the client, then bytes flow both ways until both close.
-#[allow(clippy::too_many_arguments)]
-async fn tunnel(
-    ctx: &WorkerCtx,
-    listener: &ListenerEntry,
-    client: &mut Client,
-    req: &mut Buf,
-    upstream: TcpStream,
-    resp: &mut Buf,
-    deadline: &mut Deadline<'_>,
-) -> Attempt {
-    let idle = Duration::from_millis(listener.cfg.client_idle_ms);
-    deadline.set(idle);
-    // The 101 head is forwarded as the backend wrote it (Upgrade and Connection included),
-    // with whatever the backend sent after it.
-    if client
-        .stream
-        .write_all(resp.filled(), deadline)
-        .await
-        .is_err()
-    {
-        return Attempt::Broken;
-    }
-    resp.clear();
-    if !req.is_empty() {
-        if write_all(&upstream, req.filled(), deadline).await.is_err() {
+        resp.consume(head.len);
+        let Ok(k) = left.take(resp.filled()) else {
+            return Attempt::Failed {
+                status: 502,
+                retryable: false,
+            };
+        };
+        self.out.extend_from_slice(&resp.filled()[..k]);
+        resp.consume(k);
+        self.deadline.set(client_timeout);
+        let written = if close_after && left.done() {
+            self.client
+                .stream
+                .write_last(&self.out, self.deadline)
+                .await
+        } else {
+            self.client.stream.write_all(&self.out, self.deadline).await
+        };
+        if written.is_err() {
             return Attempt::Broken;
         }
-        req.clear();
+        let mut moved = k as u64;
+        if !left.done() {
+            let Ok(client_stream) = self.client.stream.registered() else {
+                return Attempt::Broken;
+            };
+            let copied = copy_body(
+                &ctx.relay,
+                &upstream,
+                client_stream,
+                resp,
+                &mut left,
+                read_timeout,
+                client_timeout,
+                self.deadline,
+            )
+            .await;
+            match copied {
+                Ok(n) => moved += n,
+                Err(_) => return Attempt::Broken,
+            }
+        }
+        self.listener.stats.bytes_out.fetch_add(moved, Relaxed);
+        backend.counters.bytes_in.fetch_add(moved, Relaxed);
+        let reusable = !head.conn_close
+            && !matches!(left, BodyLeft::UntilClose)
+            && resp.is_empty()
+            && (head.version == Version::Http11 || head.conn_keep_alive);
+        if reusable {
+            let idle = Duration::from_millis(t.idle_ms);
+            ctx.http
+                .upstream
+                .put(backend.addr, upstream, pool.keepalive, idle);
+        }
+        Attempt::Done(if close_after {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        })
     }
-    let Ok(client_stream) = client.stream.registered() else {
-        return Attempt::Broken;
-    };
-    let _ = forward::relay(&ctx.relay, client_stream, &upstream, idle, deadline.timer()).await;
-    Attempt::Done(Next::Close)
+
+    /// After a 101: the head goes to the client, then bytes flow both ways until both close.
+    async fn tunnel(&mut self, upstream: TcpStream, resp: &mut Buf) -> Attempt {
+        let idle = Duration::from_millis(self.listener.cfg.client_idle_ms);
+        self.deadline.set(idle);
+        // The 101 head is forwarded as the backend wrote it (Upgrade and Connection included),
+        // with whatever the backend sent after it.
+        let written = self
+            .client
+            .stream
+            .write_all(resp.filled(), self.deadline)
+            .await;
+        if written.is_err() {
+            return Attempt::Broken;
+        }
+        resp.clear();
+        if !self.req.is_empty() {
+            if write_all(&upstream, self.req.filled(), self.deadline)
+                .await
+                .is_err()
+            {
+                return Attempt::Broken;
+            }
+            self.req.clear();
+        }
+        let Ok(client_stream) = self.client.stream.registered() else {
+            return Attempt::Broken;
+        };
+        let relay = &self.ctx.relay;
+        let _ = forward::relay(relay, client_stream, &upstream, idle, self.deadline.timer()).await;
+        Attempt::Done(Next::Close)
+    }
 }
 
 #[cfg(test)]

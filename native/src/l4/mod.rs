@@ -49,7 +49,6 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
     };
     backend.release();
     let lifetime = started.elapsed();
-    backend.observe_latency(lifetime.as_nanos() as u64);
     stats.bytes_in.fetch_add(moved.upstream, Relaxed);
     stats.bytes_out.fetch_add(moved.downstream, Relaxed);
     backend
