@@ -111,8 +111,8 @@ class HttpBackend:
     """An HTTP/1.1 server on 127.0.0.1 (ephemeral port), one thread per connection."""
 
     def __init__(self, name: str = "", mode: str = "normal", status_override: int | None = None) -> None:
-        if mode not in ("normal", "reset"):
-            raise ValueError(f"mode must be 'normal' or 'reset', not {mode!r}")
+        if mode not in ("normal", "reset", "one-shot"):
+            raise ValueError(f"mode must be 'normal', 'reset' or 'one-shot', not {mode!r}")
         self.mode = mode
         self.status_override = status_override
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -201,7 +201,9 @@ class HttpBackend:
         conn = _Conn(sock)
         try:
             while not self._stop.is_set():
-                if not self._one(conn):
+                # one-shot: close after each answer without saying so (a keep-alive timeout
+                # racing the proxy's next request on the connection)
+                if not self._one(conn) or self.mode == "one-shot":
                     break
         except (_Closed, OSError):
             pass

@@ -188,6 +188,30 @@ def test_upstream_connections_are_kept_alive(hb, lb):
 # --- 2. request headers the backend sees ------------------------------------------------------
 
 
+def test_backend_closing_kept_alive_connections_loses_no_request(hb, lb):
+    """A backend that closes every connection after answering, without `Connection: close`:
+    each reuse finds a dead connection, and each request (POST included) still gets exactly one
+    answer and reaches the backend exactly once."""
+    b = hb("b1", mode="one-shot")
+    port = lb([pool("app", [b.address])], workers=1)
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for n in range(20):
+            if n % 2:
+                c.request("POST", f"/echo?n={n}", body=f"body {n}".encode())
+                want = f"body {n}".encode()
+            else:
+                c.request("GET", f"/?n={n}")
+                want = b"b1"
+            r = c.getresponse()
+            assert (r.status, r.read()) == (200, want), n
+    finally:
+        c.close()
+    assert sorted(req.target for req in b.received) == sorted(
+        [f"/echo?n={n}" for n in range(1, 20, 2)] + [f"/?n={n}" for n in range(0, 20, 2)]
+    )
+
+
 def test_forwarding_headers_added(hb, lb):
     b = hb("b1")
     port = lb([pool("app", [b.address])])

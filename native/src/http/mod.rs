@@ -704,18 +704,34 @@ async fn exchange(
             return refuse(ctx, client, req, &head, status, 0, deadline).await;
         }
     };
-    // The body bytes that came with the head go out with it; the rest streams after.
+    // The body bytes that came with the head go out with it. A small body still on its way
+    // is read first (nginx's request buffering), so the whole request can go to another
+    // backend if the first fails; a large one streams through once a backend is chosen.
     req.consume(head.len);
     let mut body = BodyLeft::new(head.body);
-    match body.take(req.filled()) {
-        Ok(k) => {
-            out.extend_from_slice(&req.filled()[..k]);
-            req.consume(k);
-        }
-        Err(_) => {
+    let expect_continue = plan.expect_continue;
+    let mut sent_continue = false;
+    let buffered = buffer_body(
+        client,
+        req,
+        &mut body,
+        &mut out,
+        expect_continue,
+        &mut sent_continue,
+        Duration::from_millis(listener.cfg.client_idle_ms),
+        deadline,
+    )
+    .await;
+    match buffered {
+        Ok(()) => {}
+        Err(CopyError::Framing) => {
             ctx.http.bufs.give_vec(out);
             stats.bad_requests.fetch_add(1, Relaxed);
             refuse_and_close(ctx, client, 400, deadline).await;
+            return Next::Close;
+        }
+        Err(_) => {
+            ctx.http.bufs.give_vec(out);
             return Next::Close;
         }
     }
@@ -728,12 +744,70 @@ async fn exchange(
         out,
         replayable: body.done(),
         body,
-        sent_continue: false,
+        sent_continue,
+        client_must_close: false,
+        fresh_connection: false,
         deadline,
     };
     let next = exchange.run().await;
     ctx.http.bufs.give_vec(exchange.out);
     next
+}
+
+/// Request bodies up to this size are read whole before a backend is chosen.
+const BUFFERED_BODY_MAX: usize = 64 * 1024;
+
+/// Moves the body bytes already read into `out` and, while the body is small, reads the rest
+/// from the client too (answering `Expect: 100-continue` first). Leaves `body` with what is
+/// still to stream.
+#[allow(clippy::too_many_arguments)]
+async fn buffer_body(
+    client: &mut Client,
+    req: &mut Buf,
+    body: &mut BodyLeft,
+    out: &mut Vec<u8>,
+    expect_continue: bool,
+    sent_continue: &mut bool,
+    client_timeout: Duration,
+    deadline: &mut Deadline<'_>,
+) -> Result<(), CopyError> {
+    let head_len = out.len();
+    loop {
+        let k = body.take(req.filled()).map_err(|_| CopyError::Framing)?;
+        out.extend_from_slice(&req.filled()[..k]);
+        req.consume(k);
+        let small = match body {
+            BodyLeft::Length(n) => out.len() - head_len + (*n as usize) <= BUFFERED_BODY_MAX,
+            BodyLeft::Chunked(_) => out.len() - head_len <= BUFFERED_BODY_MAX,
+            BodyLeft::UntilClose => false,
+        };
+        if body.done() || !small {
+            return Ok(());
+        }
+        if expect_continue && !*sent_continue {
+            *sent_continue = true;
+            deadline.set(client_timeout);
+            let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+            client
+                .stream
+                .write_all(interim, deadline)
+                .await
+                .map_err(|_| CopyError::Source)?;
+        }
+        match client.stream.try_read(req.spare(BUF_SIZE)) {
+            Ok(0) => return Err(CopyError::Source),
+            Ok(n) => req.advance(n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                deadline.set(client_timeout);
+                client
+                    .stream
+                    .readable(deadline)
+                    .await
+                    .map_err(|_| CopyError::Source)?;
+            }
+            Err(_) => return Err(CopyError::Source),
+        }
+    }
 }
 
 /// Answers a request fastlb refuses before any backend is involved; the connection stays open
@@ -780,6 +854,11 @@ struct Exchange<'a, 't> {
     /// The whole request is still in `out`, so another backend can be sent it.
     replayable: bool,
     sent_continue: bool,
+    /// Skip the kept-alive connections: one was found closed, so its siblings likely are too.
+    fresh_connection: bool,
+    /// Part of the request body was read from the client but not delivered: the connection
+    /// cannot carry another request.
+    client_must_close: bool,
     deadline: &'a mut Deadline<'t>,
 }
 
@@ -819,6 +898,7 @@ impl Exchange<'_, '_> {
                 Attempt::Stale if stale_retry && self.replayable => {
                     // Not the backend's fault: same choice again, on a new connection.
                     stale_retry = false;
+                    self.fresh_connection = true;
                     n_tried -= 1;
                 }
                 Attempt::Stale => {
@@ -841,7 +921,7 @@ impl Exchange<'_, '_> {
         if n_tried == 0 {
             self.listener.stats.dropped_no_backend.fetch_add(1, Relaxed);
         }
-        let keep = self.plan.keep_alive && self.body.done();
+        let keep = self.plan.keep_alive && self.body.done() && !self.client_must_close;
         let http10 = keep && self.plan.version == Version::Http10;
         match answer(
             self.ctx,
@@ -873,7 +953,7 @@ impl Exchange<'_, '_> {
             .http
             .upstream
             .take(backend.addr)
-            .filter(|_| !self.plan.upgrade);
+            .filter(|_| !self.plan.upgrade && !self.fresh_connection);
         let (upstream, reused) = match pooled {
             Some(s) => (s, true),
             None => {
@@ -948,7 +1028,10 @@ impl Exchange<'_, '_> {
             .await;
             match copied {
                 Ok(n) => sent += n,
-                Err(CopyError::Destination) => return failed(false),
+                Err(CopyError::Destination) => {
+                    self.client_must_close = true;
+                    return failed(false);
+                }
                 Err(CopyError::Source) => return Attempt::Broken,
                 Err(CopyError::Framing) => {
                     self.listener.stats.bad_requests.fetch_add(1, Relaxed);
