@@ -390,6 +390,23 @@ def test_pipelined_requests_answered_in_order(hb, lb):
     assert got == [[i] for i in ids]
 
 
+def test_close_request_with_more_pipelined_behind_it(hb, lb):
+    """`Connection: close` ends the connection after its answer, which arrives whole (no reset
+    from the unread requests behind it); those never reach a backend."""
+    b = hb("b1")
+    port = lb([pool("app", [b.address])])
+    with RawConn(port) as c:
+        c.send(
+            b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            + b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n" * 2000  # beyond one read buffer
+        )
+        r = c.read_response()
+        assert (r.status, r.body) == (200, b"b1")
+        assert c.read_to_eof() == b""
+        assert not c.reset
+    assert [req.target for req in b.received] == ["/first"]
+
+
 def test_pipelined_requests_to_different_pools_in_order(hb, lb):
     a, s = hb("slow-pool"), hb("fast-pool")
     port = lb(

@@ -172,13 +172,20 @@ pub async fn serve(
             &mut deadline,
         )
         .await;
-        if next == Next::Close || req.is_empty() {
+        if next == Next::Close {
+            // Requests pipelined behind the last one are left unanswered: closing with them
+            // unread would reset the connection and could destroy the answer just sent.
+            let unread = !req.is_empty();
+            ctx.http.bufs.give(req);
+            if unread {
+                lingering_close(ctx, &mut client.stream, &mut deadline).await;
+            }
+            return;
+        }
+        if req.is_empty() {
             ctx.http.bufs.give(req);
         } else {
             client.pending = Some(req);
-        }
-        if next == Next::Close {
-            return;
         }
     }
 }
