@@ -90,15 +90,6 @@ impl UpstreamPool {
         idle.retain(|_, conns| !conns.is_empty());
     }
 
-    /// Parked connections, all backends.
-    pub fn len(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn clear(&self) {
         self.idle.borrow_mut().clear();
     }
