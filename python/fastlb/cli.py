@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.engine import Engine
+from fastlb.health import HealthChecker
 
 log = logging.getLogger("fastlb")
 
@@ -146,8 +147,11 @@ async def _control_loop(
         except (OSError, RuntimeError, ValueError) as err:
             log.error("reload failed, keeping the running config: %s", err)
             return
+        checker.update()
         log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
 
+    checker = HealthChecker(engine)
+    checker.start()
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -155,6 +159,7 @@ async def _control_loop(
     if before is not None:
         await before()
     await stopping.wait()
+    await checker.stop()
     await loop.run_in_executor(None, engine.stop, engine.drain_timeout_s())
     stopped = True
     log.info("stopped")

@@ -27,6 +27,11 @@ class Engine:
         self._native.update(orjson.dumps(spec).decode())
         self.config, self._spec = config, spec
 
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The engine JSON (as a dict) of the running config: resolved addresses included."""
+        return self._spec
+
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let open connections finish for up to `grace_s`, close the rest."""
         self._native.stop(grace_s)
