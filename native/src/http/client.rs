@@ -108,9 +108,7 @@ impl ClientSocket {
         }
         write_all(self.registered()?, &data[done..], deadline).await
     }
-}
 
-impl ClientSocket {
     /// Writes the last bytes of the connection: on a socket not yet registered, with MSG_MORE,
     /// so that they stay queued until the close() that follows and leave with its FIN in one
     /// segment (one packet less per `Connection: close` request for both ends to process).
