@@ -110,14 +110,16 @@ def _status_line(code: int) -> bytes:
 class HttpBackend:
     """An HTTP/1.1 server on 127.0.0.1 (ephemeral port), one thread per connection."""
 
-    def __init__(self, name: str = "", mode: str = "normal", status_override: int | None = None) -> None:
+    def __init__(
+        self, name: str = "", mode: str = "normal", status_override: int | None = None, port: int = 0
+    ) -> None:
         if mode not in ("normal", "reset", "one-shot"):
             raise ValueError(f"mode must be 'normal', 'reset' or 'one-shot', not {mode!r}")
         self.mode = mode
         self.status_override = status_override
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))  # a fixed port restarts a closed backend
         self.sock.listen(1024)
         self.port: int = self.sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"

@@ -145,6 +145,18 @@ pub struct PoolConfig {
     /// http: requests waiting for a backend below its `max_connections`.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// Outlier ejection from live traffic; None = off.
+    #[serde(default)]
+    pub passive: Option<PassiveConfig>,
+}
+
+/// `passive = { consecutive_failures, eject }`: the engine ejects; the control plane times
+/// `eject` and returns the backend.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveConfig {
+    pub consecutive_failures: u32,
+    pub eject_ms: u64,
 }
 
 fn default_keepalive() -> usize {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -71,6 +71,9 @@ pub struct ListenerEntry {
     pub stats: Arc<ListenerStats>,
     /// Routes, limits and rate limiter of an http listener.
     pub http: Option<HttpListener>,
+    /// The listener was removed by a reload: its connections finish what they are doing and
+    /// close.
+    pub closing: AtomicBool,
 }
 
 /// Errors the control plane gets back.
@@ -199,12 +202,14 @@ impl Engine {
             })
             .map(|old| old.name.clone())
             .collect();
+        let before = self.shared.tables.load_full();
         self.publish(&config)?;
         for name in removed {
+            if let Some(entry) = before.listeners.get(&name) {
+                entry.closing.store(true, Relaxed);
+            }
             if !new_sockets.iter().any(|(n, _)| *n == name) {
-                for w in &self.workers {
-                    let _ = w.commands.send(WorkerCmd::Unlisten { name: name.clone() });
-                }
+                self.broadcast(|| WorkerCmd::Unlisten { name: name.clone() });
             }
         }
         for (name, per_worker) in new_sockets {
@@ -262,14 +267,59 @@ impl Engine {
         self.publish(&config)
     }
 
+    /// Sets a backend's admin state. Draining or disabling also closes the workers' parked
+    /// keep-alive connections to it, so a drained backend really has no connections left.
     pub fn set_admin(
         &self,
         pool: &str,
         address: &str,
         state: AdminState,
     ) -> Result<(), EngineError> {
-        self.backend(pool, address)?.set_admin(state);
+        let backend = self.backend(pool, address)?;
+        backend.set_admin(state);
+        if state != AdminState::Enabled {
+            self.broadcast(|| WorkerCmd::DropIdle { addr: backend.addr });
+        }
         Ok(())
+    }
+
+    /// Slow start: the share of its weight a backend gets now, in per mille.
+    pub fn set_weight_scale(
+        &self,
+        pool: &str,
+        address: &str,
+        per_mille: u32,
+    ) -> Result<(), EngineError> {
+        self.backend(pool, address)?.set_weight_scale(per_mille);
+        Ok(())
+    }
+
+    /// Closes every connection to a backend (a drain that reached its timeout). Returns at
+    /// once; the workers close them as they handle the command.
+    pub fn close_backend(&self, pool: &str, address: &str) -> Result<(), EngineError> {
+        let backend = self.backend(pool, address)?.clone();
+        self.broadcast(|| WorkerCmd::CloseBackend {
+            backend: backend.clone(),
+        });
+        Ok(())
+    }
+
+    /// Ids (`pool/address`) of the backends passive detection ejected since the last call.
+    pub fn take_ejected(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .backends
+            .values()
+            .filter(|b| b.state.take_ejected())
+            .map(|b| b.state.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) {
+        for w in &self.workers {
+            let _ = w.commands.send(cmd());
+        }
     }
 
     /// A JSON snapshot of every listener and backend.
@@ -370,6 +420,7 @@ impl Engine {
                     pool,
                     stats,
                     http,
+                    closing: AtomicBool::new(false),
                 }),
             );
         }
@@ -420,10 +471,14 @@ struct BackendSnapshot<'a> {
     state: &'static str,
     backup: bool,
     weight: u32,
+    /// `weight` as slow start scales it now, and that scale in per mille.
+    effective_weight: u32,
+    weight_scale: u32,
     active_connections: u32,
     connections_total: u64,
     requests_total: u64,
     failures: Failures,
+    ejections: u64,
     bytes_in: u64,
     bytes_out: u64,
     latency_ewma_ms: f64,
@@ -452,6 +507,8 @@ fn backend_snapshot(b: &BackendState) -> BackendSnapshot<'_> {
         },
         backup: b.backup,
         weight: b.weight(),
+        effective_weight: b.effective_weight(),
+        weight_scale: b.weight_scale(),
         active_connections: b.active(),
         connections_total: c.connections_total.load(Relaxed),
         failures: Failures {
@@ -461,6 +518,7 @@ fn backend_snapshot(b: &BackendState) -> BackendSnapshot<'_> {
             status_5xx: c.failures_5xx.load(Relaxed),
         },
         requests_total: c.requests_total.load(Relaxed),
+        ejections: c.ejections.load(Relaxed),
         bytes_in: c.bytes_in.load(Relaxed),
         bytes_out: c.bytes_out.load(Relaxed),
         latency_ewma_ms: b.latency_ewma_ns() / 1e6,

@@ -9,6 +9,7 @@ pub mod l4;
 pub mod maglev;
 pub mod ring;
 pub mod stats;
+pub mod track;
 pub mod worker;
 
 use balance::AdminState;
@@ -113,6 +114,21 @@ impl PyEngine {
             }
         };
         self.with(|e| e.set_admin(pool, address, state))
+    }
+
+    /// Slow start: the share of its weight the backend gets now, in per mille (1000 = all).
+    fn set_backend_scale(&self, pool: &str, address: &str, per_mille: u32) -> PyResult<()> {
+        self.with(|e| e.set_weight_scale(pool, address, per_mille))
+    }
+
+    /// Closes every connection to the backend (a drain that timed out).
+    fn close_backend(&self, pool: &str, address: &str) -> PyResult<()> {
+        self.with(|e| e.close_backend(pool, address))
+    }
+
+    /// Ids of the backends passive detection ejected since the last call.
+    fn take_ejected(&self) -> PyResult<Vec<String>> {
+        self.with(|e| Ok(e.take_ejected()))
     }
 
     /// Weight 0..=1000, live.

@@ -2,11 +2,13 @@
 //! own SO_REUSEPORT listening socket per listener. Workers share nothing but `Shared` (tables
 //! behind arc-swap and atomics); the control plane talks to them through a command channel.
 
+use crate::balance::BackendState;
 use crate::config::Protocol;
 use crate::engine::{ListenerEntry, Shared};
 use crate::http::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
+use crate::track;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
@@ -30,8 +32,14 @@ pub enum WorkerCmd {
         name: String,
         socket: std::net::TcpListener,
     },
-    /// Stop accepting on listener `name`; its open connections carry on.
+    /// Stop accepting on listener `name`; its open connections carry on, idle keep-alive ones
+    /// are closed (its entries were marked `closing` first).
     Unlisten { name: String },
+    /// Close this worker's connections to a backend whose drain timed out, and its parked
+    /// keep-alive connections there.
+    CloseBackend { backend: Arc<BackendState> },
+    /// Close parked keep-alive connections to `addr` (a backend drained or disabled).
+    DropIdle { addr: SocketAddr },
     /// Stop accepting everywhere, let open connections finish for up to `grace`, then close
     /// the rest and end the thread.
     Stop { grace: Duration },
@@ -46,6 +54,8 @@ pub struct WorkerCtx {
     open: Cell<usize>,
     /// Signalled when `open` drops to zero.
     idle: Notify,
+    /// A stop is under way: http answers with `Connection: close` and closes.
+    pub stopping: Cell<bool>,
 }
 
 impl WorkerCtx {
@@ -56,6 +66,7 @@ impl WorkerCtx {
             shared,
             open: Cell::new(0),
             idle: Notify::new(),
+            stopping: Cell::new(false),
         }
     }
 }
@@ -127,11 +138,19 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                 if let Some(task) = accepting.remove(&name) {
                     task.abort();
                 }
+                track::close_idle_clients(|l| l.closing.load(Relaxed));
             }
+            WorkerCmd::CloseBackend { backend } => {
+                ctx.http.upstream.drop_idle(backend.addr);
+                track::close_backend(&backend);
+            }
+            WorkerCmd::DropIdle { addr } => ctx.http.upstream.drop_idle(addr),
             WorkerCmd::Stop { grace } => {
                 for (_, task) in accepting.drain() {
                     task.abort();
                 }
+                ctx.stopping.set(true);
+                track::close_idle_clients(|_| true);
                 let drained = async {
                     while ctx.open.get() > 0 {
                         let notified = ctx.idle.notified();

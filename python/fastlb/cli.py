@@ -1,4 +1,4 @@
-"""The `fastlb` command: serve, check, demo.
+"""The `fastlb` command: serve, check, demo, ctl.
 
 Exit codes: 0 ok, 1 runtime failure (e.g. a port already taken), 2 bad config or bad usage.
 Errors are one line per problem on stderr, naming the field.
@@ -15,9 +15,11 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from fastlb.admin import start_admin
 from fastlb.config import Config, ConfigError, load_config
+from fastlb.control import ControlPlane, ReloadError
+from fastlb.ctl import add_ctl_parser, run_ctl
 from fastlb.engine import Engine
-from fastlb.health import HealthChecker
 
 log = logging.getLogger("fastlb")
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, type=Path)
     demo = sub.add_parser("demo", help="three demo backends behind a listener on 127.0.0.1:8080")
     demo.add_argument("--listen", default="127.0.0.1:8080", help="listener address (default %(default)s)")
+    add_ctl_parser(sub)
     return parser
 
 
@@ -120,7 +123,7 @@ async def _control_loop(
 ) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-
+    control = ControlPlane(engine, reload)
     stopped = False
 
     def on_stop(signame: str) -> None:
@@ -130,28 +133,26 @@ async def _control_loop(
             log.warning("second %s: exiting now", signame)
             os._exit(EXIT_RUNTIME)
         log.info("%s: stopping (draining up to %.1fs)", signame, engine.drain_timeout_s())
+        control.stopping = True
         stopping.set()
 
     def on_hup() -> None:
-        if reload is None:
-            log.warning("SIGHUP: nothing to reload")
-            return
         try:
-            new = reload()
-        except ConfigError as err:
+            control.reload()
+        except ReloadError as err:
             for line in err.errors:
                 log.error("reload refused, keeping the running config: %s", line)
-            return
-        try:
-            engine.update(new)
-        except (OSError, RuntimeError, ValueError) as err:
-            log.error("reload failed, keeping the running config: %s", err)
-            return
-        checker.update()
-        log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
 
-    checker = HealthChecker(engine)
-    checker.start()
+    control.start()
+    admin = None
+    if engine.config.admin.bind != "off":
+        try:
+            admin = await start_admin(control, engine.config.admin.bind)
+        except OSError as err:
+            log.error("admin.bind: cannot listen on %s: %s", engine.config.admin.bind, err)
+            await control.stop()
+            await loop.run_in_executor(None, engine.stop, 0.0)
+            return EXIT_RUNTIME
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -159,9 +160,11 @@ async def _control_loop(
     if before is not None:
         await before()
     await stopping.wait()
-    await checker.stop()
+    await control.stop()
     await loop.run_in_executor(None, engine.stop, engine.drain_timeout_s())
     stopped = True
+    if admin is not None:
+        await admin.cleanup()
     log.info("stopped")
     return EXIT_OK
 
@@ -172,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check(args.config)
     if args.command == "serve":
         return cmd_serve(args.config)
+    if args.command == "ctl":
+        return run_ctl(args)
     if args.command == "demo":
         from fastlb.demo import run_demo
 

@@ -1112,4 +1112,12 @@ class _Engine:
             ),
             "keepalive": pool.keepalive,
             "queue": {"size": pool.queue.size, "timeout_ms": pool.queue.timeout.ms},
+            "passive": (
+                None
+                if pool.passive is None
+                else {
+                    "consecutive_failures": pool.passive.consecutive_failures,
+                    "eject_ms": pool.passive.eject.ms,
+                }
+            ),
         }

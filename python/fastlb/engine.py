@@ -52,6 +52,18 @@ class Engine:
     def set_backend_weight(self, pool: str, address: str, weight: int) -> None:
         self._native.set_backend_weight(pool, address, weight)
 
+    def set_backend_scale(self, pool: str, address: str, per_mille: int) -> None:
+        """Slow start: the share of its weight the backend gets now (1000 = all of it)."""
+        self._native.set_backend_scale(pool, address, per_mille)
+
+    def close_backend(self, pool: str, address: str) -> None:
+        """Closes every open connection to the backend (a drain that reached its timeout)."""
+        self._native.close_backend(pool, address)
+
+    def take_ejected(self) -> list[str]:
+        """Ids (`pool/address`) of backends passive detection ejected since the last call."""
+        return self._native.take_ejected()
+
     def drain_timeout_s(self) -> float:
         """The longest `drain_timeout` of any pool: how long a graceful stop may wait."""
         return max((p["drain_timeout_ms"] for p in self._spec["pools"]), default=0) / 1000

@@ -5,6 +5,9 @@ again. A flip is pushed to the data plane at once (`Engine.set_backend_up`) and 
 Checks run on the control plane's event loop; nothing here touches a worker thread. A backend
 starts up (as in HAProxy) and its first check comes at a random point of the first interval, so
 thousands of backends do not check in lockstep.
+
+A backend that passive detection ejected (`eject`) is held down: checks keep running, but
+successes count only once its `eject` time has passed, and then `rise` of them bring it back.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastlb.config import Health, split_host_port
@@ -37,6 +42,8 @@ class BackendHealth:
     successes: int = 0
     failures: int = 0
     last_error: str = ""
+    # time.monotonic() before which successes do not count (passive ejection)
+    held_until: float = 0.0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -47,8 +54,11 @@ class BackendHealth:
         """What a check depends on: a reload that changes none of it keeps the state."""
         return self.addr, self.check, self.host_header
 
-    def record(self, ok: bool, error: str = "") -> bool | None:
+    def record(self, ok: bool, error: str = "", now: float | None = None) -> bool | None:
         """Counts one result; returns the new state when it flips, else None."""
+        if ok and (now if now is not None else time.monotonic()) < self.held_until:
+            self.successes = 0
+            return None
         if ok:
             self.successes, self.failures = self.successes + 1, 0
             if not self.up and self.successes >= self.check.rise:
@@ -61,6 +71,12 @@ class BackendHealth:
                 self.up = False
                 return False
         return None
+
+    def eject(self, for_s: float, now: float | None = None) -> None:
+        """Passive detection took the backend out: down, and held down for `for_s`."""
+        self.up, self.successes, self.failures = False, 0, 0
+        self.held_until = (now if now is not None else time.monotonic()) + for_s
+        self.last_error = "ejected by passive detection"
 
 
 async def probe(b: BackendHealth) -> str:
@@ -108,10 +124,12 @@ async def _http_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: as
 
 
 class HealthChecker:
-    """All active checks of a running engine; `update()` follows reloads."""
+    """All active checks of a running engine; `update()` follows reloads. `on_flip(id, up)` is
+    called after each flip has been pushed to the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_flip: Callable[[str, bool], None] | None = None) -> None:
         self.engine = engine
+        self.on_flip = on_flip
         self.backends: dict[str, BackendHealth] = {}
 
     def start(self) -> None:
@@ -170,3 +188,5 @@ class HealthChecker:
             log.info("backend %s is up (%d checks passed)", b.id, b.check.rise)
         else:
             log.warning("backend %s is down (%d checks failed: %s)", b.id, b.check.fall, b.last_error)
+        if self.on_flip is not None:
+            self.on_flip(b.id, up)

@@ -73,6 +73,12 @@ pub struct BackendState {
     weight: AtomicU32,
     /// Slow-start scale in per mille of `weight` (1000 = full share).
     weight_scale: AtomicU32,
+    /// Passive ejection: failures in a row (connect errors, resets, timeouts, http 5xx) since
+    /// the last success, and how many eject the backend (0 = passive detection off).
+    consecutive_failures: AtomicU32,
+    eject_after: AtomicU32,
+    /// Set by an ejection, cleared by the control plane when it takes the news (`take_ejected`).
+    ejected_unreported: AtomicBool,
     /// Open connections (tcp) or in-flight requests (http) across all workers.
     active: CachePadded<AtomicU32>,
     /// Peak-EWMA latency in nanoseconds, stored as f64 bits; see `observe_latency`.
@@ -91,6 +97,8 @@ pub struct BackendCounters {
     pub failures_reset: AtomicU64,
     /// http: responses with a 5xx status.
     pub failures_5xx: AtomicU64,
+    /// Times passive detection took this backend out of rotation.
+    pub ejections: AtomicU64,
     /// http: requests sent to this backend.
     pub requests_total: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -126,6 +134,9 @@ impl BackendState {
             admin: AtomicU8::new(AdminState::Enabled as u8),
             weight: AtomicU32::new(cfg.weight),
             weight_scale: AtomicU32::new(1000),
+            consecutive_failures: AtomicU32::new(0),
+            eject_after: AtomicU32::new(0),
+            ejected_unreported: AtomicBool::new(false),
             active: CachePadded::new(AtomicU32::new(0)),
             ewma_ns: AtomicU64::new(0f64.to_bits()),
             ewma_stamp: AtomicU64::new(now_ns()),
@@ -167,6 +178,72 @@ impl BackendState {
     }
     pub fn set_weight_scale(&self, per_mille: u32) {
         self.weight_scale.store(per_mille.min(1000), Relaxed)
+    }
+    pub fn weight_scale(&self) -> u32 {
+        self.weight_scale.load(Relaxed)
+    }
+
+    /// Slow start for selectors that walk a fixed sequence (round robin), which cannot divide
+    /// by `effective_weight`: a ramping backend takes each turn it lands on with probability
+    /// scale/1000, so its share grows linearly with the scale.
+    #[inline]
+    pub fn admits_during_slow_start(&self) -> bool {
+        let scale = self.weight_scale.load(Relaxed);
+        scale >= 1000 || fastrand::u32(0..1000) < scale
+    }
+
+    /// Passive ejection after `n` failures in a row; 0 turns it off. Set by each publish.
+    pub fn set_eject_after(&self, n: u32) {
+        self.eject_after.store(n, Relaxed)
+    }
+
+    /// Counts a failed connect, reset, timeout or 5xx toward passive ejection: the failure
+    /// that completes the run takes the backend out of rotation at once (Envoy's outlier
+    /// detection). Only active checks (or, without them, the control plane after `eject`) put
+    /// it back.
+    #[inline]
+    pub fn record_failure(&self) {
+        let limit = self.eject_after.load(Relaxed);
+        if limit == 0 {
+            return;
+        }
+        let run = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        if run >= limit && self.up.swap(false, Relaxed) {
+            self.consecutive_failures.store(0, Relaxed);
+            self.counters.ejections.fetch_add(1, Relaxed);
+            self.ejected_unreported.store(true, Relaxed);
+        }
+    }
+
+    /// A success ends a run of failures. Reads before writing: the common case (no run)
+    /// leaves the cache line shared.
+    #[inline]
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+    }
+
+    /// Whether the backend was ejected since the last call (the control plane polls this).
+    pub fn take_ejected(&self) -> bool {
+        self.ejected_unreported.swap(false, Relaxed)
+    }
+
+    pub fn fail_connect(&self) {
+        self.counters.failures_connect.fetch_add(1, Relaxed);
+        self.record_failure();
+    }
+    pub fn fail_timeout(&self) {
+        self.counters.failures_timeout.fetch_add(1, Relaxed);
+        self.record_failure();
+    }
+    pub fn fail_reset(&self) {
+        self.counters.failures_reset.fetch_add(1, Relaxed);
+        self.record_failure();
+    }
+    pub fn fail_5xx(&self) {
+        self.counters.failures_5xx.fetch_add(1, Relaxed);
+        self.record_failure();
     }
 
     /// Weight after slow start: what dynamic algorithms (least_conn, random, p2c, peak_ewma)
@@ -254,12 +331,19 @@ pub struct Pool {
     /// Signalled when a request on a backend with `max_connections` finishes.
     pub slot_freed: tokio::sync::Notify,
     has_backup: bool,
+    /// The selector walks a fixed sequence, so slow start thins its picks instead of
+    /// weighting them (`admits_during_slow_start`).
+    thin_slow_start: bool,
 }
 
 impl Pool {
     /// Builds a pool; `states` are the backends' shared states, in config order.
     pub fn build(cfg: &PoolConfig, states: Vec<Arc<BackendState>>) -> Pool {
         let selector = build_selector(cfg, &states);
+        let eject_after = cfg.passive.map_or(0, |p| p.consecutive_failures);
+        for b in &states {
+            b.set_eject_after(eject_after);
+        }
         let affinity_tokens = states
             .iter()
             .map(|b| affinity_token(&cfg.name, &b.address))
@@ -279,6 +363,7 @@ impl Pool {
             queue: cfg.queue,
             queued: AtomicU32::new(0),
             slot_freed: tokio::sync::Notify::new(),
+            thin_slow_start: cfg.algorithm == Algorithm::RoundRobin,
         }
     }
 
@@ -307,7 +392,10 @@ impl Pool {
         let b = &self.backends;
         let pick = |backup: bool| {
             self.selector.select(b, key, &|i| {
-                b[i].backup == backup && b[i].usable() && !tried.contains(&i)
+                b[i].backup == backup
+                    && b[i].usable()
+                    && !tried.contains(&i)
+                    && (!self.thin_slow_start || b[i].admits_during_slow_start())
             })
         };
         match pick(false) {

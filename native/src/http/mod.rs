@@ -17,6 +17,7 @@ pub mod rewrite;
 pub mod route;
 pub mod upstream;
 
+use std::os::fd::AsRawFd;
 use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::engine::ListenerEntry;
@@ -172,7 +173,8 @@ pub async fn serve(
             &mut deadline,
         )
         .await;
-        if next == Next::Close {
+        let closing = ctx.stopping.get() || listener.closing.load(Relaxed);
+        if next == Next::Close || closing {
             // Requests pipelined behind the last one are left unanswered: closing with them
             // unread would reset the connection and could destroy the answer just sent.
             let unread = !req.is_empty();
@@ -302,7 +304,14 @@ async fn read_request(
                     };
                     deadline.set(Duration::from_millis(wait));
                 }
-                if client.stream.readable(deadline).await.is_err() {
+                // Registered while idle, so a stop or the listener's removal can close it.
+                let tracked = client
+                    .partial
+                    .is_empty()
+                    .then(|| crate::track::idle_client(client.stream.fd(), listener));
+                let woke = client.stream.readable(deadline).await;
+                drop(tracked);
+                if woke.is_err() {
                     let timed_out_mid_head = !client.partial.is_empty();
                     client.partial = Vec::new();
                     return Err(timed_out_mid_head.then_some(408));
@@ -600,7 +609,8 @@ fn plan(
         pinned,
         method: head.method,
         version: head.version,
-        keep_alive: head.keep_alive(),
+        // Stopping, or the listener was removed by a reload: answer, then close.
+        keep_alive: head.keep_alive() && !ctx.stopping.get() && !listener.closing.load(Relaxed),
         expect_continue: head.expect_continue && head.version == Version::Http11,
         upgrade,
         pool,
@@ -975,9 +985,9 @@ impl Exchange<'_, '_> {
                     }
                     Err(e) => {
                         if e.kind() == ErrorKind::TimedOut {
-                            backend.counters.failures_timeout.fetch_add(1, Relaxed);
+                            backend.fail_timeout();
                         } else {
-                            backend.counters.failures_connect.fetch_add(1, Relaxed);
+                            backend.fail_connect();
                         }
                         // Nothing was sent: any request may go to the next backend.
                         return Attempt::Failed {
@@ -988,6 +998,9 @@ impl Exchange<'_, '_> {
                 }
             }
         };
+        // Registered for as long as this attempt holds it, so a drain that times out can close
+        // it (crate::track).
+        let _tracked = crate::track::upstream(upstream.as_raw_fd(), backend);
         let failed = |retryable: bool| Attempt::Failed {
             status: 502,
             retryable,
@@ -1015,7 +1028,7 @@ impl Exchange<'_, '_> {
             if reused {
                 return Attempt::Stale;
             }
-            backend.counters.failures_reset.fetch_add(1, Relaxed);
+            backend.fail_reset();
             return failed(self.replayable);
         }
         if !self.body.done() {
@@ -1113,7 +1126,7 @@ impl Exchange<'_, '_> {
                 Ok(0) if stale => return Attempt::Stale,
                 Ok(0) => {
                     // Closed without answering (or mid-head).
-                    backend.counters.failures_reset.fetch_add(1, Relaxed);
+                    backend.fail_reset();
                     return Attempt::Failed {
                         status: 502,
                         retryable: retryable && !forwarded_interim,
@@ -1125,7 +1138,7 @@ impl Exchange<'_, '_> {
                     self.deadline.set(read_timeout);
                 }
                 Err(e) if e.kind() == ErrorKind::TimedOut => {
-                    backend.counters.failures_timeout.fetch_add(1, Relaxed);
+                    backend.fail_timeout();
                     return Attempt::Failed {
                         status: 504,
                         retryable: false,
@@ -1133,7 +1146,7 @@ impl Exchange<'_, '_> {
                 }
                 Err(_) if stale => return Attempt::Stale,
                 Err(_) => {
-                    backend.counters.failures_reset.fetch_add(1, Relaxed);
+                    backend.fail_reset();
                     return Attempt::Failed {
                         status: 502,
                         retryable: retryable && !forwarded_interim,
@@ -1145,14 +1158,16 @@ impl Exchange<'_, '_> {
         let ttfb = first_byte.saturating_duration_since(sent).as_nanos() as u64;
         backend.observe_latency_at(ttfb, crate::balance::ns_at(first_byte));
         if matches!(head.status, 502..=504) && retryable && !forwarded_interim {
-            backend.counters.failures_5xx.fetch_add(1, Relaxed);
+            backend.fail_5xx();
             return Attempt::Failed {
                 status: head.status,
                 retryable: true,
             };
         }
         if head.status >= 500 {
-            backend.counters.failures_5xx.fetch_add(1, Relaxed);
+            backend.fail_5xx();
+        } else {
+            backend.record_success();
         }
         if head.status == 101 {
             if self.plan.upgrade {

@@ -90,6 +90,11 @@ impl UpstreamPool {
         idle.retain(|_, conns| !conns.is_empty());
     }
 
+    /// Closes the parked connections to `addr`.
+    pub fn drop_idle(&self, addr: SocketAddr) {
+        self.idle.borrow_mut().remove(&addr);
+    }
+
     pub fn clear(&self) {
         self.idle.borrow_mut().clear();
     }

@@ -12,6 +12,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -36,13 +37,16 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
         return;
     };
     let idle = Duration::from_millis(listener.cfg.client_idle_ms);
+    let _tracked = crate::track::upstream(upstream.as_raw_fd(), backend);
     let moved = match forward::relay(&ctx.relay, &client, &upstream, idle, timer).await {
-        Ok(moved) => moved,
+        Ok(moved) => {
+            backend.record_success();
+            moved
+        }
         Err((end, moved)) => {
-            if let RelayEnd::Error(e) = &end {
-                if e.kind() == io::ErrorKind::ConnectionReset {
-                    backend.counters.failures_reset.fetch_add(1, Relaxed);
-                }
+            match &end {
+                RelayEnd::Error(_) if peer_failed(&upstream) => backend.fail_reset(),
+                _ => backend.record_success(),
             }
             moved
         }
@@ -63,6 +67,23 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
         .duration_us_sum
         .fetch_add(lifetime.as_micros() as u64, Relaxed);
     stats.duration_count.fetch_add(1, Relaxed);
+}
+
+/// After a relay error, whether the backend's side is the one that failed (a reset or closed
+/// socket) rather than the client's: only then does it count toward passive ejection. One peek,
+/// on the error path only.
+fn peer_failed(upstream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    // SAFETY: probe is valid for 1 byte; MSG_PEEK leaves the socket's data as it is.
+    let n = unsafe {
+        libc::recv(
+            upstream.as_raw_fd(),
+            probe.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
 }
 
 /// The key a hashing algorithm uses for a TCP connection: only the source IP exists at L4
@@ -100,11 +121,9 @@ async fn connect_backend<'p>(
                 backend.counters.connections_total.fetch_add(1, Relaxed);
                 return Some((backend, stream));
             }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                backend.counters.failures_timeout.fetch_add(1, Relaxed)
-            }
-            Err(_) => backend.counters.failures_connect.fetch_add(1, Relaxed),
-        };
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => backend.fail_timeout(),
+            Err(_) => backend.fail_connect(),
+        }
         backend.release();
     }
     None

@@ -1,0 +1,112 @@
+//! Which sockets each worker has open, so the control plane can close some of them without the
+//! tasks that own them having to listen for it: the backend connections of a backend whose
+//! drain timed out, and the idle keep-alive client connections at a stop or when their
+//! listener is removed.
+//!
+//! Per worker (thread-local), so registering costs a slab insert and never a lock; only the
+//! worker itself walks its table, when it handles a command. Closing means `shutdown(2)`: the
+//! owning task wakes to EOF or an error and ends the way it would for a peer's close, freeing
+//! everything on its usual path (the fd stays owned, and valid, until that task drops it).
+
+use crate::balance::BackendState;
+use crate::engine::ListenerEntry;
+use slab::Slab;
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+
+enum Entry {
+    /// A connection to a backend, by the backend's shared state (address only, never read).
+    Upstream {
+        fd: RawFd,
+        backend: *const BackendState,
+    },
+    /// An http client connection waiting for a request, nothing of it read yet.
+    IdleClient {
+        fd: RawFd,
+        listener: *const ListenerEntry,
+    },
+}
+
+thread_local! {
+    static OPEN: RefCell<Slab<Entry>> = const { RefCell::new(Slab::new()) };
+}
+
+/// Unregisters its socket when dropped (before the socket closes: declare it after the socket).
+pub struct Tracked {
+    key: usize,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        OPEN.with(|open| {
+            open.borrow_mut().try_remove(self.key);
+        });
+    }
+}
+
+/// Registers a connection to `backend`.
+pub fn upstream(fd: RawFd, backend: &BackendState) -> Tracked {
+    let key = OPEN.with(|open| {
+        open.borrow_mut().insert(Entry::Upstream {
+            fd,
+            backend: backend as *const _,
+        })
+    });
+    Tracked { key }
+}
+
+/// Registers an http client connection of `listener` (an entry its task holds) for as long
+/// as it waits for a request with nothing read.
+pub fn idle_client(fd: RawFd, listener: &ListenerEntry) -> Tracked {
+    let key = OPEN.with(|open| {
+        open.borrow_mut().insert(Entry::IdleClient {
+            fd,
+            listener: listener as *const _,
+        })
+    });
+    Tracked { key }
+}
+
+fn shutdown(fd: RawFd) {
+    // SAFETY: the fd is registered, so the task owning it has not closed it yet.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// Shuts down this worker's connections to `backend`; returns how many.
+pub fn close_backend(backend: &BackendState) -> usize {
+    let target = backend as *const BackendState;
+    OPEN.with(|open| {
+        let open = open.borrow();
+        let mut n = 0;
+        for (_, e) in open.iter() {
+            if let Entry::Upstream { fd, backend } = e {
+                if *backend == target {
+                    shutdown(*fd);
+                    n += 1;
+                }
+            }
+        }
+        n
+    })
+}
+
+/// Shuts down this worker's idle client connections whose listener `matches`; returns how
+/// many. A client that sends a request at this very moment sees the close, as with any server
+/// closing an idle keep-alive connection; busy connections finish their request first and are
+/// answered with `Connection: close`.
+pub fn close_idle_clients(matches: impl Fn(&ListenerEntry) -> bool) -> usize {
+    OPEN.with(|open| {
+        let open = open.borrow();
+        let mut n = 0;
+        for (_, e) in open.iter() {
+            if let Entry::IdleClient { fd, listener } = e {
+                // SAFETY: the connection's task holds its listener entry while it is registered.
+                if matches(unsafe { &**listener }) {
+                    shutdown(*fd);
+                    n += 1;
+                }
+            }
+        }
+        n
+    })
+}

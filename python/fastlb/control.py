@@ -1,0 +1,340 @@
+"""The control plane of a running `fastlb serve`: what the admin API, `fastlb ctl` and signals
+drive. It decides; the data plane (`Engine`) only receives the decisions.
+
+- Health: active checks (`fastlb.health`), and passive ejection reported by the engine, which is
+  polled here: an ejected backend is held down for `passive.eject`, then returns through its
+  active checks (or, in a pool without them, when `eject` has passed).
+- Slow start: a backend that comes back (checks, the end of an ejection, `enable`) or is added by
+  a reload gets its share ramped from ~0 to all of its weight, linearly over `slow_start`.
+- Draining: no new connections or requests; the backend is `drained` once idle, and at the
+  pool's `drain_timeout` whatever is still open to it is closed.
+- Reload: validate, then swap; an invalid file changes nothing. Admin states, weights set at
+  runtime, health and ejections of backends that did not change survive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastlb.config import Config, ConfigError, Pool
+from fastlb.engine import AdminState, Engine
+from fastlb.health import HealthChecker
+
+log = logging.getLogger("fastlb")
+
+# How often the engine is asked for ejections, and a draining backend for its open connections.
+EJECTION_POLL_S = 0.1
+DRAIN_POLL_S = 0.1
+# Slow start moves the scale at most this often (and in at least 20 steps).
+RAMP_MIN_STEP_S = 0.1
+# The share a backend starts its slow start with, per mille.
+RAMP_START_PER_MILLE = 10
+
+
+class ReloadError(Exception):
+    """A reload that was refused; `errors` are one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+class ControlPlane:
+    """Runtime control of one engine: health, ejection, slow start, drain, weights, reload."""
+
+    def __init__(self, engine: Engine, reload: Callable[[], Config] | None = None) -> None:
+        self.engine = engine
+        self._reload = reload
+        self.checker = HealthChecker(engine, on_flip=self._on_health_flip)
+        self.stopping = False
+        self._admin: dict[str, AdminState] = {}
+        self._ejected_until: dict[str, float] = {}
+        self._drains: dict[str, asyncio.Task[None]] = {}
+        self._ramps: dict[str, asyncio.Task[None]] = {}
+        self._returns: dict[str, asyncio.Task[None]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self.started = time.time()
+        self.reloads = 0
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.checker.start()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_ejections(), name="ejections")
+
+    async def stop(self) -> None:
+        """Stops checks and timers; the engine keeps its last decisions."""
+        self.stopping = True
+        tasks = [*self._drains.values(), *self._ramps.values(), *self._returns.values()]
+        if self._watcher is not None:
+            tasks.append(self._watcher)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.checker.stop()
+
+    # --- runtime control (admin API, `fastlb ctl`) -------------------------------------------
+
+    def pool(self, name: str) -> Pool:
+        for p in self.engine.config.pools:
+            if p.name == name:
+                return p
+        raise KeyError(f"unknown pool '{name}'")
+
+    def _check(self, pool: str, address: str) -> str:
+        """The backend's id; KeyError naming what does not exist."""
+        p = self.pool(pool)
+        if not any(b.address == address for b in p.backends):
+            raise KeyError(f"pool '{pool}' has no backend '{address}'")
+        return f"{pool}/{address}"
+
+    def drain(self, pool: str, address: str) -> None:
+        """No new connections or requests; open ones finish, up to the pool's drain_timeout."""
+        bid = self._check(pool, address)
+        if self._admin.get(bid) == "draining":
+            return
+        self._set_admin(bid, pool, address, "draining")
+        timeout = self.pool(pool).drain_timeout.seconds
+        log.info("backend %s draining (closing what is left after %gs)", bid, timeout)
+        self._spawn(self._drains, bid, self._drain(pool, address, timeout))
+
+    def enable(self, pool: str, address: str) -> None:
+        """Back into rotation; with slow start, its share ramps up."""
+        bid = self._check(pool, address)
+        was = self._admin.get(bid, "enabled")
+        self._set_admin(bid, pool, address, "enabled")
+        if was != "enabled":
+            log.info("backend %s enabled", bid)
+            self._start_ramp(pool, address)
+
+    def disable(self, pool: str, address: str) -> None:
+        """Out of rotation at once; open connections finish."""
+        bid = self._check(pool, address)
+        self._set_admin(bid, pool, address, "disabled")
+        log.info("backend %s disabled", bid)
+
+    def set_weight(self, pool: str, address: str, weight: int) -> None:
+        bid = self._check(pool, address)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
+            raise ValueError("weight: an integer from 0 to 1000")
+        self.engine.set_backend_weight(pool, address, weight)
+        log.info("backend %s weight %d", bid, weight)
+
+    def reload(self) -> Config:
+        """Re-reads the config file and applies it; ReloadError (nothing changed) if it is
+        invalid or cannot be applied."""
+        if self._reload is None:
+            raise ReloadError(["this server was not started from a config file"])
+        try:
+            new = self._reload()
+        except ConfigError as err:
+            raise ReloadError(list(err.errors)) from None
+        except OSError as err:
+            raise ReloadError([f"cannot read the config: {err}"]) from None
+        old_ids = self._backend_ids()
+        try:
+            self.engine.update(new)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ReloadError([str(err)]) from None
+        self.reloads += 1
+        self.checker.update()
+        ids = self._backend_ids()
+        for bid in old_ids - ids:
+            self._forget(bid)
+        for bid in ids - old_ids:
+            pool, _, address = bid.partition("/")
+            self._start_ramp(pool, address)
+        log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
+        return new
+
+    def status(self) -> dict[str, Any]:
+        """/api/status: listeners, pools and backends with their state and counters."""
+        stats = self.engine.stats()
+        now = time.monotonic()
+        pools_cfg = {p.name: p for p in self.engine.config.pools}
+        pools = []
+        for p in stats["pools"]:
+            cfg = pools_cfg[p["name"]]
+            backends = []
+            for b in p["backends"]:
+                bid = b["id"]
+                health = self.checker.backends.get(bid)
+                until = self._ejected_until.get(bid, 0.0)
+                backends.append(
+                    {
+                        **b,
+                        "failures_total": sum(b["failures"].values()),
+                        "health": {
+                            "type": cfg.health.type,
+                            "up": b["state"] != "down",
+                            "last_error": health.last_error if health is not None else "",
+                        },
+                        "ejected": until > now,
+                        "slow_start": bid in self._ramps,
+                    }
+                )
+            healthy = sum(1 for b in backends if b["state"] == "up")
+            pools.append(
+                {
+                    "name": p["name"],
+                    "algorithm": cfg.algorithm,
+                    "healthy_backends": healthy,
+                    "backends": backends,
+                }
+            )
+        return {
+            "version": _version(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "reloads": self.reloads,
+            "stopping": self.stopping,
+            "connections_active": stats["connections_active"],
+            "listeners": stats["listeners"],
+            "pools": pools,
+        }
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _backend_ids(self) -> set[str]:
+        return {f"{p.name}/{b.address}" for p in self.engine.config.pools for b in p.backends}
+
+    def _set_admin(self, bid: str, pool: str, address: str, state: AdminState) -> None:
+        self.engine.set_backend_admin(pool, address, state)
+        self._admin[bid] = state
+        if state != "draining":
+            self._cancel(self._drains, bid)
+        if state != "enabled":
+            self._cancel(self._ramps, bid)
+
+    def _forget(self, bid: str) -> None:
+        """A reload removed (or replaced) the backend: its timers go with it."""
+        for tasks in (self._drains, self._ramps, self._returns):
+            self._cancel(tasks, bid)
+        self._admin.pop(bid, None)
+        self._ejected_until.pop(bid, None)
+
+    def _spawn(self, tasks: dict[str, asyncio.Task[None]], bid: str, work: Coroutine[Any, Any, None]) -> None:
+        self._cancel(tasks, bid)
+        task = asyncio.get_running_loop().create_task(work, name=bid)
+        tasks[bid] = task
+        task.add_done_callback(lambda t: tasks.pop(bid, None) if tasks.get(bid) is t else None)
+
+    @staticmethod
+    def _cancel(tasks: dict[str, asyncio.Task[None]], bid: str) -> None:
+        task = tasks.pop(bid, None)
+        if task is not None:
+            task.cancel()
+
+    def _active(self, pool: str, address: str) -> int | None:
+        for p in self.engine.stats()["pools"]:
+            if p["name"] == pool:
+                for b in p["backends"]:
+                    if b["address"] == address:
+                        return int(b["active_connections"])
+        return None
+
+    async def _drain(self, pool: str, address: str, timeout: float) -> None:
+        bid = f"{pool}/{address}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = self._active(pool, address)
+            if active is None:
+                return
+            if active == 0:
+                log.info("backend %s drained", bid)
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = self._active(pool, address) or 0
+        log.warning("backend %s: drain_timeout reached, closing %d connections", bid, left)
+        with contextlib.suppress(KeyError):
+            self.engine.close_backend(pool, address)
+
+    def _start_ramp(self, pool: str, address: str) -> None:
+        try:
+            duration = self.pool(pool).slow_start.seconds
+        except KeyError:
+            return
+        if duration <= 0:
+            return
+        self._spawn(self._ramps, f"{pool}/{address}", self._ramp(pool, address, duration))
+
+    async def _ramp(self, pool: str, address: str, duration: float) -> None:
+        step = max(RAMP_MIN_STEP_S, duration / 20)
+        start = time.monotonic()
+        try:
+            while (elapsed := time.monotonic() - start) < duration:
+                scale = max(RAMP_START_PER_MILLE, int(1000 * elapsed / duration))
+                self.engine.set_backend_scale(pool, address, scale)
+                await asyncio.sleep(step)
+            self.engine.set_backend_scale(pool, address, 1000)
+            log.info("backend %s: slow start done", f"{pool}/{address}")
+        except KeyError:
+            return  # removed by a reload
+
+    def _on_health_flip(self, bid: str, up: bool) -> None:
+        pool, _, address = bid.partition("/")
+        if up:
+            self._ejected_until.pop(bid, None)
+            if self._admin.get(bid, "enabled") == "enabled":
+                self._start_ramp(pool, address)
+        else:
+            self._cancel(self._ramps, bid)
+
+    async def _watch_ejections(self) -> None:
+        while True:
+            await asyncio.sleep(EJECTION_POLL_S)
+            for bid in self.engine.take_ejected():
+                self._on_ejected(bid)
+
+    def _on_ejected(self, bid: str) -> None:
+        pool, _, address = bid.partition("/")
+        try:
+            cfg = self.pool(pool)
+        except KeyError:
+            return
+        if cfg.passive is None:
+            return
+        eject = cfg.passive.eject
+        self._ejected_until[bid] = time.monotonic() + eject.seconds
+        self._cancel(self._ramps, bid)
+        health = self.checker.backends.get(bid)
+        if health is not None:
+            health.eject(eject.seconds)
+            log.warning(
+                "backend %s ejected: %d failures in a row; back after %s and %d passing checks",
+                bid,
+                cfg.passive.consecutive_failures,
+                eject.text,
+                cfg.health.rise,
+            )
+        else:
+            log.warning(
+                "backend %s ejected: %d failures in a row; back in %s",
+                bid,
+                cfg.passive.consecutive_failures,
+                eject.text,
+            )
+            self._spawn(self._returns, bid, self._return_after(pool, address, eject.seconds))
+
+    async def _return_after(self, pool: str, address: str, delay: float) -> None:
+        """A pool without active checks: the ejection simply ends (Envoy's behaviour)."""
+        await asyncio.sleep(delay)
+        bid = f"{pool}/{address}"
+        self._ejected_until.pop(bid, None)
+        try:
+            self.engine.set_backend_up(pool, address, True)
+        except KeyError:
+            return
+        log.info("backend %s returns after its ejection", bid)
+        if self._admin.get(bid, "enabled") == "enabled":
+            self._start_ramp(pool, address)
+
+
+def _version() -> str:
+    from fastlb._native import __version__
+
+    return __version__

@@ -1,0 +1,183 @@
+"""`fastlb ctl`: the admin API from a shell, as readable tables (or `--json` for scripts).
+
+Exit codes: 0 done, 1 the admin API cannot be reached or failed, 2 the request was refused
+(unknown pool or backend, bad weight, invalid config on reload) or bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_ADMIN = "127.0.0.1:9901"
+TIMEOUT_S = 10.0
+
+STATE_STYLE = {
+    "up": "green",
+    "down": "bold red",
+    "draining": "yellow",
+    "drained": "yellow",
+    "disabled": "dim",
+}
+
+
+class CtlError(Exception):
+    def __init__(self, message: str, code: int, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.errors = errors or []
+
+
+def add_ctl_parser(sub: Any) -> None:
+    ctl = sub.add_parser("ctl", help="talk to a running fastlb through its admin API")
+    ctl.add_argument(
+        "--admin",
+        default=os.environ.get("FASTLB_ADMIN", DEFAULT_ADMIN),
+        metavar="HOST:PORT",
+        help="admin API address (default $FASTLB_ADMIN or %(default)s)",
+    )
+    ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    actions = ctl.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="listeners, pools and backends")
+    for name, what in (
+        ("drain", "no new connections; open ones finish (up to drain_timeout)"),
+        ("enable", "back into rotation"),
+        ("disable", "out of rotation at once"),
+    ):
+        p = actions.add_parser(name, help=what)
+        p.add_argument("pool")
+        p.add_argument("address", help="the backend's address as in the config, e.g. 10.0.0.1:80")
+    w = actions.add_parser("weight", help="set a backend's weight (0..1000) live")
+    w.add_argument("pool")
+    w.add_argument("address")
+    w.add_argument("weight", type=int)
+    actions.add_parser("reload", help="re-read the config file (as SIGHUP does)")
+
+
+def call(admin: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One admin API call; CtlError with the API's message when it refuses."""
+    data = None if body is None else orjson.dumps(body)
+    req = urllib.request.Request(f"http://{admin}{path}", data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            answer = orjson.loads(err.read())
+        except orjson.JSONDecodeError:
+            answer = {"error": f"HTTP {err.code}"}
+        code = 2 if err.code in (400, 404) else 1
+        raise CtlError(str(answer.get("error", err.code)), code, answer.get("errors")) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise CtlError(f"cannot reach the admin API at {admin}: {reason}", 1) from None
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    # Wide enough for addresses and notes when piped (rich assumes 80 columns then).
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    quoted = ""
+    if args.action not in ("status", "reload"):
+        quoted = f"/api/pools/{_q(args.pool)}/backends/{_q(args.address)}"
+    try:
+        if args.action == "status":
+            answer = call(args.admin, "GET", "/api/status")
+        elif args.action == "reload":
+            answer = call(args.admin, "POST", "/api/reload")
+        elif args.action == "weight":
+            answer = call(args.admin, "PUT", f"{quoted}/weight", {"weight": args.weight})
+        else:
+            answer = call(args.admin, "POST", f"{quoted}/{args.action}")
+    except CtlError as err:
+        print(f"fastlb ctl: {err}", file=sys.stderr)
+        for line in err.errors:
+            print(f"  {line}", file=sys.stderr)
+        return err.code
+    if args.json:
+        sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif args.action == "status":
+        print_status(console, answer)
+    elif args.action == "reload":
+        console.print(f"reloaded: {answer['listeners']} listeners, {answer['pools']} pools")
+    elif args.action == "weight":
+        console.print(f"{answer['backend']}: weight {answer['weight']}")
+    else:
+        console.print(f"{answer['backend']}: {args.action} done")
+    return 0
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe=":")
+
+
+def print_status(console: Console, status: dict[str, Any]) -> None:
+    console.print(
+        f"fastlb {status['version']}  up {_duration(status['uptime_s'])}  "
+        f"{status['connections_active']} connections open  {status['reloads']} reloads"
+        + ("  [yellow]stopping[/]" if status["stopping"] else "")
+    )
+    listeners = Table(title="listeners", title_justify="left")
+    for col in ("name", "protocol", "bind", "pool", "active", "connections", "requests"):
+        listeners.add_column(col, justify="right" if col in ("active", "connections", "requests") else "left")
+    for li in status["listeners"]:
+        listeners.add_row(
+            li["name"],
+            li["protocol"],
+            li["bind"],
+            li["pool"],
+            str(li["connections_active"]),
+            str(li["connections_total"]),
+            str(li["requests_total"]) if li["protocol"] == "http" else "-",
+        )
+    console.print(listeners)
+    for pool in status["pools"]:
+        total = len(pool["backends"])
+        table = Table(
+            title=f"pool {pool['name']} ({pool['algorithm']}): {pool['healthy_backends']}/{total} up",
+            title_justify="left",
+        )
+        for col in ("backend", "state", "weight", "active", "requests", "failures", "latency ms", "note"):
+            table.add_column(col, justify="left" if col in ("backend", "state", "note") else "right")
+        for b in pool["backends"]:
+            state = b["state"]
+            weight = str(b["weight"])
+            notes = []
+            if b["backup"]:
+                notes.append("backup")
+            if b["slow_start"]:
+                notes.append(f"slow start {b['weight_scale'] / 10:.0f}%")
+            if b["ejected"]:
+                notes.append("ejected")
+            if state == "down" and b["health"]["last_error"]:
+                notes.append(b["health"]["last_error"])
+            table.add_row(
+                b["address"],
+                f"[{STATE_STYLE.get(state, '')}]{state}[/]",
+                weight,
+                str(b["active_connections"]),
+                str(b["requests_total"] or b["connections_total"]),
+                str(b["failures_total"]),
+                f"{b['latency_ewma_ms']:.2f}",
+                ", ".join(notes),
+            )
+        console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
