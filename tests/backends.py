@@ -58,6 +58,10 @@ class Backend:
         if self._closed:
             return
         self._closed = True
+        # shutdown wakes the accept() blocked in the serving thread; close alone would leave
+        # the socket listening until that accept returns
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         with self.lock:
             for c in self._conns:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def fastlb(tmp_path: Path) -> Iterator[Callable[..., FastlbProcess]]:
         running.append(p)
         try:
             wait_port(port, host)
+            admin = tomllib.loads(config).get("admin", {}).get("bind", "off")
+            if admin != "off":  # the admin API starts just after the listeners
+                admin_host, _, admin_port = admin.rpartition(":")
+                wait_port(int(admin_port), admin_host.strip("[]"))
         except TimeoutError:
             code, err = p.stop()
             raise AssertionError(f"fastlb did not start (exit {code}): {err}") from None
@@ -91,3 +96,13 @@ def fastlb(tmp_path: Path) -> Iterator[Callable[..., FastlbProcess]]:
     yield start
     for p in running:
         p.stop()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.05) -> bool:
+    """Polls `cond` until it holds or `timeout` passes; returns whether it held."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())

@@ -36,19 +36,22 @@ def pool(
     algorithm: str = "round_robin",
     timeouts: Mapping[str, str] | None = None,
     retries: int = 2,
+    health: Mapping[str, Any] | None = None,
+    drain_timeout: str = "1s",
     **extra: Any,
 ) -> str:
-    """A `[[pools]]` table; backends are addresses or backend tables; health checks off."""
+    """A `[[pools]]` table; backends are addresses or backend tables; health checks off unless
+    `health` is given."""
     entries = [{"address": b} if isinstance(b, str) else dict(b) for b in backends]
     lines = [
         "[[pools]]",
         f"name = {toml_value(name)}",
         f"algorithm = {toml_value(algorithm)}",
-        'health = { type = "none" }',
+        f"health = {toml_value(health or {'type': 'none'})}",
         f"backends = {toml_value(entries)}",
         f"timeouts = {toml_value(timeouts or {'connect': '1s', 'read': '10s'})}",
         f"retries = {retries}",
-        'drain_timeout = "1s"',
+        f"drain_timeout = {toml_value(drain_timeout)}",
     ]
     lines += [f"{k} = {toml_value(v)}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
@@ -62,6 +65,7 @@ def http_config(
     routes: Sequence[Mapping[str, Any]] = (),
     timeouts: Mapping[str, str] | None = None,
     workers: int = 2,
+    admin: str = "off",
     **listener: Any,
 ) -> str:
     """One http listener on 127.0.0.1:port; `routes` are dicts of route keys; extra listener
@@ -72,7 +76,7 @@ def http_config(
         'cpu_affinity = "off"',
         "",
         "[admin]",
-        'bind = "off"',
+        f"bind = {toml_value(admin)}",
         "",
         "[[listeners]]",
         'name = "web"',

@@ -16,6 +16,8 @@ def l4_config(
     runtime: str = "",
     pool: str = "",
     bind_host: str = "127.0.0.1",
+    admin: str = "off",
+    drain_timeout: str = "2s",
 ) -> str:
     """A config with one tcp listener over one pool, health checks off."""
     weights = weights or [1] * len(backends)
@@ -30,7 +32,7 @@ cpu_affinity = "off"
 {runtime}
 
 [admin]
-bind = "off"
+bind = "{admin}"
 
 [[listeners]]
 name = "front"
@@ -43,7 +45,7 @@ name = "app"
 algorithm = "{algorithm}"
 backends = [{entries}]
 health = {{ type = "none" }}
-drain_timeout = "2s"
+drain_timeout = "{drain_timeout}"
 {pool}
 """
 

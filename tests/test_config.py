@@ -132,6 +132,7 @@ ROUTE_KEYS = {
 }
 POOL_KEYS = {
     "name",
+    "passive",
     "algorithm",
     "hash_key",
     "hash_balance_factor",

@@ -15,9 +15,13 @@ use std::cell::RefCell;
 use std::os::fd::RawFd;
 
 enum Entry {
-    /// A connection to a backend, by the backend's shared state (address only, never read).
+    /// A connection to a backend, by the backend's shared state (address only, never read),
+    /// and the client connection it serves: both are shut down to end the exchange (the
+    /// backend's side alone would look like a half-close to a relay, which waits for the
+    /// client's).
     Upstream {
         fd: RawFd,
+        client_fd: RawFd,
         backend: *const BackendState,
     },
     /// An http client connection waiting for a request, nothing of it read yet.
@@ -44,11 +48,12 @@ impl Drop for Tracked {
     }
 }
 
-/// Registers a connection to `backend`.
-pub fn upstream(fd: RawFd, backend: &BackendState) -> Tracked {
+/// Registers a connection to `backend` serving the client connection `client_fd`.
+pub fn upstream(fd: RawFd, client_fd: RawFd, backend: &BackendState) -> Tracked {
     let key = OPEN.with(|open| {
         open.borrow_mut().insert(Entry::Upstream {
             fd,
+            client_fd,
             backend: backend as *const _,
         })
     });
@@ -79,9 +84,15 @@ pub fn close_backend(backend: &BackendState) -> usize {
         let open = open.borrow();
         let mut n = 0;
         for (_, e) in open.iter() {
-            if let Entry::Upstream { fd, backend } = e {
+            if let Entry::Upstream {
+                fd,
+                client_fd,
+                backend,
+            } = e
+            {
                 if *backend == target {
                     shutdown(*fd);
+                    shutdown(*client_fd);
                     n += 1;
                 }
             }

@@ -80,7 +80,7 @@ def cmd_serve(path: Path) -> int:
     def reload() -> Config:
         return load_config(path)
 
-    return serve_config(config, reload)
+    return serve_config(config, reload, exit_when_stopped=True)
 
 
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -90,8 +90,14 @@ def serve_config(
     config: Config,
     reload: Callable[[], Config] | None = None,
     before: Callable[[], Awaitable[None]] | None = None,
+    exit_when_stopped: bool = False,
 ) -> int:
-    """Starts the engine for `config` and runs the control loop until SIGTERM/SIGINT."""
+    """Starts the engine for `config` and runs the control loop until SIGTERM/SIGINT.
+
+    `exit_when_stopped` ends the process as soon as the drain is over, with the signal handlers
+    still installed: returning would first tear the event loop down, which puts SIGTERM back
+    to its default action, and a second SIGTERM sent by a supervisor at that moment would turn
+    a clean exit 0 into a kill."""
     # Signals stay blocked until the control loop's handlers are installed: a SIGHUP or SIGTERM
     # sent as soon as the port opens is then handled (reload, drain) rather than killing the
     # process. The data plane's threads inherit the mask, so signals always reach this thread.
@@ -104,7 +110,7 @@ def serve_config(
         return EXIT_RUNTIME
     for listener in config.listeners:
         log.info("listening on %s (%s, listener %r)", listener.bind, listener.protocol, listener.name)
-    return _run_loop(_control_loop(engine, reload, before))
+    return _run_loop(_control_loop(engine, reload, before, exit_when_stopped))
 
 
 def _run_loop(main: Awaitable[int]) -> int:
@@ -120,6 +126,7 @@ async def _control_loop(
     engine: Engine,
     reload: Callable[[], Config] | None,
     before: Callable[[], Awaitable[None]] | None,
+    exit_when_stopped: bool = False,
 ) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -166,6 +173,11 @@ async def _control_loop(
     if admin is not None:
         await admin.cleanup()
     log.info("stopped")
+    if exit_when_stopped:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -1000,7 +1000,8 @@ impl Exchange<'_, '_> {
         };
         // Registered for as long as this attempt holds it, so a drain that times out can close
         // it (crate::track).
-        let _tracked = crate::track::upstream(upstream.as_raw_fd(), backend);
+        let _tracked =
+            crate::track::upstream(upstream.as_raw_fd(), self.client.stream.fd(), backend);
         let failed = |retryable: bool| Attempt::Failed {
             status: 502,
             retryable,

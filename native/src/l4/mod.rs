@@ -37,7 +37,7 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
         return;
     };
     let idle = Duration::from_millis(listener.cfg.client_idle_ms);
-    let _tracked = crate::track::upstream(upstream.as_raw_fd(), backend);
+    let _tracked = crate::track::upstream(upstream.as_raw_fd(), client.as_raw_fd(), backend);
     let moved = match forward::relay(&ctx.relay, &client, &upstream, idle, timer).await {
         Ok(moved) => {
             backend.record_success();
