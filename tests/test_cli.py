@@ -41,9 +41,18 @@ def curl(url: str, *args: str) -> str:
 
 
 def test_demo_routes_and_splits_http_with_curl():
-    port = free_port()
+    port, admin = free_port(), free_port()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "fastlb", "demo", "--listen", f"127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "fastlb",
+            "demo",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            f"127.0.0.1:{admin}",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -58,11 +67,20 @@ def test_demo_routes_and_splits_http_with_curl():
         assert len(stable) >= 30, "90% of requests go to the stable pool"
         canary = [curl(url, "-H", "x-canary: 1") for _ in range(5)]
         assert all(b.startswith("hello from backend-3 (canary,") for b in canary), canary
+        wait_port(admin)
+        status = subprocess.run(
+            [sys.executable, "-m", "fastlb", "ctl", "--admin", f"127.0.0.1:{admin}", "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert "pool stable (round_robin): 2/2 up" in status.stdout, status.stdout + status.stderr
     finally:
         demo.send_signal(signal.SIGINT)
         out, _ = demo.communicate(timeout=20)
     assert demo.returncode == 0
     assert f"curl -s {url}" in out and "x-canary: 1" in out
+    assert f"fastlb ctl --admin 127.0.0.1:{admin} status" in out
 
 
 def test_usage_errors_exit_2():

@@ -20,6 +20,10 @@ def test_demo_config_routes_canary_header_then_splits() -> None:
     pools = {p["name"]: [b["address"] for b in p["backends"]] for p in engine["pools"]}
     assert pools == {"stable": ["127.0.0.1:9001", "127.0.0.1:9002"], "canary": ["127.0.0.1:9003"]}
     assert cfg.admin.bind == "off"
+    assert (
+        parse_config(demo_config("127.0.0.1:8080", [1, 2, 3], "127.0.0.1:9901")).admin.bind
+        == "127.0.0.1:9901"
+    )
 
 
 async def _exchange(request: bytes) -> bytes:

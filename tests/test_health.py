@@ -113,3 +113,15 @@ def test_tcp_check_marks_a_closed_backend_down_and_logs_it(backends, fastlb):
     assert code == 0, err
     assert f"backend app/{gone.address} is down (2 checks failed" in err, err
     assert f"app/{stays.address} is down" not in err
+
+
+def test_ejected_backend_is_held_down_then_needs_rise_checks() -> None:
+    b = BackendHealth("app", "a:1", "127.0.0.1:1", Health(rise=2, fall=3), "a")
+    b.eject(30, now=100.0)
+    assert not b.up and b.last_error == "ejected by passive detection"
+    # passing checks during the ejection do not count
+    assert [b.record(True, now=100.0 + t) for t in (1, 10, 29)] == [None, None, None]
+    assert not b.up
+    # after it, `rise` passing checks bring it back
+    assert [b.record(True, now=131.0), b.record(True, now=132.0)] == [None, True]
+    assert b.up

@@ -121,3 +121,49 @@ pub fn close_idle_clients(matches: impl Fn(&ListenerEntry) -> bool) -> usize {
         n
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::tests_support::states;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn close_backend_shuts_down_only_that_backends_connections_and_their_clients() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backends = states(&[1, 1]);
+        let (up0, mut far0) = pair(&listener);
+        let (client0, mut client_far0) = pair(&listener);
+        let (up1, mut far1) = pair(&listener);
+        let (client1, _client_far1) = pair(&listener);
+        let t0 = upstream(up0.as_raw_fd(), client0.as_raw_fd(), &backends[0]);
+        let _t1 = upstream(up1.as_raw_fd(), client1.as_raw_fd(), &backends[1]);
+        assert_eq!(close_backend(&backends[0]), 1);
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            far0.read(&mut buf).unwrap(),
+            0,
+            "backend 0's connection got a FIN"
+        );
+        assert_eq!(
+            client_far0.read(&mut buf).unwrap(),
+            0,
+            "and so did its client"
+        );
+        far1.set_nonblocking(true).unwrap();
+        assert!(
+            far1.read(&mut buf).is_err(),
+            "backend 1's connection untouched"
+        );
+        drop(t0);
+        assert_eq!(close_backend(&backends[0]), 0, "unregistered on drop");
+    }
+}

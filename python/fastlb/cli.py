@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, type=Path)
     demo = sub.add_parser("demo", help="three demo backends behind a listener on 127.0.0.1:8080")
     demo.add_argument("--listen", default="127.0.0.1:8080", help="listener address (default %(default)s)")
+    demo.add_argument(
+        "--admin", default="127.0.0.1:9901", help='admin API address or "off" (default %(default)s)'
+    )
     add_ctl_parser(sub)
     return parser
 
@@ -192,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from fastlb.demo import run_demo
 
-        return run_demo(args.listen)
+        return run_demo(args.listen, args.admin)
     return EXIT_USAGE  # pragma: no cover - argparse enforces the choices
 
 

@@ -78,11 +78,11 @@ def _answer(name: str) -> Any:
     return handle
 
 
-def demo_config(listen: str, backend_ports: list[int]) -> dict[str, Any]:
+def demo_config(listen: str, backend_ports: list[int], admin: str = "off") -> dict[str, Any]:
     """An http listener: `x-canary: 1` -> canary; everything else 90% stable / 10% canary."""
     backends = [f"127.0.0.1:{p}" for p in backend_ports]
     return {
-        "admin": {"bind": "off"},
+        "admin": {"bind": admin},
         "runtime": {"workers": 1, "cpu_affinity": "off"},
         "listeners": [
             {
@@ -104,6 +104,9 @@ def demo_config(listen: str, backend_ports: list[int]) -> dict[str, Any]:
                 "name": pool,
                 "algorithm": "round_robin",
                 "backends": [{"address": b} for b, p in zip(backends, POOLS, strict=True) if p == pool],
+                "health": {"type": "http", "path": "/", "interval": "1s", "timeout": "500ms"},
+                "passive": {"consecutive_failures": 5, "eject": "10s"},
+                "slow_start": "10s",
                 "drain_timeout": "1s",
             }
             for pool in ("stable", "canary")
@@ -111,12 +114,12 @@ def demo_config(listen: str, backend_ports: list[int]) -> dict[str, Any]:
     }
 
 
-def run_demo(listen: str) -> int:
+def run_demo(listen: str, admin: str = "127.0.0.1:9901") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fastlb %(levelname)s %(message)s")
     sockets = [_listening_socket() for _ in range(3)]
     ports = [s.getsockname()[1] for s in sockets]
     try:
-        config = parse_config(demo_config(listen, ports))
+        config = parse_config(demo_config(listen, ports, admin))
     except ConfigError as err:
         for line in err.errors:
             print(line, file=sys.stderr)
@@ -134,7 +137,13 @@ def run_demo(listen: str) -> int:
             f"  try:    curl -s {url}\n"
             f"          curl -s -H 'x-canary: 1' {url}\n"
             f"          for i in $(seq 50); do curl -s {url}; done | sort | uniq -c\n"
-            f"  stop:   Ctrl-C\n",
+            + (
+                f"  admin:  fastlb ctl --admin {admin} status\n"
+                f"          fastlb ctl --admin {admin} drain stable 127.0.0.1:{ports[0]}\n"
+                if admin != "off"
+                else ""
+            )
+            + "  stop:   Ctrl-C\n",
             flush=True,
         )
 

@@ -185,7 +185,8 @@ impl BackendState {
 
     /// Slow start for selectors that walk a fixed sequence (round robin), which cannot divide
     /// by `effective_weight`: a ramping backend takes each turn it lands on with probability
-    /// scale/1000, so its share grows linearly with the scale.
+    /// scale/1000, so its share grows linearly with the scale. Hashing algorithms do not ramp
+    /// (a key would move back and forth), as in HAProxy.
     #[inline]
     pub fn admits_during_slow_start(&self) -> bool {
         let scale = self.weight_scale.load(Relaxed);
@@ -331,9 +332,6 @@ pub struct Pool {
     /// Signalled when a request on a backend with `max_connections` finishes.
     pub slot_freed: tokio::sync::Notify,
     has_backup: bool,
-    /// The selector walks a fixed sequence, so slow start thins its picks instead of
-    /// weighting them (`admits_during_slow_start`).
-    thin_slow_start: bool,
 }
 
 impl Pool {
@@ -363,7 +361,6 @@ impl Pool {
             queue: cfg.queue,
             queued: AtomicU32::new(0),
             slot_freed: tokio::sync::Notify::new(),
-            thin_slow_start: cfg.algorithm == Algorithm::RoundRobin,
         }
     }
 
@@ -392,10 +389,7 @@ impl Pool {
         let b = &self.backends;
         let pick = |backup: bool| {
             self.selector.select(b, key, &|i| {
-                b[i].backup == backup
-                    && b[i].usable()
-                    && !tried.contains(&i)
-                    && (!self.thin_slow_start || b[i].admits_during_slow_start())
+                b[i].backup == backup && b[i].usable() && !tried.contains(&i)
             })
         };
         match pick(false) {
@@ -503,6 +497,29 @@ pub(crate) mod tests_support {
             .collect()
     }
 
+    /// A pool of `algorithm` with no backends listed (tests pass states to `Pool::build`).
+    pub fn pool_config(name: &str, algorithm: Algorithm) -> PoolConfig {
+        PoolConfig {
+            name: name.into(),
+            algorithm,
+            hash_key: HashKey::SourceIp,
+            hash_balance_factor: 0,
+            backends: vec![],
+            timeouts: PoolTimeouts {
+                connect_ms: 1000,
+                read_ms: 1000,
+                send_ms: 1000,
+                idle_ms: 1000,
+            },
+            retries: 0,
+            drain_timeout_ms: 0,
+            affinity: None,
+            keepalive: 0,
+            queue: QueueConfig::default(),
+            passive: None,
+        }
+    }
+
     /// Share of `n` picks each backend got, with a different key per pick.
     pub fn share_of_picks(sel: &dyn Selector, b: &[Arc<BackendState>], n: usize) -> Vec<f64> {
         let mut counts = vec![0usize; b.len()];
@@ -513,5 +530,95 @@ pub(crate) mod tests_support {
             counts[i] += 1;
         }
         counts.iter().map(|&c| c as f64 / n as f64).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::{pool_config, states};
+    use super::*;
+    use crate::config::PassiveConfig;
+
+    fn passive_pool(n: u32) -> Pool {
+        let mut cfg = pool_config("p", Algorithm::RoundRobin);
+        cfg.passive = Some(PassiveConfig {
+            consecutive_failures: n,
+            eject_ms: 1000,
+        });
+        Pool::build(&cfg, states(&[1, 1]))
+    }
+
+    #[test]
+    fn the_nth_failure_in_a_row_ejects_once_and_is_reported_once() {
+        let pool = passive_pool(3);
+        let b = &pool.backends[0];
+        b.fail_reset();
+        b.fail_connect();
+        assert!(b.is_up());
+        b.fail_5xx();
+        assert!(!b.is_up() && b.take_ejected() && !b.take_ejected());
+        assert_eq!(b.counters.ejections.load(Relaxed), 1);
+        // already out: more failures neither count another ejection nor report again
+        for _ in 0..5 {
+            b.fail_timeout();
+        }
+        assert_eq!(b.counters.ejections.load(Relaxed), 1);
+        assert!(!b.take_ejected());
+        assert!(pool.backends[1].is_up());
+    }
+
+    #[test]
+    fn a_success_ends_the_run() {
+        let pool = passive_pool(2);
+        let b = &pool.backends[0];
+        for _ in 0..10 {
+            b.fail_reset();
+            b.record_success();
+        }
+        assert!(b.is_up() && !b.take_ejected());
+    }
+
+    #[test]
+    fn without_passive_failures_only_count() {
+        let pool = Pool::build(&pool_config("p", Algorithm::RoundRobin), states(&[1]));
+        let b = &pool.backends[0];
+        for _ in 0..100 {
+            b.fail_reset();
+        }
+        assert!(b.is_up());
+        assert_eq!(b.counters.failures_reset.load(Relaxed), 100);
+    }
+
+    /// Slow start in a round-robin pool: a backend at scale s gets about s of its share.
+    #[test]
+    fn round_robin_thins_a_ramping_backend_in_proportion() {
+        let pool = Pool::build(&pool_config("p", Algorithm::RoundRobin), states(&[1, 1]));
+        for (scale, want) in [(0u32, 0.0), (250, 0.25), (500, 0.5), (1000, 1.0)] {
+            pool.backends[1].set_weight_scale(scale);
+            let n = 20_000;
+            let picks = (0..n).filter(|_| pool.select(0, &[]) == Some(1)).count();
+            // b1's share relative to its full one (half the picks)
+            let share = picks as f64 / (n as f64 / 2.0);
+            assert!((share - want).abs() < 0.05, "scale {scale}: share {share}");
+        }
+        // with more backends too: at half scale, one of three gets 1/6 of the picks
+        let pool = Pool::build(&pool_config("p", Algorithm::RoundRobin), states(&[1, 1, 1]));
+        pool.backends[2].set_weight_scale(500);
+        let picks = (0..30_000)
+            .filter(|_| pool.select(0, &[]) == Some(2))
+            .count();
+        assert!(
+            (picks as f64 / 30_000.0 - 1.0 / 6.0).abs() < 0.02,
+            "{picks}"
+        );
+    }
+
+    /// The dynamic algorithms weigh by effective weight instead of thinning.
+    #[test]
+    fn least_conn_is_not_thinned() {
+        let pool = Pool::build(&pool_config("p", Algorithm::LeastConn), states(&[1, 1]));
+        pool.backends[1].set_weight_scale(0);
+        assert!((0..100).all(|_| pool.backends[1].usable()));
+        assert_eq!(pool.backends[1].effective_weight(), 1);
     }
 }

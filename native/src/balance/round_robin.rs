@@ -5,6 +5,8 @@
 //! computed once when the pool is built (weights reduced by their gcd, so weights 5/3/2 give a
 //! 10-entry table), and workers walk it with one shared atomic counter. Backends that are not
 //! usable are skipped by walking on; a weight change through the admin API rebuilds the pool.
+//! A fixed sequence cannot divide by a slow-start scale, so a ramping backend instead declines
+//! each turn with probability 1 - scale (`BackendState::admits_during_slow_start`).
 
 use super::{reduced_weights, BackendState, Selector};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -61,13 +63,20 @@ impl Selector for RoundRobin {
         let len = self.sequence.len();
         if len > 0 {
             let start = self.next.fetch_add(1, Relaxed);
+            // Turns a slow-starting backend declined: they pass to the next entry without
+            // moving the cursor, so the backend's share is its scale times its full share.
+            let mut declined = 0;
             for step in 0..len {
                 let i = self.sequence[(start + step) % len] as usize;
                 if usable(i) {
-                    if step > 0 {
+                    if !backends[i].admits_during_slow_start() {
+                        declined += 1;
+                        continue;
+                    }
+                    if step > declined {
                         // Skipped some: move the shared cursor past them so the next pick
                         // does not land on the same survivor (keeps the survivors' shares even).
-                        self.next.fetch_add(step, Relaxed);
+                        self.next.fetch_add(step - declined, Relaxed);
                     }
                     return Some(i);
                 }

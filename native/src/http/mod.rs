@@ -17,7 +17,6 @@ pub mod rewrite;
 pub mod route;
 pub mod upstream;
 
-use std::os::fd::AsRawFd;
 use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::engine::ListenerEntry;
@@ -36,6 +35,7 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -1349,6 +1349,7 @@ mod tests {
             cfg: cfg.listeners[0].clone(),
             pool,
             stats: Arc::new(ListenerStats::default()),
+            closing: Default::default(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

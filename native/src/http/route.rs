@@ -371,29 +371,12 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::tests_support::states;
-    use crate::config::{Algorithm, HashKey, PoolConfig, PoolTimeouts, QueueConfig, SplitConfig};
+    use crate::balance::tests_support::{pool_config, states};
+    use crate::config::{Algorithm, SplitConfig};
     use std::collections::BTreeMap;
 
     fn pool(name: &str) -> Arc<Pool> {
-        let cfg = PoolConfig {
-            name: name.into(),
-            algorithm: Algorithm::RoundRobin,
-            hash_key: HashKey::SourceIp,
-            hash_balance_factor: 0,
-            backends: vec![],
-            timeouts: PoolTimeouts {
-                connect_ms: 1000,
-                read_ms: 1000,
-                send_ms: 1000,
-                idle_ms: 1000,
-            },
-            retries: 0,
-            drain_timeout_ms: 0,
-            affinity: None,
-            keepalive: 0,
-            queue: QueueConfig::default(),
-        };
+        let cfg = pool_config(name, Algorithm::RoundRobin);
         Arc::new(Pool::build(&cfg, states(&[1])))
     }
 
