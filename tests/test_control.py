@@ -477,16 +477,22 @@ def test_invalid_reload_is_400_and_the_old_config_keeps_serving(hb, fastlb):
 def test_reload_keeps_runtime_state_of_unchanged_backends(hb, fastlb):
     a, b, c = hb("a"), hb("b"), hb("c")
     port, admin = free_port(), free_port()
-    proc = fastlb(http_config(port, [pool("app", [a.address, b.address])], admin=f"127.0.0.1:{admin}"), port)
+    cfg = http_config(
+        port, [pool("app", [a.address, b.address], slow_start="30s")], admin=f"127.0.0.1:{admin}"
+    )
+    proc = fastlb(cfg, port)
     api(admin, "POST", f"/api/pools/app/backends/{a.address}/disable")
     api(admin, "PUT", f"/api/pools/app/backends/{b.address}/weight", {"weight": 9})
     proc.config_path.write_text(
-        http_config(port, [pool("app", [a.address, b.address, c.address])], admin=f"127.0.0.1:{admin}")
+        cfg.replace(f'"{b.address}" }}]', f'"{b.address}" }}, {{ address = "{c.address}" }}]')
     )
     assert api(admin, "POST", "/api/reload")[0] == 200
     assert state_of(admin, "app", a.address) == "disabled"
     assert backend_status(admin, "app", b.address)["weight"] == 9
-    assert state_of(admin, "app", c.address) == "up"
+    assert not backend_status(admin, "app", b.address)["slow_start"]
+    # the added backend is up, its share ramping
+    added = backend_status(admin, "app", c.address)
+    assert added["state"] == "up" and added["slow_start"] and added["weight_scale"] < 1000, added
 
 
 def test_removed_listener_finishes_keepalive_connections_with_close(hb, fastlb):
