@@ -395,6 +395,8 @@ def test_fastlb_ctl_covers_every_call(hb, fastlb):
     assert ctl(admin, "weight", "app", b.address, "7").stdout.strip() == f"app/{b.address}: weight 7"
     st = json.loads(ctl(admin, "--json", "status").stdout)
     assert [x["weight"] for x in st["pools"][0]["backends"]] == [1, 7]
+    after = json.loads(ctl(admin, "status", "--json").stdout)  # the flag after the action too
+    assert [x["weight"] for x in after["pools"][0]["backends"]] == [1, 7]
     missing = ctl(admin, "drain", "app", "9.9.9.9:1")
     assert missing.returncode == 2 and "pool 'app' has no backend '9.9.9.9:1'" in missing.stderr
     assert ctl(admin, "reload").stdout.strip() == "reloaded: 1 listeners, 1 pools"

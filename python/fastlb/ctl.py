@@ -46,21 +46,24 @@ def add_ctl_parser(sub: Any) -> None:
         help="admin API address (default $FASTLB_ADMIN or %(default)s)",
     )
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    # `--json` is accepted after the action too (`fastlb ctl status --json`)
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     actions = ctl.add_subparsers(dest="action", required=True)
-    actions.add_parser("status", help="listeners, pools and backends")
+    actions.add_parser("status", help="listeners, pools and backends", parents=[json_flag])
     for name, what in (
         ("drain", "no new connections; open ones finish (up to drain_timeout)"),
         ("enable", "back into rotation"),
         ("disable", "out of rotation at once"),
     ):
-        p = actions.add_parser(name, help=what)
+        p = actions.add_parser(name, help=what, parents=[json_flag])
         p.add_argument("pool")
         p.add_argument("address", help="the backend's address as in the config, e.g. 10.0.0.1:80")
-    w = actions.add_parser("weight", help="set a backend's weight (0..1000) live")
+    w = actions.add_parser("weight", help="set a backend's weight (0..1000) live", parents=[json_flag])
     w.add_argument("pool")
     w.add_argument("address")
     w.add_argument("weight", type=int)
-    actions.add_parser("reload", help="re-read the config file (as SIGHUP does)")
+    actions.add_parser("reload", help="re-read the config file (as SIGHUP does)", parents=[json_flag])
 
 
 def call(admin: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
