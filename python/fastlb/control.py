@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastlb.config import Config, ConfigError, Pool
+from fastlb.config import Config, ConfigError, Duration, Pool
 from fastlb.engine import AdminState, Engine
 from fastlb.health import HealthChecker
 
@@ -296,9 +296,9 @@ class ControlPlane:
             cfg = self.pool(pool)
         except KeyError:
             return
-        if cfg.passive is None:
-            return
-        eject = cfg.passive.eject
+        # A reload may have turned passive detection off since: the ejection ends at once.
+        eject = cfg.passive.eject if cfg.passive is not None else Duration(0)
+        failures = cfg.passive.consecutive_failures if cfg.passive is not None else 0
         self._ejected_until[bid] = time.monotonic() + eject.seconds
         self._cancel(self._ramps, bid)
         health = self.checker.backends.get(bid)
@@ -307,7 +307,7 @@ class ControlPlane:
             log.warning(
                 "backend %s ejected: %d failures in a row; back after %s and %d passing checks",
                 bid,
-                cfg.passive.consecutive_failures,
+                failures,
                 eject.text,
                 cfg.health.rise,
             )
@@ -315,7 +315,7 @@ class ControlPlane:
             log.warning(
                 "backend %s ejected: %d failures in a row; back in %s",
                 bid,
-                cfg.passive.consecutive_failures,
+                failures,
                 eject.text,
             )
             self._spawn(self._returns, bid, self._return_after(pool, address, eject.seconds))

@@ -157,7 +157,12 @@ impl BackendState {
     pub fn is_up(&self) -> bool {
         self.up.load(Relaxed)
     }
+    /// Health verdict. Coming up starts a fresh run for passive detection: failures counted
+    /// while it was down (requests in flight as it went) must not eject it at once.
     pub fn set_up(&self, up: bool) {
+        if up {
+            self.consecutive_failures.store(0, Relaxed);
+        }
         self.up.store(up, Relaxed)
     }
     pub fn admin(&self) -> AdminState {
@@ -565,6 +570,11 @@ mod tests {
         assert_eq!(b.counters.ejections.load(Relaxed), 1);
         assert!(!b.take_ejected());
         assert!(pool.backends[1].is_up());
+        // back up (checks passed): a new run of 3 is needed
+        b.set_up(true);
+        b.fail_reset();
+        b.fail_reset();
+        assert!(b.is_up());
     }
 
     #[test]
