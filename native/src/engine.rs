@@ -8,10 +8,10 @@
 use crate::balance::{AdminState, BackendState, Pool};
 use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
 use crate::http::HttpListener;
-use crate::stats::{ListenerSnapshot, ListenerStats};
+use crate::metrics::WorkerMetrics;
+use crate::stats::{Ids, LatencyWindow, StatsInput};
 use crate::worker::{self, WorkerCmd};
 use arc_swap::ArcSwap;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// How long `stats_json` waits for the workers' metrics.
+const SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
 
 /// Backlog of each listening socket (per worker, like nginx's `listen ... backlog`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -68,7 +71,8 @@ pub struct Tables {
 pub struct ListenerEntry {
     pub cfg: ListenerConfig,
     pub pool: Arc<Pool>,
-    pub stats: Arc<ListenerStats>,
+    /// What workers count this listener's traffic under (crate::metrics).
+    pub id: u16,
     /// Routes, limits and rate limiter of an http listener.
     pub http: Option<HttpListener>,
     /// The listener was removed by a reload: its connections finish what they are doing and
@@ -130,8 +134,11 @@ pub struct Engine {
     config: EngineConfig,
     /// Every backend by id (`pool/address`); state survives reloads of unchanged backends.
     backends: HashMap<String, KnownBackend>,
-    /// Counters by listener name; kept across reloads.
-    listener_stats: HashMap<String, Arc<ListenerStats>>,
+    /// Ids the workers count by, per listener, pool and backend name; kept across reloads.
+    ids: Ids,
+    /// Each worker's last metrics snapshot (used when one does not answer in time).
+    last_metrics: Vec<WorkerMetrics>,
+    window: LatencyWindow,
     stopped: bool,
 }
 
@@ -148,7 +155,9 @@ impl Engine {
             workers: Vec::with_capacity(n),
             config: config.clone(),
             backends: HashMap::new(),
-            listener_stats: HashMap::new(),
+            ids: Ids::default(),
+            last_metrics: vec![WorkerMetrics::default(); n],
+            window: LatencyWindow::default(),
             stopped: false,
         };
         engine.publish(&config)?;
@@ -322,48 +331,53 @@ impl Engine {
         }
     }
 
-    /// A JSON snapshot of every listener and backend.
-    pub fn stats_json(&self) -> String {
+    /// A JSON snapshot of every listener, pool and backend: the workers' metrics merged
+    /// (each is asked for a copy and answers between two tasks; one that does not answer
+    /// within `SNAPSHOT_WAIT` is counted as of its last answer).
+    pub fn stats_json(&mut self) -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for (index, w) in self.workers.iter().enumerate() {
+            if w.commands
+                .send(WorkerCmd::Snapshot {
+                    index,
+                    reply: tx.clone(),
+                })
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + SNAPSHOT_WAIT;
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((index, m)) => self.last_metrics[index] = m,
+                Err(_) => break,
+            }
+        }
+        let mut merged = WorkerMetrics::default();
+        for m in &self.last_metrics {
+            merged.merge(m);
+        }
         let tables = self.shared.tables.load();
-        let listeners: Vec<ListenerSnapshot> = self
-            .config
-            .listeners
-            .iter()
-            .filter_map(|l| tables.listeners.get(&l.name))
-            .map(|e| ListenerSnapshot {
-                name: &e.cfg.name,
-                protocol: match e.cfg.protocol {
-                    Protocol::Tcp => "tcp",
-                    Protocol::Http => "http",
-                },
-                bind: e.cfg.bind.to_string(),
-                pool: &e.cfg.pool,
-                connections_total: e.stats.connections_total.load(Relaxed),
-                connections_active: e.stats.connections_active.load(Relaxed),
-                dropped: e.stats.dropped(),
-                bytes_in: e.stats.bytes_in.load(Relaxed),
-                bytes_out: e.stats.bytes_out.load(Relaxed),
-                requests_total: e.stats.requests_total.load(Relaxed),
-                duration_us_sum: e.stats.duration_us_sum.load(Relaxed),
-                duration_count: e.stats.duration_count.load(Relaxed),
-            })
-            .collect();
-        let pools: Vec<PoolSnapshot> = self
-            .config
-            .pools
-            .iter()
-            .filter_map(|p| tables.pools.get(&p.name))
-            .map(|p| PoolSnapshot {
-                name: &p.name,
-                backends: p.backends.iter().map(|b| backend_snapshot(b)).collect(),
-            })
-            .collect();
-        serde_json::to_string(&StatsSnapshot {
-            connections_active: self.open_connections(),
-            listeners,
-            pools,
+        let connections_active = self.open_connections();
+        crate::stats::to_json(StatsInput {
+            tables: &tables,
+            listener_order: self
+                .config
+                .listeners
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect(),
+            pool_order: self.config.pools.iter().map(|p| p.name.as_str()).collect(),
+            ids: &self.ids,
+            merged: &merged,
+            window: &mut self.window,
+            connections_active,
+            log_dropped: 0,
         })
-        .unwrap_or_else(|_| "{}".into())
     }
 
     /// Builds tables for `config`, reusing the state of unchanged backends, and publishes them.
@@ -386,7 +400,11 @@ impl Engine {
                         known.state.set_weight(b.weight);
                         known.state.clone()
                     }
-                    _ => Arc::new(BackendState::new(&p.name, b)),
+                    _ => Arc::new(BackendState::with_slot(
+                        &p.name,
+                        b,
+                        self.ids.backend(&p.name, &b.address),
+                    )),
                 };
                 states.push(state.clone());
                 backends.insert(
@@ -397,7 +415,9 @@ impl Engine {
                     },
                 );
             }
-            pools.insert(p.name.clone(), Arc::new(Pool::build(p, states)));
+            let mut pool = Pool::build(p, states);
+            pool.id = self.ids.pool(&p.name);
+            pools.insert(p.name.clone(), Arc::new(pool));
         }
         let mut listeners = HashMap::new();
         for l in &config.listeners {
@@ -407,26 +427,20 @@ impl Engine {
                 }
                 Protocol::Tcp => None,
             };
-            let stats = self
-                .listener_stats
-                .entry(l.name.clone())
-                .or_default()
-                .clone();
+            let id = self.ids.listener(&l.name);
             let pool = pools[&l.pool].clone();
             listeners.insert(
                 l.name.clone(),
                 Arc::new(ListenerEntry {
                     cfg: l.clone(),
                     pool,
-                    stats,
+                    id,
                     http,
                     closing: AtomicBool::new(false),
                 }),
             );
         }
         self.backends = backends;
-        self.listener_stats
-            .retain(|name, _| listeners.contains_key(name));
         self.shared.tables.store(Arc::new(Tables {
             generation: self.shared.tables.load().generation + 1,
             listeners,
@@ -448,80 +462,6 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop(Duration::ZERO);
-    }
-}
-
-#[derive(Serialize)]
-struct StatsSnapshot<'a> {
-    connections_active: usize,
-    listeners: Vec<ListenerSnapshot<'a>>,
-    pools: Vec<PoolSnapshot<'a>>,
-}
-
-#[derive(Serialize)]
-struct PoolSnapshot<'a> {
-    name: &'a str,
-    backends: Vec<BackendSnapshot<'a>>,
-}
-
-#[derive(Serialize)]
-struct BackendSnapshot<'a> {
-    id: &'a str,
-    address: &'a str,
-    state: &'static str,
-    backup: bool,
-    weight: u32,
-    /// `weight` as slow start scales it now, and that scale in per mille.
-    effective_weight: u32,
-    weight_scale: u32,
-    active_connections: u32,
-    connections_total: u64,
-    requests_total: u64,
-    failures: Failures,
-    ejections: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    latency_ewma_ms: f64,
-}
-
-#[derive(Serialize)]
-struct Failures {
-    connect: u64,
-    timeout: u64,
-    reset: u64,
-    #[serde(rename = "5xx")]
-    status_5xx: u64,
-}
-
-fn backend_snapshot(b: &BackendState) -> BackendSnapshot<'_> {
-    let c = &b.counters;
-    BackendSnapshot {
-        id: &b.id,
-        address: &b.address,
-        state: match (b.admin(), b.is_up()) {
-            (AdminState::Disabled, _) => "disabled",
-            (AdminState::Draining, _) if b.active() == 0 => "drained",
-            (AdminState::Draining, _) => "draining",
-            (AdminState::Enabled, false) => "down",
-            (AdminState::Enabled, true) => "up",
-        },
-        backup: b.backup,
-        weight: b.weight(),
-        effective_weight: b.effective_weight(),
-        weight_scale: b.weight_scale(),
-        active_connections: b.active(),
-        connections_total: c.connections_total.load(Relaxed),
-        failures: Failures {
-            connect: c.failures_connect.load(Relaxed),
-            timeout: c.failures_timeout.load(Relaxed),
-            reset: c.failures_reset.load(Relaxed),
-            status_5xx: c.failures_5xx.load(Relaxed),
-        },
-        requests_total: c.requests_total.load(Relaxed),
-        ejections: c.ejections.load(Relaxed),
-        bytes_in: c.bytes_in.load(Relaxed),
-        bytes_out: c.bytes_out.load(Relaxed),
-        latency_ewma_ms: b.latency_ewma_ns() / 1e6,
     }
 }
 

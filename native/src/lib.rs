@@ -7,6 +7,7 @@ pub mod engine;
 pub mod http;
 pub mod l4;
 pub mod maglev;
+pub mod metrics;
 pub mod ring;
 pub mod stats;
 pub mod track;

@@ -8,8 +8,9 @@ use crate::engine::{ListenerEntry, Shared};
 use crate::http::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
+use crate::metrics::WorkerMetrics;
 use crate::track;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -40,6 +41,11 @@ pub enum WorkerCmd {
     CloseBackend { backend: Arc<BackendState> },
     /// Close parked keep-alive connections to `addr` (a backend drained or disabled).
     DropIdle { addr: SocketAddr },
+    /// Send a copy of this worker's metrics, tagged with `index`.
+    Snapshot {
+        index: usize,
+        reply: std::sync::mpsc::Sender<(usize, WorkerMetrics)>,
+    },
     /// Stop accepting everywhere, let open connections finish for up to `grace`, then close
     /// the rest and end the thread.
     Stop { grace: Duration },
@@ -50,6 +56,8 @@ pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub relay: RelayBuffers,
     pub http: HttpWorker,
+    /// This worker's counters and histograms; borrowed only between two awaits.
+    pub metrics: RefCell<WorkerMetrics>,
     /// Client connections open on this worker.
     open: Cell<usize>,
     /// Signalled when `open` drops to zero.
@@ -63,6 +71,7 @@ impl WorkerCtx {
         WorkerCtx {
             relay: RelayBuffers::new(shared.splice_threshold),
             http: HttpWorker::default(),
+            metrics: RefCell::default(),
             shared,
             open: Cell::new(0),
             idle: Notify::new(),
@@ -81,7 +90,7 @@ struct ConnGuard<'a> {
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
         self.ctx.shared.connections.fetch_sub(1, Relaxed);
-        self.listener.stats.connections_active.fetch_sub(1, Relaxed);
+        self.ctx.metrics.borrow_mut().record_close(self.listener.id);
         let open = self.ctx.open.get() - 1;
         self.ctx.open.set(open);
         if open == 0 {
@@ -145,6 +154,9 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                 track::close_backend(&backend);
             }
             WorkerCmd::DropIdle { addr } => ctx.http.upstream.drop_idle(addr),
+            WorkerCmd::Snapshot { index, reply } => {
+                let _ = reply.send((index, ctx.metrics.borrow().clone()));
+            }
             WorkerCmd::Stop { grace } => {
                 for (_, task) in accepting.drain() {
                     task.abort();
@@ -187,15 +199,14 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
             continue;
         };
         drop(tables);
-        entry.stats.connections_total.fetch_add(1, Relaxed);
         let limit = ctx.shared.max_connections;
         let open_before = ctx.shared.connections.fetch_add(1, Relaxed);
-        if limit > 0 && open_before >= limit {
+        let refused = limit > 0 && open_before >= limit;
+        ctx.metrics.borrow_mut().record_accept(entry.id, refused);
+        if refused {
             ctx.shared.connections.fetch_sub(1, Relaxed);
-            entry.stats.dropped_max_connections.fetch_add(1, Relaxed);
             continue; // dropping `stream` closes it
         }
-        entry.stats.connections_active.fetch_add(1, Relaxed);
         ctx.open.set(ctx.open.get() + 1);
         let ctx = ctx.clone();
         // One spawn per protocol: a task is as large as its future, and an L4 connection's is a

@@ -63,6 +63,8 @@ pub struct BackendState {
     pub id: String,
     pub address: String,
     pub addr: SocketAddr,
+    /// What workers count this backend's traffic under (crate::metrics).
+    pub slot: u32,
     pub backup: bool,
     /// 0 = unlimited; beyond it the backend is not selected (tcp refuses).
     pub max_connections: u32,
@@ -88,10 +90,10 @@ pub struct BackendState {
     pub counters: BackendCounters,
 }
 
-/// Monotonic counters of one backend.
+/// Failure counters of one backend, shared: they are rare, and passive detection needs them
+/// process-wide. Per-request counts are per worker (crate::metrics).
 #[derive(Debug, Default)]
 pub struct BackendCounters {
-    pub connections_total: AtomicU64,
     pub failures_connect: AtomicU64,
     pub failures_timeout: AtomicU64,
     pub failures_reset: AtomicU64,
@@ -99,10 +101,6 @@ pub struct BackendCounters {
     pub failures_5xx: AtomicU64,
     /// Times passive detection took this backend out of rotation.
     pub ejections: AtomicU64,
-    /// http: requests sent to this backend.
-    pub requests_total: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
 }
 
 /// Decay constant of the peak EWMA (Linkerd and Finagle default to 10 s).
@@ -124,10 +122,15 @@ pub fn ns_at(t: Instant) -> u64 {
 
 impl BackendState {
     pub fn new(pool: &str, cfg: &BackendConfig) -> Self {
+        Self::with_slot(pool, cfg, 0)
+    }
+
+    pub fn with_slot(pool: &str, cfg: &BackendConfig, slot: u32) -> Self {
         BackendState {
             id: format!("{pool}/{}", cfg.address),
             address: cfg.address.clone(),
             addr: cfg.addr,
+            slot,
             backup: cfg.backup,
             max_connections: cfg.max_connections,
             up: AtomicBool::new(true),
@@ -320,6 +323,8 @@ impl BackendState {
 /// A pool as the data plane uses it: its backends, the built selector and its settings.
 pub struct Pool {
     pub name: String,
+    /// What workers count this pool's traffic under (crate::metrics); set by the engine.
+    pub id: u16,
     pub backends: Vec<Arc<BackendState>>,
     pub selector: Box<dyn Selector>,
     pub hash_key: HashKey,
@@ -353,6 +358,7 @@ impl Pool {
             .collect();
         Pool {
             name: cfg.name.clone(),
+            id: 0,
             has_backup: states.iter().any(|b| b.backup),
             backends: states,
             selector,

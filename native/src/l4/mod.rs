@@ -6,6 +6,7 @@ pub mod pipe;
 use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::HashKey;
 use crate::engine::ListenerEntry;
+use crate::metrics::ResponseKey;
 use crate::worker::WorkerCtx;
 use forward::RelayEnd;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -14,7 +15,6 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -26,14 +26,13 @@ const MAX_TRIES: usize = 16;
 
 /// Serves one accepted client connection to the end.
 pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listener: &ListenerEntry) {
-    let stats = &listener.stats;
     let started = Instant::now();
     // TCP_NODELAY is inherited from the listening socket: no setsockopt per connection.
     let pool = &listener.pool;
     // The connection's one timer: connect timeout first, then the idle timeout.
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    let Some((backend, upstream)) = connect_backend(pool, peer, timer.as_mut()).await else {
-        stats.dropped_no_backend.fetch_add(1, Relaxed);
+    let Some((backend, upstream)) = connect_backend(ctx, pool, peer, timer.as_mut()).await else {
+        ctx.metrics.borrow_mut().record_no_backend(listener.id);
         return;
     };
     let idle = Duration::from_millis(listener.cfg.client_idle_ms);
@@ -52,21 +51,18 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
         }
     };
     backend.release();
-    let lifetime = started.elapsed();
-    stats.bytes_in.fetch_add(moved.upstream, Relaxed);
-    stats.bytes_out.fetch_add(moved.downstream, Relaxed);
-    backend
-        .counters
-        .bytes_in
-        .fetch_add(moved.downstream, Relaxed);
-    backend
-        .counters
-        .bytes_out
-        .fetch_add(moved.upstream, Relaxed);
-    stats
-        .duration_us_sum
-        .fetch_add(lifetime.as_micros() as u64, Relaxed);
-    stats.duration_count.fetch_add(1, Relaxed);
+    let lifetime = started.elapsed().as_micros() as u64;
+    let mut metrics = ctx.metrics.borrow_mut();
+    metrics.record_bytes(listener.id, backend.slot, moved.upstream, moved.downstream);
+    metrics.record_done(
+        ResponseKey {
+            listener: listener.id,
+            pool: pool.id,
+            backend: backend.slot,
+            code: 0,
+        },
+        lifetime,
+    );
 }
 
 /// After a relay error, whether the backend's side is the one that failed (a reset or closed
@@ -100,6 +96,7 @@ fn connection_key(pool: &Pool, peer: SocketAddr) -> u64 {
 /// up to `retries` more, before the client has been sent anything. The returned backend has
 /// been `acquire`d; the caller releases it.
 async fn connect_backend<'p>(
+    ctx: &WorkerCtx,
     pool: &'p Pool,
     peer: SocketAddr,
     mut timer: Pin<&mut Sleep>,
@@ -118,7 +115,9 @@ async fn connect_backend<'p>(
         match connect(backend.addr, timer.as_mut()).await {
             Ok(stream) => {
                 backend.observe_latency(t0.elapsed().as_nanos() as u64);
-                backend.counters.connections_total.fetch_add(1, Relaxed);
+                ctx.metrics
+                    .borrow_mut()
+                    .record_backend_connect(backend.slot);
                 return Some((backend, stream));
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => backend.fail_timeout(),

@@ -1,0 +1,336 @@
+//! Counting in the data plane: each worker counts into its own `WorkerMetrics` (plain integers
+//! and hdrhistograms behind a `RefCell`, never shared, so no atomic and no cache line bounced
+//! between CPUs per request). The engine gathers copies through the workers' command channels
+//! (`WorkerCmd::Snapshot`) and merges them; a worker is asked, never waited on: it answers
+//! between two tasks.
+//!
+//! Ids instead of names keep the hot path to array indexing: listeners and pools get a `u16`,
+//! backends a `u32` slot, assigned by the engine once per name and kept across reloads.
+//!
+//! Built with the `no-counting` feature every `record_*` is a no-op: that build exists only to
+//! measure what counting costs (bench/README.md).
+
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use xxhash_rust::xxh3::Xxh3DefaultBuilder;
+
+/// Latencies in microseconds, from 1 µs to 100 s at 2 significant digits (~10 KB per
+/// histogram); longer values count as 100 s.
+pub type Hist = Histogram<u32>;
+const HIST_MAX_US: u64 = 100_000_000;
+
+pub fn new_hist() -> Hist {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 2).expect("static histogram bounds")
+}
+
+/// "No pool" / "no backend" in a response key (fastlb answered before choosing one).
+pub const NO_POOL: u16 = u16::MAX;
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Counters of one listener on one worker.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerCounts {
+    pub connections: u64,
+    /// Connections that ended: `connections - closed` are open.
+    pub closed: u64,
+    pub dropped_max_connections: u64,
+    pub dropped_no_backend: u64,
+    pub dropped_rate_limited: u64,
+    /// http: answered 400/408/431 for malformed input.
+    pub bad_requests: u64,
+    /// http: requests whose head was read.
+    pub requests: u64,
+    /// From clients, to clients.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Counters of one backend on one worker.
+#[derive(Debug, Clone, Default)]
+pub struct BackendCounts {
+    pub connections: u64,
+    pub requests: u64,
+    /// From the backend, to the backend.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// One series of `fastlb_requests_total{listener,pool,backend,code}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResponseKey {
+    pub listener: u16,
+    pub pool: u16,
+    pub backend: u32,
+    pub code: u16,
+}
+
+/// Request durations of one (listener, pool): the histogram and the exact sum.
+#[derive(Debug, Clone)]
+pub struct Durations {
+    pub hist: Hist,
+    pub sum_us: u64,
+}
+
+impl Default for Durations {
+    fn default() -> Self {
+        Durations {
+            hist: new_hist(),
+            sum_us: 0,
+        }
+    }
+}
+
+impl Durations {
+    fn record(&mut self, us: u64) {
+        self.hist.saturating_record(us.max(1));
+        self.sum_us += us;
+    }
+
+    pub fn merge(&mut self, other: &Durations) {
+        // Same bounds on both sides: add cannot fail.
+        let _ = self.hist.add(&other.hist);
+        self.sum_us += other.sum_us;
+    }
+}
+
+/// Everything one worker counted since it started.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerMetrics {
+    pub listeners: Vec<ListenerCounts>,
+    pub backends: Vec<BackendCounts>,
+    pub responses: HashMap<ResponseKey, u64, Xxh3DefaultBuilder>,
+    /// `fastlb_request_duration_seconds{listener,pool}`: http request to last response byte,
+    /// tcp connection lifetime.
+    pub durations: HashMap<(u16, u16), Durations, Xxh3DefaultBuilder>,
+    /// Per backend: the same durations, for its p50/p99.
+    pub backend_durations: HashMap<u32, Durations, Xxh3DefaultBuilder>,
+}
+
+const COUNTING: bool = !cfg!(feature = "no-counting");
+
+impl WorkerMetrics {
+    #[inline]
+    pub fn listener(&mut self, id: u16) -> &mut ListenerCounts {
+        let i = id as usize;
+        if i >= self.listeners.len() {
+            self.listeners.resize_with(i + 1, Default::default);
+        }
+        &mut self.listeners[i]
+    }
+
+    #[inline]
+    pub fn backend(&mut self, slot: u32) -> &mut BackendCounts {
+        let i = slot as usize;
+        if i >= self.backends.len() {
+            self.backends.resize_with(i + 1, Default::default);
+        }
+        &mut self.backends[i]
+    }
+
+    /// A new client connection accepted (or refused at `max_connections`).
+    #[inline]
+    pub fn record_accept(&mut self, listener: u16, refused: bool) {
+        if COUNTING {
+            let l = self.listener(listener);
+            l.connections += 1;
+            if refused {
+                l.dropped_max_connections += 1;
+                l.closed += 1;
+            }
+        }
+    }
+
+    #[inline]
+    pub fn record_close(&mut self, listener: u16) {
+        if COUNTING {
+            self.listener(listener).closed += 1;
+        }
+    }
+
+    /// A tcp connection that found no backend, an http request answered 503 for lack of one.
+    #[inline]
+    pub fn record_no_backend(&mut self, listener: u16) {
+        if COUNTING {
+            self.listener(listener).dropped_no_backend += 1;
+        }
+    }
+
+    #[inline]
+    pub fn record_rate_limited(&mut self, listener: u16) {
+        if COUNTING {
+            self.listener(listener).dropped_rate_limited += 1;
+        }
+    }
+
+    #[inline]
+    pub fn record_bad_request(&mut self, listener: u16) {
+        if COUNTING {
+            self.listener(listener).bad_requests += 1;
+        }
+    }
+
+    #[inline]
+    pub fn record_request(&mut self, listener: u16) {
+        if COUNTING {
+            self.listener(listener).requests += 1;
+        }
+    }
+
+    /// A new connection to a backend.
+    #[inline]
+    pub fn record_backend_connect(&mut self, slot: u32) {
+        if COUNTING {
+            self.backend(slot).connections += 1;
+        }
+    }
+
+    /// Bytes of one exchange (http) or connection (tcp): `from_client` went to `backend`,
+    /// `to_client` came from it (or from fastlb itself when `backend` is NO_BACKEND).
+    #[inline]
+    pub fn record_bytes(&mut self, listener: u16, backend: u32, from_client: u64, to_client: u64) {
+        if COUNTING {
+            let l = self.listener(listener);
+            l.bytes_in += from_client;
+            l.bytes_out += to_client;
+            if backend != NO_BACKEND {
+                let b = self.backend(backend);
+                b.bytes_out += from_client;
+                b.bytes_in += to_client;
+            }
+        }
+    }
+
+    /// One http response (`code`) or one finished tcp connection (`code` 0: not counted as a
+    /// response), and how long it took.
+    #[inline]
+    pub fn record_done(&mut self, key: ResponseKey, duration_us: u64) {
+        if !COUNTING {
+            return;
+        }
+        if key.code != 0 {
+            *self.responses.entry(key).or_insert(0) += 1;
+            if key.backend != NO_BACKEND {
+                self.backend(key.backend).requests += 1;
+            }
+        }
+        if key.pool != NO_POOL {
+            self.durations
+                .entry((key.listener, key.pool))
+                .or_default()
+                .record(duration_us);
+        }
+        if key.backend != NO_BACKEND {
+            self.backend_durations
+                .entry(key.backend)
+                .or_default()
+                .record(duration_us);
+        }
+    }
+
+    /// Adds `other` into `self`.
+    pub fn merge(&mut self, other: &WorkerMetrics) {
+        for (i, l) in other.listeners.iter().enumerate() {
+            let m = self.listener(i as u16);
+            m.connections += l.connections;
+            m.closed += l.closed;
+            m.dropped_max_connections += l.dropped_max_connections;
+            m.dropped_no_backend += l.dropped_no_backend;
+            m.dropped_rate_limited += l.dropped_rate_limited;
+            m.bad_requests += l.bad_requests;
+            m.requests += l.requests;
+            m.bytes_in += l.bytes_in;
+            m.bytes_out += l.bytes_out;
+        }
+        for (i, b) in other.backends.iter().enumerate() {
+            let m = self.backend(i as u32);
+            m.connections += b.connections;
+            m.requests += b.requests;
+            m.bytes_in += b.bytes_in;
+            m.bytes_out += b.bytes_out;
+        }
+        for (k, n) in &other.responses {
+            *self.responses.entry(*k).or_insert(0) += n;
+        }
+        for (k, d) in &other.durations {
+            self.durations.entry(*k).or_default().merge(d);
+        }
+        for (k, d) in &other.backend_durations {
+            self.backend_durations.entry(*k).or_default().merge(d);
+        }
+    }
+}
+
+/// Prometheus bucket bounds of `fastlb_request_duration_seconds`, in microseconds: 50 µs to
+/// 10 s.
+pub const BUCKETS_US: [u64; 17] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Cumulative counts at each of `BUCKETS_US` (Prometheus `le` semantics, at the histogram's
+/// 1% resolution).
+pub fn cumulative_buckets(h: &Hist) -> Vec<u64> {
+    BUCKETS_US
+        .iter()
+        .map(|&le| h.count_between(0, le))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(backend: u32, code: u16) -> ResponseKey {
+        ResponseKey {
+            listener: 0,
+            pool: 1,
+            backend,
+            code,
+        }
+    }
+
+    #[test]
+    fn workers_merge_into_the_sum() {
+        let mut a = WorkerMetrics::default();
+        let mut b = WorkerMetrics::default();
+        a.record_accept(0, false);
+        a.record_accept(2, true);
+        b.record_accept(0, false);
+        a.record_done(key(3, 200), 80);
+        b.record_done(key(3, 200), 3_000);
+        b.record_done(key(3, 503), 20);
+        b.record_done(key(NO_BACKEND, 429), 5);
+        a.record_bytes(0, 3, 10, 100);
+        let mut total = WorkerMetrics::default();
+        total.merge(&a);
+        total.merge(&b);
+        assert_eq!(total.listeners[0].connections, 2);
+        assert_eq!(total.listeners[2].dropped_max_connections, 1);
+        assert_eq!(total.listeners[2].closed, 1);
+        assert_eq!(total.responses[&key(3, 200)], 2);
+        assert_eq!(total.responses[&key(3, 503)], 1);
+        assert_eq!(total.responses[&key(NO_BACKEND, 429)], 1);
+        assert_eq!(total.backends[3].requests, 3);
+        assert_eq!(
+            (total.backends[3].bytes_out, total.backends[3].bytes_in),
+            (10, 100)
+        );
+        let d = &total.durations[&(0, 1)];
+        assert_eq!((d.hist.len(), d.sum_us), (4, 3_105));
+        // 80 µs, 20 µs, 5 µs under 100 µs; 3 ms under 5 ms
+        let buckets = cumulative_buckets(&d.hist);
+        assert_eq!(buckets[0], 2, "50 µs: the 20 and the 5");
+        assert_eq!(buckets[1], 3);
+        assert_eq!(buckets[5], 3, "2.5 ms");
+        assert_eq!(buckets[6], 4, "5 ms");
+        assert_eq!(*buckets.last().unwrap(), 4);
+    }
+
+    #[test]
+    fn tcp_connections_count_duration_but_no_response() {
+        let mut m = WorkerMetrics::default();
+        m.record_done(key(0, 0), 1_000);
+        assert!(m.responses.is_empty());
+        assert_eq!(m.durations[&(0, 1)].hist.len(), 1);
+    }
+}
