@@ -58,6 +58,7 @@ impl Ids {
 
 /// Per-backend durations as they were at some moment, so p50/p99 can cover a recent window
 /// rather than the process's whole life.
+#[derive(Default)]
 pub struct LatencyWindow {
     marks: VecDeque<(Instant, HashMap<u32, Hist>)>,
 }
@@ -66,14 +67,6 @@ pub struct LatencyWindow {
 const WINDOW_MIN: Duration = Duration::from_secs(10);
 const MARK_EVERY: Duration = Duration::from_secs(5);
 const MARKS_KEPT: Duration = Duration::from_secs(60);
-
-impl Default for LatencyWindow {
-    fn default() -> Self {
-        LatencyWindow {
-            marks: VecDeque::new(),
-        }
-    }
-}
 
 impl LatencyWindow {
     /// Records `now`'s totals when a mark is due; returns the baseline to subtract.
