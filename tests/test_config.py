@@ -105,7 +105,7 @@ for = "30s"
 """
 
 # Every key native/src/config.rs (EngineConfig, deny_unknown_fields) accepts, per struct.
-ENGINE_KEYS = {"runtime", "listeners", "pools"}
+ENGINE_KEYS = {"runtime", "access_log", "listeners", "pools"}
 RUNTIME_KEYS = {"workers", "cpus", "max_connections"}
 LISTENER_KEYS = {
     "name",

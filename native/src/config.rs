@@ -12,6 +12,9 @@ use std::net::SocketAddr;
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     pub runtime: RuntimeConfig,
+    /// `[log].access_log`: "stdout" or a file path; None = off.
+    #[serde(default)]
+    pub access_log: Option<String>,
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]

@@ -5,13 +5,14 @@
 //! them per accepted connection and never wait on a lock. A connection keeps the `Arc<Pool>` it
 //! started with, so a reload never changes a connection under its feet.
 
+use crate::accesslog::AccessLog;
 use crate::balance::{AdminState, BackendState, Pool};
 use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
 use crate::http::HttpListener;
 use crate::metrics::WorkerMetrics;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
 use crate::worker::{self, WorkerCmd};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -37,6 +38,8 @@ pub struct Shared {
     pub max_connections: usize,
     /// Read size above which a relay switches to splice (see l4::forward).
     pub splice_threshold: usize,
+    /// The access log writer, when `[log].access_log` is on.
+    pub access_log: ArcSwapOption<AccessLog>,
     /// This process's `Via` pseudonym (`fastlb-` and 8 hex digits): a request that already
     /// carries it has looped back here.
     pub via_token: String,
@@ -51,6 +54,7 @@ impl Shared {
                 pools: HashMap::new(),
             }),
             connections: AtomicUsize::new(0),
+            access_log: ArcSwapOption::empty(),
             max_connections,
             splice_threshold: splice_threshold(),
             via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
@@ -161,6 +165,7 @@ impl Engine {
             stopped: false,
         };
         engine.publish(&config)?;
+        engine.set_access_log(config.access_log.as_deref())?;
         for index in 0..n {
             let (tx, rx) = mpsc::unbounded_channel();
             let cpu = (!config.runtime.cpus.is_empty())
@@ -213,6 +218,10 @@ impl Engine {
             .collect();
         let before = self.shared.tables.load_full();
         self.publish(&config)?;
+        if let Err(e) = self.set_access_log(config.access_log.as_deref()) {
+            // The new tables are in; only the log target could not change.
+            eprintln!("fastlb: access log: {e}");
+        }
         for name in removed {
             if let Some(entry) = before.listeners.get(&name) {
                 entry.closing.store(true, Relaxed);
@@ -243,6 +252,8 @@ impl Engine {
                 let _ = t.join();
             }
         }
+        // Every line is written before stop returns.
+        drop(self.shared.access_log.swap(None));
     }
 
     /// Client connections open now, process-wide.
@@ -325,6 +336,29 @@ impl Engine {
         ids
     }
 
+    /// Starts, changes or stops the access log writer.
+    fn set_access_log(&self, target: Option<&str>) -> Result<(), EngineError> {
+        let current = self.shared.access_log.load();
+        if current.as_deref().map(|l| l.target.as_str()) == target {
+            return Ok(());
+        }
+        let new = match target {
+            Some(t) => Some(Arc::new(AccessLog::open(t).map_err(|e| {
+                EngineError::Config(format!("log.access_log: cannot open {t}: {e}"))
+            })?)),
+            None => None,
+        };
+        // The old writer (if any) flushes and ends when its last user lets go.
+        drop(self.shared.access_log.swap(new));
+        Ok(())
+    }
+
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = self.shared.access_log.load().as_ref() {
+            log.reopen();
+        }
+    }
+
     fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) {
         for w in &self.workers {
             let _ = w.commands.send(cmd());
@@ -376,7 +410,12 @@ impl Engine {
             merged: &merged,
             window: &mut self.window,
             connections_active,
-            log_dropped: 0,
+            log_dropped: self
+                .shared
+                .access_log
+                .load()
+                .as_ref()
+                .map_or(0, |l| l.dropped()),
         })
     }
 

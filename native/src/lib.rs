@@ -1,6 +1,7 @@
 //! `fastlb._native`: the data plane. This file only binds Rust to Python; every class Python
 //! sees is registered in `_native` below. Typed in python/fastlb/_native.pyi.
 
+pub mod accesslog;
 pub mod balance;
 pub mod config;
 pub mod engine;
@@ -125,6 +126,14 @@ impl PyEngine {
     /// Closes every connection to the backend (a drain that timed out).
     fn close_backend(&self, pool: &str, address: &str) -> PyResult<()> {
         self.with(|e| e.close_backend(pool, address))
+    }
+
+    /// Reopens the access log file (after logrotate moved it).
+    fn reopen_access_log(&self) -> PyResult<()> {
+        self.with(|e| {
+            e.reopen_access_log();
+            Ok(())
+        })
     }
 
     /// Ids of the backends passive detection ejected since the last call.

@@ -164,6 +164,8 @@ struct BackendJson<'a> {
     id: &'a str,
     address: &'a str,
     state: &'static str,
+    /// Health alone (checks and passive detection), whatever the admin state.
+    up: bool,
     backup: bool,
     weight: u32,
     /// `weight` as slow start scales it now, and that scale in per mille.
@@ -342,6 +344,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                         id: &b.id,
                         address: &b.address,
                         state: state_name(b),
+                        up: b.is_up(),
                         backup: b.backup,
                         weight: b.weight(),
                         effective_weight: b.effective_weight(),

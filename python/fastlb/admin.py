@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from fastlb.config import split_host_port
 from fastlb.control import ControlPlane, ReloadError
+from fastlb.metrics import registry_for, render
 
 log = logging.getLogger("fastlb.admin")
 
 CONTROL: web.AppKey[ControlPlane] = web.AppKey("control", ControlPlane)
+REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+STATIC = Path(__file__).parent / "static"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -92,6 +97,19 @@ async def weight(request: web.Request) -> web.Response:
     return _json({"ok": True, "backend": f"{pool}/{address}", "weight": body["weight"]})
 
 
+async def alerts(request: web.Request) -> web.Response:
+    return _json(request.app[CONTROL].alerts.as_json())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "dashboard.html", headers={"Cache-Control": "no-cache"})
+
+
 async def reload(request: web.Request) -> web.Response:
     try:
         config = request.app[CONTROL].reload()
@@ -105,6 +123,7 @@ async def reload(request: web.Request) -> web.Response:
 def build_app(control: ControlPlane) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[CONTROL] = control
+    app[REGISTRY] = registry_for(control)
     backend = "/api/pools/{pool}/backends/{address}"
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/status", status)
@@ -112,6 +131,10 @@ def build_app(control: ControlPlane) -> web.Application:
         app.router.add_post(f"{backend}/{action}", _backend_action(action))
     app.router.add_put(f"{backend}/weight", weight)
     app.router.add_post("/api/reload", reload)
+    app.router.add_get("/api/alerts", alerts)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", dashboard)
+    app.router.add_static("/static/", STATIC)
     return app
 
 

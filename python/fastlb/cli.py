@@ -86,7 +86,7 @@ def cmd_serve(path: Path) -> int:
     return serve_config(config, reload, exit_when_stopped=True)
 
 
-HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 def serve_config(
@@ -166,6 +166,7 @@ async def _control_loop(
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, engine.reopen_access_log)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     if before is not None:
         await before()

@@ -1033,7 +1033,9 @@ class _Engine:
             if ep is not None
         ]
         pools = [self.pool(i, p, backends) for i, p in enumerate(cfg.pools)]
-        return {"runtime": runtime, "listeners": listeners, "pools": pools}
+        log = self.cfg.log.access_log
+        access_log = None if log == "off" else log
+        return {"runtime": runtime, "access_log": access_log, "listeners": listeners, "pools": pools}
 
     @staticmethod
     def listener(x: Listener, bind: str) -> dict[str, Any]:

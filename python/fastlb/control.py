@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastlb.alerts import Alerts
 from fastlb.config import Config, ConfigError, Duration, Pool
 from fastlb.engine import AdminState, Engine
 from fastlb.health import HealthChecker
@@ -60,11 +61,13 @@ class ControlPlane:
         self._watcher: asyncio.Task[None] | None = None
         self.started = time.time()
         self.reloads = 0
+        self.alerts = Alerts(self)
 
     # --- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self.checker.start()
+        self.alerts.start()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_ejections(), name="ejections")
 
     async def stop(self) -> None:
@@ -76,6 +79,7 @@ class ControlPlane:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.alerts.stop()
         await self.checker.stop()
 
     # --- runtime control (admin API, `fastlb ctl`) -------------------------------------------
@@ -143,6 +147,7 @@ class ControlPlane:
             raise ReloadError([str(err)]) from None
         self.reloads += 1
         self.checker.update()
+        self.alerts.update()
         ids = self._backend_ids()
         for bid in old_ids - ids:
             self._forget(bid)
@@ -171,8 +176,9 @@ class ControlPlane:
                         "failures_total": sum(b["failures"].values()),
                         "health": {
                             "type": cfg.health.type,
-                            "up": b["state"] != "down",
+                            "up": b["up"],
                             "last_error": health.last_error if health is not None else "",
+                            "checks_failed": health.checks_failed if health is not None else 0,
                         },
                         "ejected": until > now,
                         "slow_start": bid in self._ramps,
@@ -188,6 +194,7 @@ class ControlPlane:
                 }
             )
         return {
+            **{k: stats[k] for k in ("buckets_s", "responses", "log_dropped")},
             "version": _version(),
             "uptime_s": round(time.time() - self.started, 3),
             "reloads": self.reloads,

@@ -60,6 +60,10 @@ class Engine:
         """Closes every open connection to the backend (a drain that reached its timeout)."""
         self._native.close_backend(pool, address)
 
+    def reopen_access_log(self) -> None:
+        """Reopens the access log file (SIGUSR1, after logrotate moved it)."""
+        self._native.reopen_access_log()
+
     def take_ejected(self) -> list[str]:
         """Ids (`pool/address`) of backends passive detection ejected since the last call."""
         return self._native.take_ejected()

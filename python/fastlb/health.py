@@ -41,6 +41,7 @@ class BackendHealth:
     up: bool = True
     successes: int = 0
     failures: int = 0
+    checks_failed: int = 0  # every failed check since start: fastlb_backend_failures_total{kind="health"}
     last_error: str = ""
     # time.monotonic() before which successes do not count (passive ejection)
     held_until: float = 0.0
@@ -65,6 +66,7 @@ class BackendHealth:
                 self.up = True
                 return True
         else:
+            self.checks_failed += 1
             self.failures, self.successes = self.failures + 1, 0
             self.last_error = error
             if self.up and self.failures >= self.check.fall:

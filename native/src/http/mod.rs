@@ -17,6 +17,7 @@ pub mod rewrite;
 pub mod route;
 pub mod upstream;
 
+use crate::accesslog::Line;
 use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::engine::ListenerEntry;
@@ -27,6 +28,7 @@ use buf::{Buf, BufPool, BUF_SIZE};
 use chunked::ChunkedDecoder;
 use client::ClientSocket;
 use io::{read_some, write_all, Deadline};
+use parse::HeaderKind;
 use parse::{BodyKind, HeadError, HeaderSpan, Limits, Method, RequestHead, Version};
 use ratelimit::RateLimiter;
 use rewrite::{ClientConnection, View};
@@ -146,6 +148,13 @@ pub async fn serve(
                 Ok(r) => r,
                 Err(Some(status)) => {
                     record_refused(ctx, listener, status, true);
+                    if let Some(log) = ctx.shared.access_log.load().as_ref() {
+                        let outcome = Outcome {
+                            status,
+                            ..Outcome::default()
+                        };
+                        log.send(access_line(listener, peer, &outcome, status, 0));
+                    }
                     refuse_and_close(ctx, &mut client, status, &mut deadline).await;
                     return;
                 }
@@ -383,6 +392,8 @@ async fn answer(
 /// Where a request goes, decided synchronously from its head.
 struct Plan {
     pool: Arc<Pool>,
+    /// Index of the route that matched; None: the listener's default pool.
+    route: Option<usize>,
     key: u64,
     /// The backend the affinity cookie names, if usable.
     pinned: Option<usize>,
@@ -592,9 +603,9 @@ fn plan(
         headers: &headers,
         peer,
     };
-    let pool = match http.routes.select(&view) {
-        Some((_, pool)) => pool.clone(),
-        None => listener.pool.clone(),
+    let (route, pool) = match http.routes.select(&view) {
+        Some((i, pool)) => (Some(i), pool.clone()),
+        None => (None, listener.pool.clone()),
     };
     let key = request_key(&pool.hash_key, &view);
     let pinned = match &pool.affinity {
@@ -615,6 +626,7 @@ fn plan(
         expect_continue: head.expect_continue && head.version == Version::Http11,
         upgrade,
         pool,
+        route,
     })
 }
 
@@ -699,6 +711,25 @@ struct Outcome {
     /// Request bytes sent to backends, response bytes sent to the client.
     bytes_in: u64,
     bytes_out: u64,
+    /// Backends tried after the first (not counting a stale kept-alive connection).
+    retries: u8,
+    /// Of the last try: connecting (None when a kept-alive connection was reused) and the
+    /// time to the response's first byte, in microseconds.
+    connect_us: Option<u64>,
+    ttfb_us: Option<u64>,
+    /// What only the access log needs, captured when it is on.
+    log: Option<Box<RequestLog>>,
+}
+
+/// The request's side of an access log line, copied before the head's bytes are consumed.
+struct RequestLog {
+    method: Vec<u8>,
+    target: Vec<u8>,
+    request_id: Vec<u8>,
+    route: Option<usize>,
+    pool: String,
+    /// The address of the backend that answered, or of the last one tried.
+    backend: Option<String>,
 }
 
 impl Default for Outcome {
@@ -709,6 +740,50 @@ impl Default for Outcome {
             backend: NO_BACKEND,
             bytes_in: 0,
             bytes_out: 0,
+            retries: 0,
+            connect_us: None,
+            ttfb_us: None,
+            log: None,
+        }
+    }
+}
+
+impl RequestLog {
+    fn new(ctx: &WorkerCtx, buf: &[u8], head: &RequestHead) -> Self {
+        let method = buf
+            .split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default()
+            .to_vec();
+        let request_id = ctx
+            .http
+            .headers
+            .borrow()
+            .iter()
+            .find(|h| h.kind == HeaderKind::XRequestId)
+            .map(|h| h.value.get(buf).to_vec())
+            .unwrap_or_default();
+        RequestLog {
+            method,
+            target: head.target.get(buf).to_vec(),
+            request_id,
+            route: None,
+            pool: String::new(),
+            backend: None,
+        }
+    }
+
+    /// Route and pool chosen; the request id fastlb generated, if the client sent none.
+    fn planned(&mut self, plan: &Plan, backend_head: &[u8]) {
+        self.route = plan.route;
+        self.pool = plan.pool.name.clone();
+        if self.request_id.is_empty() {
+            const FIELD: &[u8] = b"\r\nX-Request-Id: ";
+            if let Some(i) = backend_head.windows(FIELD.len()).position(|w| w == FIELD) {
+                let v = &backend_head[i + FIELD.len()..];
+                let end = v.iter().position(|&b| b == b'\r').unwrap_or(v.len());
+                self.request_id = v[..end].to_vec();
+            }
         }
     }
 }
@@ -772,7 +847,46 @@ async fn exchange(
         },
     };
     m.record_done(key, took);
+    drop(m);
+    if let Some(log) = ctx.shared.access_log.load().as_ref() {
+        log.send(access_line(listener, client.peer, &outcome, key.code, took));
+    }
     next
+}
+
+/// One access log line for an http request.
+fn access_line(
+    listener: &ListenerEntry,
+    peer: SocketAddr,
+    o: &Outcome,
+    status: u16,
+    took_us: u64,
+) -> Vec<u8> {
+    let mut line = Line::new();
+    line.time()
+        .quoted("client", peer)
+        .str("listener", listener.cfg.name.as_bytes());
+    let req = o.log.as_deref();
+    match req.and_then(|r| r.route) {
+        Some(i) => line.display("route", i),
+        None => line.null("route"),
+    };
+    line.opt_str("pool", req.map(|r| r.pool.as_bytes()))
+        .opt_str(
+            "backend",
+            req.and_then(|r| r.backend.as_deref()).map(str::as_bytes),
+        );
+    line.opt_str("method", req.map(|r| r.method.as_slice()))
+        .opt_str("path", req.map(|r| r.target.as_slice()))
+        .display("status", status)
+        .display("bytes_in", o.bytes_in)
+        .display("bytes_out", o.bytes_out)
+        .ms("duration_ms", Some(took_us))
+        .ms("connect_ms", o.connect_us)
+        .ms("ttfb_ms", o.ttfb_us)
+        .opt_str("request_id", req.map(|r| r.request_id.as_slice()))
+        .display("retries", o.retries);
+    line.finish()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -786,6 +900,9 @@ async fn exchange_counted(
     deadline: &mut Deadline<'_>,
     outcome: &mut Outcome,
 ) -> Next {
+    if ctx.shared.access_log.load().is_some() {
+        outcome.log = Some(Box::new(RequestLog::new(ctx, req.filled(), &head)));
+    }
     if let Some(limiter) = &http.rate_limit {
         if let Err(after) = limiter.check(client.peer.ip(), crate::balance::now_ns()) {
             ctx.metrics.borrow_mut().record_rate_limited(listener.id);
@@ -811,6 +928,9 @@ async fn exchange_counted(
         }
     };
     outcome.pool = plan.pool.id;
+    if let Some(log) = outcome.log.as_deref_mut() {
+        log.planned(&plan, &out);
+    }
     // The body bytes that came with the head go out with it. A small body still on its way
     // is read first (nginx's request buffering), so the whole request can go to another
     // backend if the first fails; a large one streams through once a backend is chosen.
@@ -999,6 +1119,10 @@ impl Exchange<'_, '_> {
             tried[n_tried] = i;
             n_tried += 1;
             self.outcome.backend = pool.backends[i].slot;
+            self.outcome.retries = (n_tried - 1) as u8;
+            if let Some(log) = self.outcome.log.as_deref_mut() {
+                log.backend = Some(pool.backends[i].address.clone());
+            }
             pool.backends[i].acquire();
             let result = self.attempt(i).await;
             let pool = &self.plan.pool;
@@ -1070,13 +1194,18 @@ impl Exchange<'_, '_> {
             .take(backend.addr)
             .filter(|_| !self.plan.upgrade && !self.fresh_connection);
         let (upstream, reused) = match pooled {
-            Some(s) => (s, true),
+            Some(s) => {
+                self.outcome.connect_us = None;
+                (s, true)
+            }
             None => {
                 let connect_timeout = Duration::from_millis(t.connect_ms.max(1));
                 let t0 = Instant::now();
                 let mut timer = self.deadline.timer();
                 timer.as_mut().reset((t0 + connect_timeout).into());
-                match crate::l4::connect(backend.addr, timer).await {
+                let connected = crate::l4::connect(backend.addr, timer).await;
+                self.outcome.connect_us = Some(t0.elapsed().as_micros() as u64);
+                match connected {
                     Ok(s) => {
                         self.ctx
                             .metrics
@@ -1260,6 +1389,7 @@ impl Exchange<'_, '_> {
         };
         let first_byte = Instant::now();
         let ttfb = first_byte.saturating_duration_since(sent).as_nanos() as u64;
+        self.outcome.ttfb_us = Some(ttfb / 1000);
         backend.observe_latency_at(ttfb, crate::balance::ns_at(first_byte));
         if matches!(head.status, 502..=504) && retryable && !forwarded_interim {
             backend.fail_5xx();

@@ -3,6 +3,7 @@
 pub mod forward;
 pub mod pipe;
 
+use crate::accesslog::Line;
 use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::HashKey;
 use crate::engine::ListenerEntry;
@@ -31,7 +32,9 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
     let pool = &listener.pool;
     // The connection's one timer: connect timeout first, then the idle timeout.
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    let Some((backend, upstream)) = connect_backend(ctx, pool, peer, timer.as_mut()).await else {
+    let Some((backend, upstream, connect_us)) =
+        connect_backend(ctx, pool, peer, timer.as_mut()).await
+    else {
         ctx.metrics.borrow_mut().record_no_backend(listener.id);
         return;
     };
@@ -63,6 +66,21 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
         },
         lifetime,
     );
+    drop(metrics);
+    if let Some(log) = ctx.shared.access_log.load().as_ref() {
+        let mut line = Line::new();
+        line.time()
+            .quoted("client", peer)
+            .str("listener", listener.cfg.name.as_bytes())
+            .str("protocol", b"tcp")
+            .str("pool", pool.name.as_bytes())
+            .str("backend", backend.address.as_bytes())
+            .display("bytes_in", moved.upstream)
+            .display("bytes_out", moved.downstream)
+            .ms("duration_ms", Some(lifetime))
+            .ms("connect_ms", Some(connect_us));
+        log.send(line.finish());
+    }
 }
 
 /// After a relay error, whether the backend's side is the one that failed (a reset or closed
@@ -100,7 +118,7 @@ async fn connect_backend<'p>(
     pool: &'p Pool,
     peer: SocketAddr,
     mut timer: Pin<&mut Sleep>,
-) -> Option<(&'p Arc<BackendState>, TcpStream)> {
+) -> Option<(&'p Arc<BackendState>, TcpStream, u64)> {
     let key = connection_key(pool, peer);
     let connect_timeout = Duration::from_millis(pool.timeouts.connect_ms.max(1));
     let mut tried = [usize::MAX; MAX_TRIES];
@@ -114,11 +132,12 @@ async fn connect_backend<'p>(
         timer.as_mut().reset((t0 + connect_timeout).into());
         match connect(backend.addr, timer.as_mut()).await {
             Ok(stream) => {
-                backend.observe_latency(t0.elapsed().as_nanos() as u64);
+                let took = t0.elapsed();
+                backend.observe_latency(took.as_nanos() as u64);
                 ctx.metrics
                     .borrow_mut()
                     .record_backend_connect(backend.slot);
-                return Some((backend, stream));
+                return Some((backend, stream, took.as_micros() as u64));
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => backend.fail_timeout(),
             Err(_) => backend.fail_connect(),

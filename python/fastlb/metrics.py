@@ -1,0 +1,124 @@
+"""`GET /metrics`: the engine's merged counters and histograms (and the control plane's health
+view) as Prometheus families, with exactly the names and labels of CONTRACT.md.
+
+Counting happens in the data plane only; this collector reads one `ControlPlane.status()` per
+scrape and translates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from fastlb.control import ControlPlane
+
+DROP_REASONS = ("max_connections", "no_backend", "rate_limited", "bad_request")
+FAILURE_KINDS = ("connect", "timeout", "reset", "5xx")
+
+
+class FastlbCollector(Collector):
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self.control.status())
+
+
+def families(status: dict[str, Any]) -> Iterator[Metric]:
+    """The Prometheus families of one `/api/status` document."""
+    listeners = status["listeners"]
+    conns = CounterMetricFamily(
+        "fastlb_connections_total", "Client connections accepted.", labels=["listener"]
+    )
+    active = GaugeMetricFamily("fastlb_connections_active", "Client connections open.", labels=["listener"])
+    dropped = CounterMetricFamily(
+        "fastlb_connections_dropped_total",
+        "Connections or requests refused, by reason.",
+        labels=["listener", "reason"],
+    )
+    bytes_total = CounterMetricFamily(
+        "fastlb_bytes_total",
+        "Bytes from clients (in) and to clients (out).",
+        labels=["listener", "direction"],
+    )
+    durations = HistogramMetricFamily(
+        "fastlb_request_duration_seconds",
+        "http: request head to last response byte; tcp: connection lifetime.",
+        labels=["listener", "pool"],
+    )
+    bounds = [_le(b) for b in status["buckets_s"]]
+    for li in listeners:
+        name = li["name"]
+        conns.add_metric([name], li["connections_total"])
+        active.add_metric([name], li["connections_active"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([name, reason], li["dropped"][reason])
+        bytes_total.add_metric([name, "in"], li["bytes_in"])
+        bytes_total.add_metric([name, "out"], li["bytes_out"])
+        for d in li["durations"]:
+            buckets = [*zip(bounds, d["buckets"], strict=True), ("+Inf", d["count"])]
+            durations.add_metric([name, d["pool"]], buckets, d["sum_s"])
+    requests = CounterMetricFamily(
+        "fastlb_requests_total",
+        "http responses by status code.",
+        labels=["listener", "pool", "backend", "code"],
+    )
+    for r in status["responses"]:
+        requests.add_metric([r["listener"], r["pool"], r["backend"], str(r["code"])], r["count"])
+    up = GaugeMetricFamily(
+        "fastlb_backend_up", "1 while the backend passes its health checks.", labels=["pool", "backend"]
+    )
+    backend_active = GaugeMetricFamily(
+        "fastlb_backend_connections_active",
+        "Open connections (tcp) or requests in flight (http) per backend.",
+        labels=["pool", "backend"],
+    )
+    failures = CounterMetricFamily(
+        "fastlb_backend_failures_total", "Backend failures by kind.", labels=["pool", "backend", "kind"]
+    )
+    ejections = CounterMetricFamily(
+        "fastlb_backend_ejections_total",
+        "Times passive detection ejected the backend.",
+        labels=["pool", "backend"],
+    )
+    healthy = GaugeMetricFamily("fastlb_healthy_backends", "Backends up and enabled.", labels=["pool"])
+    for pool in status["pools"]:
+        pname = pool["name"]
+        healthy.add_metric([pname], pool["healthy_backends"])
+        for b in pool["backends"]:
+            labels = [pname, b["address"]]
+            up.add_metric(labels, 1 if b["health"]["up"] else 0)
+            backend_active.add_metric(labels, b["active_connections"])
+            for kind in FAILURE_KINDS:
+                failures.add_metric([*labels, kind], b["failures"][kind])
+            failures.add_metric([*labels, "health"], b["health"]["checks_failed"])
+            ejections.add_metric(labels, b["ejections"])
+    log_dropped = CounterMetricFamily(
+        "fastlb_log_dropped_total", "Access log lines dropped because the writer fell behind."
+    )
+    log_dropped.add_metric([], status["log_dropped"])
+    yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
+    yield from (healthy, bytes_total, log_dropped)
+
+
+def _le(seconds: float) -> str:
+    return f"{seconds:g}"
+
+
+def registry_for(control: ControlPlane) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FastlbCollector(control))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
