@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 import orjson
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 DEFAULT_ADMIN = "127.0.0.1:9901"
 TIMEOUT_S = 10.0
@@ -64,6 +67,8 @@ def add_ctl_parser(sub: Any) -> None:
     w.add_argument("address")
     w.add_argument("weight", type=int)
     actions.add_parser("reload", help="re-read the config file (as SIGHUP does)", parents=[json_flag])
+    top = actions.add_parser("top", help="status, refreshed every second until Ctrl-C")
+    top.add_argument("--count", type=int, default=0, help="stop after this many refreshes (0: never)")
 
 
 def call(admin: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -90,6 +95,8 @@ def call(admin: str, method: str, path: str, body: dict[str, Any] | None = None)
 def run_ctl(args: argparse.Namespace) -> int:
     # Wide enough for addresses and notes when piped (rich assumes 80 columns then).
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    if args.action == "top":
+        return run_top(args.admin, args.count, console)
     quoted = ""
     if args.action not in ("status", "reload"):
         quoted = f"/api/pools/{_q(args.pool)}/backends/{_q(args.address)}"
@@ -124,8 +131,31 @@ def _q(part: str) -> str:
     return urllib.parse.quote(part, safe=":")
 
 
+def run_top(admin: str, count: int, console: Console) -> int:
+    """A live `status`: the table redrawn in place every second."""
+    shown = 0
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while count == 0 or shown < count:
+                try:
+                    live.update(status_view(call(admin, "GET", "/api/status")), refresh=True)
+                except CtlError as err:
+                    live.update(Text(f"fastlb ctl: {err}", style="red"), refresh=True)
+                shown += 1
+                if count == 0 or shown < count:
+                    time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def print_status(console: Console, status: dict[str, Any]) -> None:
-    console.print(
+    console.print(status_view(status))
+
+
+def status_view(status: dict[str, Any]) -> Group:
+    parts: list[Any] = []
+    parts.append(
         f"fastlb {status['version']}  up {_duration(status['uptime_s'])}  "
         f"{status['connections_active']} connections open  {status['reloads']} reloads"
         + ("  [yellow]stopping[/]" if status["stopping"] else "")
@@ -143,14 +173,24 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
             str(li["connections_total"]),
             str(li["requests_total"]) if li["protocol"] == "http" else "-",
         )
-    console.print(listeners)
+    parts.append(listeners)
     for pool in status["pools"]:
         total = len(pool["backends"])
         table = Table(
             title=f"pool {pool['name']} ({pool['algorithm']}): {pool['healthy_backends']}/{total} up",
             title_justify="left",
         )
-        for col in ("backend", "state", "weight", "active", "requests", "failures", "latency ms", "note"):
+        for col in (
+            "backend",
+            "state",
+            "weight",
+            "active",
+            "requests",
+            "failures",
+            "p50 ms",
+            "p99 ms",
+            "note",
+        ):
             table.add_column(col, justify="left" if col in ("backend", "state", "note") else "right")
         for b in pool["backends"]:
             state = b["state"]
@@ -171,10 +211,16 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
                 str(b["active_connections"]),
                 str(b["requests_total"] or b["connections_total"]),
                 str(b["failures_total"]),
-                f"{b['latency_ewma_ms']:.2f}",
+                _ms(b["latency_p50_ms"]),
+                _ms(b["latency_p99_ms"]),
                 ", ".join(notes),
             )
-        console.print(table)
+        parts.append(table)
+    return Group(*parts)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _duration(seconds: float) -> str:
