@@ -102,13 +102,17 @@ def test_tcp_bytes_active_and_dropped_are_exact(backends, fastlb):
     port, admin = free_port(), free_port()
     runtime = "max_connections = 3"
     fastlb(l4_config(port, [e.address], admin=f"127.0.0.1:{admin}", runtime=runtime), port)
+    # the start-up probe's connection must be gone before the limit is tested
+    assert wait_until(lambda: value(scrape(admin), "fastlb_connections_active", listener="front") == 0, 5)
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
     for i, s in enumerate(held):  # 1000, 2000, 3000 bytes each way
         data = bytes([65 + i]) * (1000 * (i + 1))
         s.sendall(data)
         got = b""
         while len(got) < len(data):
-            got += s.recv(65536)
+            chunk = s.recv(65536)
+            assert chunk, f"connection {i} closed after {len(got)} bytes"
+            got += chunk
         assert got == data
     m = scrape(admin)
     assert value(m, "fastlb_connections_active", listener="front") == 3

@@ -68,13 +68,17 @@ impl AccessLog {
     /// Starts the writer for `target` ("stdout" or a file path, opened for append now so a
     /// bad path is an error at start).
     pub fn open(target: &str) -> io::Result<AccessLog> {
+        Self::open_with_queue(target, QUEUE_LINES)
+    }
+
+    fn open_with_queue(target: &str, queue_lines: usize) -> io::Result<AccessLog> {
         let mut sink = if target == "stdout" {
             Sink::Stdout(io::stdout())
         } else {
             let path = PathBuf::from(target);
             Sink::File(path.clone(), open_file(&path)?)
         };
-        let (tx, rx) = sync_channel(QUEUE_LINES);
+        let (tx, rx) = sync_channel(queue_lines);
         let reopen = Arc::new(AtomicBool::new(false));
         let flag = reopen.clone();
         let writer = std::thread::Builder::new()
@@ -300,6 +304,23 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["path"], "/a\"b\\c\u{1}\u{ff}");
+    }
+
+    /// A writer that falls behind costs lines, never a wait: every line is written or counted.
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let path = std::env::temp_dir().join(format!("fastlb-drop-{}.log", std::process::id()));
+        let log = AccessLog::open_with_queue(path.to_str().unwrap(), 1).unwrap();
+        let sent = 200_000;
+        for i in 0..sent {
+            log.send(format!("{i}\n").into_bytes());
+        }
+        let dropped = log.dropped();
+        drop(log);
+        let written = std::fs::read_to_string(&path).unwrap().lines().count() as u64;
+        std::fs::remove_file(&path).unwrap();
+        assert!(dropped > 0, "a one-line queue kept up with {sent} lines");
+        assert_eq!(written + dropped, sent);
     }
 
     #[test]
