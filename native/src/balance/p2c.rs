@@ -6,7 +6,7 @@
 //! effect of least connections when the counts are stale or shared by many workers (every
 //! worker would pick the same "least" backend at once), while still reducing the maximum load
 //! exponentially compared with random. It needs no shared cursor, only the global active
-//! counts. `peak_ewma` uses the same candidate draw with a latency-aware cost.
+//! counts. `peak_ewma` draws three candidates the same way and compares a latency-aware cost.
 
 use super::random::weighted_pick;
 use super::{BackendState, Selector};

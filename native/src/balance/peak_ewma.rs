@@ -1,13 +1,13 @@
-//! Peak-EWMA (Finagle's `p2cPeakEwma`, Linkerd's and tower's default balancer): power of two
-//! choices on an estimate of the latency a new request would see,
+//! Peak-EWMA (after Finagle's `p2cPeakEwma`, Linkerd's and tower's default balancer): power of
+//! d choices (d = 3 here) on an estimate of the latency a new request would see,
 //! `latency_ewma_ns * (active + 1) / effective_weight`.
 //!
 //! The latency estimate (`BackendState::observe_latency`) jumps up at once on a slow sample
 //! and decays slowly back, also while the backend gets no traffic (it is read decayed, as in
 //! Finagle), so a backend that turns slow loses traffic immediately and wins it back
-//! gradually, and one unlucky sample cannot shut a backend out; multiplying by the load it would have with this request keeps a fast
-//! backend from being flooded. Candidates are drawn as in `p2c` (two distinct usable backends,
-//! weighted by `effective_weight`) and the one of lower `cost` wins.
+//! gradually, and one unlucky sample cannot shut a backend out; multiplying by the load it
+//! would have with this request keeps a fast backend from being flooded. Three distinct usable
+//! candidates are drawn by `effective_weight` (see `CHOICES`) and the one of lower `cost` wins.
 //!
 //! A backend with no observation yet (estimate 0: new, or never connected) is *unknown*. While
 //! it has nothing in flight it costs almost nothing, so it is tried at once and gets its first
@@ -16,7 +16,7 @@
 //! onto a backend nobody has measured (Finagle's "penalty"); unknown backends still compare by
 //! load among themselves, so a pool that has measured nothing degrades to weighted p2c.
 
-use super::p2c::two_candidates;
+use super::random::weighted_pick;
 use super::{BackendState, Selector};
 use std::sync::Arc;
 
@@ -54,6 +54,14 @@ pub fn cost(b: &BackendState, now: u64) -> f64 {
     latency * (active as f64 + 1.0) / b.effective_weight() as f64
 }
 
+/// Candidates compared per pick. Two (plain p2c) picks two slow backends with probability
+/// s(s-1)/(n(n-1)) when s of n are slow, 2.2% for 2 of 10, which alone puts the slow latency
+/// at p99 (bench/slow_backends.py measures it). Three makes that impossible with two slow
+/// backends and rare with more (s(s-1)(s-2)/(n(n-1)(n-2)), 0.8% for 3 of 10), while the picks
+/// stay random samples, so workers do not herd onto one "best" backend the way a scan for the
+/// global minimum would.
+const CHOICES: usize = 3;
+
 impl Selector for PeakEwma {
     fn select(
         &self,
@@ -61,17 +69,24 @@ impl Selector for PeakEwma {
         _key: u64,
         usable: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        match two_candidates(backends, usable, &mut fastrand::Rng::new())? {
-            (a, Some(b)) => {
-                let now = super::now_ns();
-                Some(if cost(&backends[b], now) < cost(&backends[a], now) {
-                    b
-                } else {
-                    a
-                })
+        let mut rng = fastrand::Rng::new();
+        let first = weighted_pick(backends, usable, &mut rng)?;
+        let now = super::now_ns();
+        let mut drawn = [first; CHOICES];
+        let (mut best, mut best_cost) = (first, cost(&backends[first], now));
+        for n in 1..CHOICES {
+            let seen = &drawn[..n];
+            let Some(c) = weighted_pick(backends, &|i| !seen.contains(&i) && usable(i), &mut rng)
+            else {
+                break;
+            };
+            drawn[n] = c;
+            let c_cost = cost(&backends[c], now);
+            if c_cost < best_cost {
+                (best, best_cost) = (c, c_cost);
             }
-            (a, None) => Some(a),
         }
+        Some(best)
     }
 }
 
@@ -126,6 +141,20 @@ mod tests {
         let shares = simulate(&b, 10_000, 30);
         assert!(shares[2] < 0.05, "{shares:?}");
         assert!(shares[0] > 0.4 && shares[1] > 0.4, "{shares:?}");
+    }
+
+    /// The seed's scenario: 2 of 10 backends slow. Plain p2c would send ~2.2% of requests to
+    /// a slow one (both candidates slow); three choices send none once both are measured.
+    #[test]
+    fn two_slow_of_ten_get_no_request_once_measured() {
+        fastrand::seed(7);
+        let b = states(&[1; 10]);
+        for (i, s) in b.iter().enumerate() {
+            s.observe_latency(if i < 2 { 40 * MS } else { MS });
+        }
+        let shares = simulate(&b, 20_000, 8);
+        assert!(shares[0] + shares[1] < 0.001, "{shares:?}");
+        assert!(shares[2..].iter().all(|&s| s > 0.08), "{shares:?}");
     }
 
     #[test]
