@@ -26,6 +26,8 @@ run: install
 test: install-dev
 	cargo test --release --lib
 	$(PY) -m pytest -q
+	# the micro benchmarks, once each as a smoke test (`make bench` runs them fully)
+	$(PY) -m pytest -q bench/micro --benchmark-disable -p no:cacheprovider
 
 ## lint: formatters and linters, as CI would want them
 lint: install-dev

@@ -85,32 +85,79 @@ def layer_table(layer: str, runs: list[dict[str, dict[str, Any]]]) -> list[str]:
     return [*lines, ""]
 
 
+def micro_table() -> list[str]:
+    """Runs bench/micro fully (pytest-benchmark) and returns its figures per operation."""
+    out = Path(tempfile.mkdtemp()) / "micro.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            str(HERE / "micro"),
+            f"--benchmark-json={out}",
+            "--benchmark-min-rounds=10",
+            "-p",
+            "no:cacheprovider",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    data = json.loads(out.read_text())
+    lines = [
+        "## Micro benchmarks (bench/micro, pytest-benchmark)",
+        "",
+        "Median per operation. Hash lookups are called from Python (the call is included), the"
+        " seed's ConsistentHash as the article wrote it (md5, 160 virtual nodes, a sorted scan"
+        " per lookup); parsing and selection run their loop inside Rust.",
+        "",
+        "| benchmark | ns per operation | what |",
+        "| --- | --- | --- |",
+    ]
+    for b in data["benchmarks"]:
+        ops = b["extra_info"].get("ops_per_call", 1)
+        lines.append(
+            f"| {b['name']} | {b['stats']['median'] / ops * 1e9:.1f} | {b['extra_info'].get('note', '')} |"
+        )
+    (HERE / "MICRO.md").write_text("\n".join(lines) + "\n")
+    return [*lines, ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--layers", default="l4,l7", help="comma-separated: l4, l7")
     ap.add_argument("--compare", type=Path, default=ROOT.parent / "shared" / "tools" / "compare_lb.py")
+    ap.add_argument("--parts", default="compare,micro,slow", help="comma-separated: compare, micro, slow")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if "compare" not in parts:
+        args.layers = ""
     missing = [t for t in TOOLS if not shutil.which(t)]
-    if missing:
+    if missing and "compare" in parts:
         sys.exit(
             f"missing: {' '.join(missing)}; apt-get install -y haproxy nginx libnginx-mod-stream wrk gcc"
         )
-    if not args.compare.exists():
+    if "compare" in parts and not args.compare.exists():
         sys.exit(f"no comparison harness at {args.compare}; pass --compare PATH")
     floor = Path(tempfile.mkdtemp()) / "floor_relay"
-    subprocess.run(["gcc", "-O2", "-o", str(floor), str(args.compare.parent / "floor_relay.c")], check=True)
+    if "compare" in parts:
+        subprocess.run(
+            ["gcc", "-O2", "-o", str(floor), str(args.compare.parent / "floor_relay.c")], check=True
+        )
     layers = [x for x in args.layers.split(",") if x]
     results: dict[str, list[dict[str, dict[str, Any]]]] = {layer: [] for layer in layers}
     for i in range(args.runs):
         for layer in layers:
             print(f"{layer} comparison run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
             results[layer].append(compare_run(args.compare, args.secs, floor, layer))
-    print("splice threshold ...", file=sys.stderr, flush=True)
-    splice = subprocess.run(
-        [sys.executable, str(HERE / "splice_threshold.py")], capture_output=True, text=True, check=True
-    ).stdout
+    splice = ""
+    if "compare" in parts:
+        print("splice threshold ...", file=sys.stderr, flush=True)
+        splice = subprocess.run(
+            [sys.executable, str(HERE / "splice_threshold.py")], capture_output=True, text=True, check=True
+        ).stdout
     lines = [
         "# Benchmark results",
         "",
@@ -122,9 +169,25 @@ def main() -> None:
     ]
     for layer in layers:
         lines += layer_table(layer, results[layer])
-    lines += ["## Splice threshold (bench/splice_threshold.py)", "", splice]
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
+    if splice:
+        lines += ["## Splice threshold (bench/splice_threshold.py)", "", splice]
+    if "micro" in parts:
+        print("micro benchmarks ...", file=sys.stderr, flush=True)
+        lines += micro_table()
+    if "slow" in parts:
+        print("slow-backend scenario ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, str(HERE / "slow_backends.py")], check=True, capture_output=True)
+        slow = (
+            (HERE / "SLOW_BACKENDS.md")
+            .read_text()
+            .replace("# The slow-backend scenario", "## The slow-backend scenario")
+        )
+        lines += [slow]
+    if parts >= {"compare", "micro", "slow"}:
+        (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
+    else:  # a partial run leaves RESULTS.md as it is; MICRO.md / SLOW_BACKENDS.md are rewritten
+        print("partial run: see bench/MICRO.md and bench/SLOW_BACKENDS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

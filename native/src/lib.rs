@@ -9,6 +9,7 @@ pub mod http;
 pub mod l4;
 pub mod maglev;
 pub mod metrics;
+pub mod microbench;
 pub mod ring;
 pub mod stats;
 pub mod track;
@@ -239,12 +240,42 @@ fn regex_error(pattern: &str) -> Option<String> {
         .map(|e| e.to_string())
 }
 
+/// Micro benchmark: parses an HTTP request head `n` times in Rust; total nanoseconds.
+#[pyfunction]
+fn bench_parse_head(py: Python<'_>, head: &[u8], n: u64) -> PyResult<u64> {
+    let head = head.to_vec();
+    py.detach(|| microbench::parse_head(&head, n))
+        .map_err(PyValueError::new_err)
+}
+
+/// Micro benchmark: a pool of `backends` equal backends under `algorithm`, built once;
+/// `select(n)` makes `n` selections and returns the total nanoseconds.
+#[pyclass(name = "BenchPool", module = "fastlb._native")]
+struct PyBenchPool {
+    pool: balance::Pool,
+}
+
+#[pymethods]
+impl PyBenchPool {
+    #[new]
+    fn new(algorithm: &str, backends: usize) -> PyResult<Self> {
+        let pool = microbench::pool(algorithm, backends).map_err(PyValueError::new_err)?;
+        Ok(PyBenchPool { pool })
+    }
+
+    fn select(&self, py: Python<'_>, n: u64) -> u64 {
+        py.detach(|| microbench::select(&self.pool, n))
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyHashRing>()?;
     m.add_class::<PyMaglev>()?;
     m.add_function(wrap_pyfunction!(regex_error, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_parse_head, m)?)?;
+    m.add_class::<PyBenchPool>()?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -434,13 +434,14 @@ pub fn affinity_token(pool: &str, address: &str) -> [u8; 16] {
 /// Builds the selector for a pool's algorithm from the backends' weights as configured now.
 pub fn build_selector(cfg: &PoolConfig, states: &[Arc<BackendState>]) -> Box<dyn Selector> {
     let weights: Vec<u32> = states.iter().map(|b| b.weight()).collect();
+    let max_weight = weights.iter().copied().max().unwrap_or(0);
     let names: Vec<&str> = states.iter().map(|b| b.address.as_str()).collect();
     match cfg.algorithm {
         Algorithm::RoundRobin => Box::new(round_robin::RoundRobin::new(&weights)),
         Algorithm::LeastConn => Box::new(least_conn::LeastConn::new()),
-        Algorithm::Random => Box::new(random::WeightedRandom::new()),
-        Algorithm::P2c => Box::new(p2c::P2c::new()),
-        Algorithm::PeakEwma => Box::new(peak_ewma::PeakEwma::new()),
+        Algorithm::Random => Box::new(random::WeightedRandom::with_max_weight(max_weight)),
+        Algorithm::P2c => Box::new(p2c::P2c::with_max_weight(max_weight)),
+        Algorithm::PeakEwma => Box::new(peak_ewma::PeakEwma::with_max_weight(max_weight)),
         Algorithm::IpHash => Box::new(ip_hash::IpHash::new(&weights)),
         Algorithm::ConsistentHash => Box::new(consistent_hash::ConsistentHash::new(
             &names,

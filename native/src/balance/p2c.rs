@@ -8,17 +8,24 @@
 //! exponentially compared with random. It needs no shared cursor, only the global active
 //! counts. `peak_ewma` draws three candidates the same way and compares a latency-aware cost.
 
-use super::random::weighted_pick;
+use super::random::pick;
 use super::{BackendState, Selector};
 use std::sync::Arc;
 
 /// Power-of-two-choices selection on active connections per weight.
 #[derive(Debug, Default)]
-pub struct P2c;
+pub struct P2c {
+    /// The pool's largest configured weight, for `random::pick` (0: unknown).
+    max_weight: u32,
+}
 
 impl P2c {
     pub fn new() -> Self {
-        P2c
+        P2c::default()
+    }
+
+    pub fn with_max_weight(max_weight: u32) -> Self {
+        P2c { max_weight }
     }
 }
 
@@ -28,9 +35,10 @@ pub fn two_candidates(
     backends: &[Arc<BackendState>],
     usable: &dyn Fn(usize) -> bool,
     rng: &mut fastrand::Rng,
+    max_weight: u32,
 ) -> Option<(usize, Option<usize>)> {
-    let a = weighted_pick(backends, usable, rng)?;
-    let b = weighted_pick(backends, &|i| i != a && usable(i), rng);
+    let a = pick(backends, usable, rng, max_weight)?;
+    let b = pick(backends, &|i| i != a && usable(i), rng, max_weight);
     Some((a, b))
 }
 
@@ -49,7 +57,7 @@ impl Selector for P2c {
         _key: u64,
         usable: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        match two_candidates(backends, usable, &mut fastrand::Rng::new())? {
+        match two_candidates(backends, usable, &mut fastrand::Rng::new(), self.max_weight)? {
             (a, Some(b)) if less_loaded(&backends[b], &backends[a]) => Some(b),
             (a, _) => Some(a),
         }
@@ -101,7 +109,7 @@ mod tests {
         b[2].set_up(false);
         let mut rng = fastrand::Rng::with_seed(3);
         for _ in 0..1000 {
-            let (a, c) = two_candidates(&b, &|i| b[i].usable(), &mut rng).unwrap();
+            let (a, c) = two_candidates(&b, &|i| b[i].usable(), &mut rng, 0).unwrap();
             let c = c.unwrap();
             assert_ne!(a, c);
             assert!(a != 2 && c != 2);
