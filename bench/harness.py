@@ -45,9 +45,15 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
-def wrk(port: int, conns: int, secs: int, path: str = "/", cpu: str = "1") -> dict[str, Any]:
-    """Runs wrk pinned to `cpu`; returns requests, rps and latency percentiles (ms)."""
-    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency"]
+def wrk(
+    port: int, conns: int, secs: int, path: str = "/", cpu: str = "1", close: bool = False
+) -> dict[str, Any]:
+    """Runs wrk pinned to `cpu` (one thread per CPU given); returns requests, rps and latency
+    percentiles (ms). `close`: a new connection per request."""
+    threads = max(1, min(conns, len(cpu.split(","))))
+    cmd = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{conns}", f"-d{secs}s", "--latency"]
+    if close:
+        cmd += ["-H", "Connection: close"]
     text = subprocess.run(
         [*cmd, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True
     ).stdout
@@ -60,5 +66,13 @@ def wrk(port: int, conns: int, secs: int, path: str = "/", cpu: str = "1") -> di
 
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", text, re.M))
     requests = re.search(r"(\d+) requests in", text)
-    assert requests, text
-    return {"requests": int(requests.group(1)), "p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"])}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    assert requests and rps, text
+    return {
+        "rps": round(float(rps.group(1))),
+        "requests": int(requests.group(1)),
+        "p50_ms": ms(lat["50"]),
+        "p99_ms": ms(lat["99"]),
+        "non2xx": int(errors.group(1)) if errors else 0,
+    }

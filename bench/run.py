@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""`make bench`: the L4 and L7 comparisons with HAProxy, nginx and the bare C relay, plus the
-splice threshold measurement; writes bench/RESULTS.md.
+"""`make bench`: the L4 and L7 comparisons with HAProxy and nginx (bench/compare.py), the
+splice threshold, the micro benchmarks and the slow-backend scenario; writes bench/RESULTS.md
+and the chart bench/results.png.
 
-Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and gcc (it offers the apt-get line if they
-are missing), and the comparison harness compare_lb.py (looked up in ../shared/tools, or given
-with --compare). Every figure is a ratio within one run: the machine is shared and noisy.
+Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl (`make bench` installs them
+with apt-get when it can). A bare C relay is shown as the floor when its source is found
+(--floor-source, and gcc). Every figure is a ratio within one run: the machine is shared and
+noisy. Pinning: the proxies on --proxy-cpus, wrk and the backend on --client-cpus.
 
-usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--compare PATH]
+usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--parts compare,micro,slow]
+                           [--proxy-cpus 0] [--client-cpus 1]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TOOLS = ["haproxy", "nginx", "wrk", "gcc", "taskset"]
+TOOLS = ["haproxy", "nginx", "wrk", "curl", "taskset"]
 FIGURES = [
     ("cpu_us_per_req", "CPU us per keep-alive request (c64)"),
     ("cpu_us_per_conn", "CPU us per new connection"),
@@ -41,21 +44,22 @@ LAYERS = {
 }
 
 
-def compare_run(compare: Path, secs: int, floor: Path, layer: str) -> dict[str, dict[str, Any]]:
-    fastlb, anchors, protocol = LAYERS[layer]
+def compare_run(secs: int, floor: Path | None, layer: str, pinning: list[str]) -> dict[str, dict[str, Any]]:
+    """One bench/compare.py run over this layer's anchors and fastlb."""
+    fastlb, anchors, _ = LAYERS[layer]
+    names = [a for a in anchors if a != "floor" or floor is not None]
     cmd = [
         sys.executable,
-        str(compare),
+        str(HERE / "compare.py"),
         "--secs",
         str(secs),
         "--only",
-        ",".join([*anchors, fastlb]),
-        f"--fastlb-{protocol}",
-        f"{sys.executable} {HERE / 'lb_from_env.py'} {protocol}",
-        "--extra",
-        f"floor={floor}",
+        ",".join([*names, fastlb]),
+        *pinning,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    if floor is not None:
+        cmd += ["--extra", f"floor={floor}"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
     return {t["name"]: t for t in json.loads(out)["targets"]}
 
 
@@ -66,6 +70,7 @@ def ratio(ours: object, theirs: object) -> str:
 
 def layer_table(layer: str, runs: list[dict[str, dict[str, Any]]]) -> list[str]:
     fastlb, anchors, _ = LAYERS[layer]
+    anchors = [a for a in anchors if all(a in run for run in runs)]
     names = [fastlb, *anchors]
     lines = [
         f"## {layer.upper()}, per run: fastlb and its ratio to each anchor",
@@ -83,6 +88,59 @@ def layer_table(layer: str, runs: list[dict[str, dict[str, Any]]]) -> list[str]:
             lat = " | ".join(f"{run[name][conns]['p50_ms']}/{run[name][conns]['p99_ms']}" for name in names)
             lines.append(f"| {n} | latency p50/p99 ms at {conns} | {lat} |" + " |" * len(anchors))
     return [*lines, ""]
+
+
+CHART_FIGURES = [
+    ("cpu_us_per_req", "CPU / keep-alive req"),
+    ("cpu_us_per_conn", "CPU / new conn"),
+    ("bulk_cpu_s_per_GB", "CPU / GB bulk"),
+    ("bytes_per_idle_conn", "RSS / idle conn"),
+    ("c1.p50_ms", "p50 @1 conn"),
+    ("c1.p99_ms", "p99 @1 conn"),
+    ("c64.p50_ms", "p50 @64 conns"),
+    ("c64.p99_ms", "p99 @64 conns"),
+]
+
+
+def figure(target: dict[str, Any], key: str) -> float | None:
+    value: Any = target
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def chart(results: dict[str, list[dict[str, dict[str, Any]]]], path: Path) -> None:
+    """fastlb / anchor per figure (median over runs), one panel per layer; below 1 is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [layer for layer, runs in results.items() if runs]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(11, 3.6 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers, strict=True):
+        fastlb, anchors, _ = LAYERS[layer]
+        runs = results[layer]
+        anchors = [a for a in anchors if all(a in run for run in runs)]
+        width = 0.8 / max(1, len(anchors))
+        for j, anchor in enumerate(anchors):
+            ratios = []
+            for key, _ in CHART_FIGURES:
+                per_run = [
+                    ours / theirs
+                    for run in runs
+                    if (ours := figure(run[fastlb], key)) is not None and (theirs := figure(run[anchor], key))
+                ]
+                ratios.append(sorted(per_run)[len(per_run) // 2] if per_run else 0.0)
+            xs = [i + (j - (len(anchors) - 1) / 2) * width for i in range(len(CHART_FIGURES))]
+            ax.bar(xs, ratios, width, label=f"fastlb / {anchor}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(CHART_FIGURES)), [label for _, label in CHART_FIGURES], fontsize=8)
+        ax.set_ylabel("ratio (lower is better)")
+        ax.set_title(f"{layer.upper()}: {fastlb} against the anchors, median of {len(runs)} runs")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def micro_table() -> list[str]:
@@ -128,7 +186,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--layers", default="l4,l7", help="comma-separated: l4, l7")
-    ap.add_argument("--compare", type=Path, default=ROOT.parent / "shared" / "tools" / "compare_lb.py")
+    ap.add_argument(
+        "--floor-source",
+        type=Path,
+        default=ROOT.parent / "shared" / "tools" / "floor_relay.c",
+        help="a bare C relay to show as the floor, if present",
+    )
+    ap.add_argument("--proxy-cpus", default="0")
+    ap.add_argument("--client-cpus", default="1")
     ap.add_argument("--parts", default="compare,micro,slow", help="comma-separated: compare, micro, slow")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -139,19 +204,17 @@ def main() -> None:
         sys.exit(
             f"missing: {' '.join(missing)}; apt-get install -y haproxy nginx libnginx-mod-stream wrk gcc"
         )
-    if "compare" in parts and not args.compare.exists():
-        sys.exit(f"no comparison harness at {args.compare}; pass --compare PATH")
-    floor = Path(tempfile.mkdtemp()) / "floor_relay"
-    if "compare" in parts:
-        subprocess.run(
-            ["gcc", "-O2", "-o", str(floor), str(args.compare.parent / "floor_relay.c")], check=True
-        )
+    floor: Path | None = None
+    if "compare" in parts and args.floor_source.exists() and shutil.which("gcc"):
+        floor = Path(tempfile.mkdtemp()) / "floor_relay"
+        subprocess.run(["gcc", "-O2", "-o", str(floor), str(args.floor_source)], check=True)
+    pinning = ["--proxy-cpus", args.proxy_cpus, "--client-cpus", args.client_cpus]
     layers = [x for x in args.layers.split(",") if x]
     results: dict[str, list[dict[str, dict[str, Any]]]] = {layer: [] for layer in layers}
     for i in range(args.runs):
         for layer in layers:
             print(f"{layer} comparison run {i + 1}/{args.runs} ...", file=sys.stderr, flush=True)
-            results[layer].append(compare_run(args.compare, args.secs, floor, layer))
+            results[layer].append(compare_run(args.secs, floor, layer, pinning))
     splice = ""
     if "compare" in parts:
         print("splice threshold ...", file=sys.stderr, flush=True)
@@ -163,12 +226,15 @@ def main() -> None:
         "",
         f"Written by `make bench` ({time.strftime('%Y-%m-%d')}) on {platform.node()}: {os.cpu_count()} CPUs,"
         f" {platform.machine()}, Linux {platform.release()}. Proxy pinned to CPU 0 with one worker; wrk and"
-        " the nginx backend on CPU 1 (`compare_lb.py`). Ratios are within one run. `floor` is the bare C"
+        " the nginx backend on CPU 1 (`bench/compare.py`). Ratios are within one run. `floor` is the bare C"
         " read/write relay (an L4 relay, shown at L7 too as the least any proxy can spend).",
         "",
     ]
     for layer in layers:
         lines += layer_table(layer, results[layer])
+    if layers:
+        chart(results, HERE / "results.png")
+        lines += ["![fastlb against the anchors](results.png)", ""]
     if splice:
         lines += ["## Splice threshold (bench/splice_threshold.py)", "", splice]
     if "micro" in parts:
