@@ -126,6 +126,9 @@ def chart(results: dict[str, list[dict[str, dict[str, Any]]]], path: Path) -> No
         for j, anchor in enumerate(anchors):
             ratios = []
             for key, _ in CHART_FIGURES:
+                if anchor == "floor" and key == "bytes_per_idle_conn":
+                    ratios.append(0.0)  # the bare relay keeps no per-connection state to compare
+                    continue
                 per_run = [
                     ours / theirs
                     for run in runs
@@ -133,7 +136,9 @@ def chart(results: dict[str, list[dict[str, dict[str, Any]]]], path: Path) -> No
                 ]
                 ratios.append(sorted(per_run)[len(per_run) // 2] if per_run else 0.0)
             xs = [i + (j - (len(anchors) - 1) / 2) * width for i in range(len(CHART_FIGURES))]
-            ax.bar(xs, ratios, width, label=f"fastlb / {anchor}")
+            bars = ax.bar(xs, ratios, width, label=f"fastlb / {anchor}")
+            ax.bar_label(bars, labels=[f"{r:.2f}" if r else "" for r in ratios], fontsize=6, padding=1)
+        ax.set_ylim(0, 2.0)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(CHART_FIGURES)), [label for _, label in CHART_FIGURES], fontsize=8)
         ax.set_ylabel("ratio (lower is better)")
@@ -192,11 +197,15 @@ def main() -> None:
         default=ROOT.parent / "shared" / "tools" / "floor_relay.c",
         help="a bare C relay to show as the floor, if present",
     )
+    ap.add_argument("--chart-only", action="store_true", help="redraw results.png from results.json")
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument("--parts", default="compare,micro,slow", help="comma-separated: compare, micro, slow")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    if args.chart_only:
+        chart(json.loads((HERE / "results.json").read_text()), HERE / "results.png")
+        return
     if "compare" not in parts:
         args.layers = ""
     missing = [t for t in TOOLS if not shutil.which(t)]
@@ -233,6 +242,7 @@ def main() -> None:
     for layer in layers:
         lines += layer_table(layer, results[layer])
     if layers:
+        (HERE / "results.json").write_text(json.dumps(results, indent=1))
         chart(results, HERE / "results.png")
         lines += ["![fastlb against the anchors](results.png)", ""]
     if splice:
