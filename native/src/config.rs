@@ -162,6 +162,32 @@ pub struct PassiveConfig {
     pub eject_ms: u64,
 }
 
+impl PoolConfig {
+    /// A pool with every optional setting at its default and 1 s timeouts: for tests and the
+    /// micro benchmarks, which build pools without the control plane.
+    pub fn with_defaults(name: &str, algorithm: Algorithm, backends: Vec<BackendConfig>) -> Self {
+        PoolConfig {
+            name: name.into(),
+            algorithm,
+            hash_key: HashKey::SourceIp,
+            hash_balance_factor: 0,
+            backends,
+            timeouts: PoolTimeouts {
+                connect_ms: 1000,
+                read_ms: 1000,
+                send_ms: 1000,
+                idle_ms: 1000,
+            },
+            retries: 0,
+            drain_timeout_ms: 0,
+            affinity: None,
+            keepalive: 0,
+            queue: QueueConfig::default(),
+            passive: None,
+        }
+    }
+}
+
 fn default_keepalive() -> usize {
     32
 }

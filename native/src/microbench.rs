@@ -3,7 +3,7 @@
 //! cost and not the Python call around it.
 
 use crate::balance::{self, BackendState, Pool};
-use crate::config::{Algorithm, BackendConfig, HashKey, PoolConfig, PoolTimeouts, QueueConfig};
+use crate::config::{Algorithm, BackendConfig, PoolConfig};
 use crate::http::parse::{self, Limits};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -46,25 +46,7 @@ pub fn pool(algorithm: &str, backends: usize) -> Result<Pool, String> {
             }
         })
         .collect();
-    let cfg = PoolConfig {
-        name: "bench".into(),
-        algorithm,
-        hash_key: HashKey::SourceIp,
-        hash_balance_factor: 0,
-        backends: cfgs.clone(),
-        timeouts: PoolTimeouts {
-            connect_ms: 1000,
-            read_ms: 1000,
-            send_ms: 1000,
-            idle_ms: 1000,
-        },
-        retries: 0,
-        drain_timeout_ms: 0,
-        affinity: None,
-        keepalive: 0,
-        queue: QueueConfig::default(),
-        passive: None,
-    };
+    let cfg = PoolConfig::with_defaults("bench", algorithm, cfgs.clone());
     let states = cfgs
         .iter()
         .map(|b| Arc::new(BackendState::new("bench", b)))

@@ -511,25 +511,7 @@ pub(crate) mod tests_support {
 
     /// A pool of `algorithm` with no backends listed (tests pass states to `Pool::build`).
     pub fn pool_config(name: &str, algorithm: Algorithm) -> PoolConfig {
-        PoolConfig {
-            name: name.into(),
-            algorithm,
-            hash_key: HashKey::SourceIp,
-            hash_balance_factor: 0,
-            backends: vec![],
-            timeouts: PoolTimeouts {
-                connect_ms: 1000,
-                read_ms: 1000,
-                send_ms: 1000,
-                idle_ms: 1000,
-            },
-            retries: 0,
-            drain_timeout_ms: 0,
-            affinity: None,
-            keepalive: 0,
-            queue: QueueConfig::default(),
-            passive: None,
-        }
+        PoolConfig::with_defaults(name, algorithm, vec![])
     }
 
     /// Share of `n` picks each backend got, with a different key per pick.
