@@ -124,6 +124,11 @@ impl PyEngine {
         self.with(|e| e.set_weight_scale(pool, address, per_mille))
     }
 
+    /// Connections (tcp) or requests (http) open to the backend now, process-wide.
+    fn backend_active(&self, pool: &str, address: &str) -> PyResult<u32> {
+        self.with(|e| Ok(e.backend(pool, address)?.active()))
+    }
+
     /// Closes every connection to the backend (a drain that timed out).
     fn close_backend(&self, pool: &str, address: &str) -> PyResult<()> {
         self.with(|e| e.close_backend(pool, address))

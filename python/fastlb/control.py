@@ -237,12 +237,11 @@ class ControlPlane:
             task.cancel()
 
     def _active(self, pool: str, address: str) -> int | None:
-        for p in self.engine.stats()["pools"]:
-            if p["name"] == pool:
-                for b in p["backends"]:
-                    if b["address"] == address:
-                        return int(b["active_connections"])
-        return None
+        """Open to the backend now (one shared counter: no worker is asked), None if it is gone."""
+        try:
+            return self.engine.backend_active(pool, address)
+        except KeyError:
+            return None
 
     async def _drain(self, pool: str, address: str, timeout: float) -> None:
         bid = f"{pool}/{address}"

@@ -56,6 +56,10 @@ class Engine:
         """Slow start: the share of its weight the backend gets now (1000 = all of it)."""
         self._native.set_backend_scale(pool, address, per_mille)
 
+    def backend_active(self, pool: str, address: str) -> int:
+        """Connections (tcp) or requests (http) open to the backend now; KeyError if unknown."""
+        return self._native.backend_active(pool, address)
+
     def close_backend(self, pool: str, address: str) -> None:
         """Closes every open connection to the backend (a drain that reached its timeout)."""
         self._native.close_backend(pool, address)

@@ -827,6 +827,8 @@ async fn exchange(
 ) -> Next {
     let started = Instant::now();
     let mut outcome = Outcome::default();
+    // One look at the access log per request: a request it did not see start is not logged.
+    let logging = ctx.shared.access_log.load().is_some();
     let next = exchange_counted(
         ctx,
         listener,
@@ -836,6 +838,7 @@ async fn exchange(
         head,
         deadline,
         &mut outcome,
+        logging,
     )
     .await;
     let took = started.elapsed().as_micros() as u64;
@@ -859,8 +862,10 @@ async fn exchange(
     };
     m.record_done(key, took);
     drop(m);
-    if let Some(log) = ctx.shared.access_log.load().as_ref() {
-        log.send(access_line(listener, client.peer, &outcome, key.code, took));
+    if outcome.log.is_some() {
+        if let Some(log) = ctx.shared.access_log.load().as_ref() {
+            log.send(access_line(listener, client.peer, &outcome, key.code, took));
+        }
     }
     next
 }
@@ -910,8 +915,9 @@ async fn exchange_counted(
     head: RequestHead,
     deadline: &mut Deadline<'_>,
     outcome: &mut Outcome,
+    logging: bool,
 ) -> Next {
-    if ctx.shared.access_log.load().is_some() {
+    if logging {
         outcome.log = Some(Box::new(RequestLog::new(ctx, req.filled(), &head)));
     }
     if let Some(limiter) = &http.rate_limit {
