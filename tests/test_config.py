@@ -9,12 +9,13 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastlb._native import Engine
+from fastlb._native import MAX_RETRIES, Engine, engine_config_error
 from fastlb.config import Config, ConfigError, Duration, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +140,6 @@ POOL_KEYS = {
     "backends",
     "timeouts",
     "retries",
-    "drain_timeout_ms",
     "affinity",
     "keepalive",
     "queue",
@@ -194,6 +194,35 @@ def test_full_example_parses(tmp_path: Path) -> None:
     assert app.passive is not None and app.passive.eject.ms == 30_000
     assert app.slow_start == 30_000
     assert cfg.alerts[0].for_ == 30_000 and cfg.alerts[0].parts == ("healthy_backends", "<", 2.0)
+
+
+def _key_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Every object key of a JSON document, as a path of keys and list indexes (maps whose keys
+    are data, like a route's headers, or an enum's tag, like `{"header": "x"}`, are left out)."""
+    if isinstance(value, dict) and path[-1:] not in (("headers",), ("cookies",), ("query",), ("hash_key",)):
+        for key, v in value.items():
+            yield (*path, key)
+            yield from _key_paths(v, (*path, key))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _key_paths(v, (*path, i))
+
+
+def test_engine_json_carries_every_field_and_the_engine_has_no_defaults(tmp_path: Path) -> None:
+    """One source of defaults: the engine accepts the schema's JSON and refuses it with any one
+    field left out, naming that field, so no engine-side default can drift from the schema's."""
+    engine = load_config(write(tmp_path, FULL_EXAMPLE)).to_engine()
+    assert engine_config_error(json.dumps(engine)) is None
+    paths = list(_key_paths(engine))
+    assert len(paths) > 60
+    for path in paths:
+        doc = json.loads(json.dumps(engine))
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        del parent[path[-1]]
+        error = engine_config_error(json.dumps(doc))
+        assert error is not None and f"missing field `{path[-1]}`" in error, (path, error)
 
 
 def test_full_example_engine_shape(tmp_path: Path) -> None:
@@ -254,7 +283,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
             ipaddress.ip_address(host.strip("[]"))
             assert 0 < int(port) < 65536
     app, v1, v2 = engine["pools"]
-    assert app["hash_key"] == "source_ip" and app["retries"] == 2 and app["drain_timeout_ms"] == 30_000
+    assert app["hash_key"] == "source_ip" and app["retries"] == 2
     assert app["affinity"] == {"cookie": "FASTLB_SRV", "ttl_ms": 3_600_000}
     assert (app["keepalive"], app["queue"]) == (32, {"size": 1000, "timeout_ms": 5000})
     assert v1["affinity"] is None
@@ -503,8 +532,16 @@ def test_weight_zero_and_max_allowed() -> None:
 
 
 def test_retries_bounds() -> None:
+    """The limit is the data plane's (written once, in native/src/config.rs); the engine itself
+    refuses JSON above it."""
+    assert MAX_RETRIES == 10
     data = minimal()
-    data["pools"][0]["retries"] = 11
+    data["pools"][0]["retries"] = MAX_RETRIES
+    engine = parse_config(data).to_engine()
+    assert engine_config_error(json.dumps(engine)) is None
+    engine["pools"][0]["retries"] = MAX_RETRIES + 1
+    assert engine_config_error(json.dumps(engine)) == "pool app: retries above 10"
+    data["pools"][0]["retries"] = MAX_RETRIES + 1
     assert errors_of(data) == ["pools[0].retries: must be <= 10"]
 
 

@@ -2,6 +2,10 @@
 //! TOML file (python/fastlb/config.py, `Config.to_engine()`). Python has already resolved
 //! everything a worker must not do itself: durations are milliseconds, host names are resolved to
 //! socket addresses, `workers = "auto"` is a number and `cpu_affinity` is a CPU list.
+//!
+//! Every field is required: the defaults live in the Python schema only, so that the two sides
+//! cannot drift apart. An `Option` is written `null` when unset (`required` makes serde insist
+//! on the key).
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -13,11 +17,9 @@ use std::net::SocketAddr;
 pub struct EngineConfig {
     pub runtime: RuntimeConfig,
     /// `[log].access_log`: "stdout" or a file path; None = off.
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub access_log: Option<String>,
-    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
-    #[serde(default)]
     pub pools: Vec<PoolConfig>,
 }
 
@@ -28,10 +30,8 @@ pub struct RuntimeConfig {
     /// Number of worker threads, >= 1.
     pub workers: usize,
     /// CPU for worker i is `cpus[i % len]`; empty = no pinning.
-    #[serde(default)]
     pub cpus: Vec<usize>,
     /// Process-wide cap on client connections; 0 = unlimited.
-    #[serde(default)]
     pub max_connections: usize,
 }
 
@@ -46,32 +46,19 @@ pub struct ListenerConfig {
     pub pool: String,
     /// Close a connection after this long without a byte either way; 0 = never. For http,
     /// the wait for the next request on a keep-alive connection.
-    #[serde(default)]
     pub client_idle_ms: u64,
     /// http: a request head must arrive whole within this long of its first byte (slowloris);
     /// 0 = no limit.
-    #[serde(default)]
     pub header_read_ms: u64,
     /// http: largest request head (request line and headers) accepted; beyond it 431.
-    #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
     /// http: most header fields in one request head; beyond it 431.
-    #[serde(default = "default_max_headers")]
     pub max_headers: usize,
     /// http: per client IP request rate limit.
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub rate_limit: Option<RateLimitConfig>,
     /// http: content routes, first match wins; none matching means `pool`.
-    #[serde(default)]
     pub routes: Vec<RouteConfig>,
-}
-
-fn default_max_header_bytes() -> usize {
-    64 * 1024
-}
-
-fn default_max_headers() -> usize {
-    100
 }
 
 /// Token bucket per client IP: `requests_per_second` sustained, `burst` at once.
@@ -87,22 +74,18 @@ pub struct RateLimitConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub host: Option<String>,
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub path_prefix: Option<String>,
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub path_exact: Option<String>,
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub path_regex: Option<String>,
-    #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    #[serde(default)]
     pub cookies: BTreeMap<String, String>,
-    #[serde(default)]
     pub query: BTreeMap<String, String>,
     /// Networks as `addr/len`, host bits already cleared.
-    #[serde(default)]
     pub source_cidr: Vec<String>,
     pub split: Vec<SplitConfig>,
 }
@@ -127,45 +110,44 @@ pub enum Protocol {
 pub struct PoolConfig {
     pub name: String,
     pub algorithm: Algorithm,
-    #[serde(default)]
     pub hash_key: HashKey,
     /// Bounded-load consistent hashing (HAProxy `hash-balance-factor`): a backend is skipped
     /// while its active connections exceed `factor/100 x` the pool average. 0 = off.
-    #[serde(default)]
     pub hash_balance_factor: u32,
     pub backends: Vec<BackendConfig>,
     pub timeouts: PoolTimeouts,
-    #[serde(default)]
+    /// At most `MAX_RETRIES`.
     pub retries: u32,
-    #[serde(default)]
-    pub drain_timeout_ms: u64,
     /// http: sticky-cookie insert.
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub affinity: Option<AffinityConfig>,
     /// http: idle upstream connections kept per backend per worker; 0 = no keep-alive.
-    #[serde(default = "default_keepalive")]
     pub keepalive: usize,
     /// http: requests waiting for a backend below its `max_connections`.
-    #[serde(default)]
     pub queue: QueueConfig,
     /// Outlier ejection from live traffic; None = off.
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub passive: Option<PassiveConfig>,
 }
 
 /// `passive = { consecutive_failures, eject }`: the engine ejects; the control plane times
-/// `eject` and returns the backend.
+/// `eject` and returns the backend (so `eject` is not sent).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PassiveConfig {
     pub consecutive_failures: u32,
-    pub eject_ms: u64,
 }
 
+/// Most retries a pool may have (`retries`; the Python schema reads it from here).
+pub const MAX_RETRIES: u32 = 10;
+/// Most backends one connection or request tries.
+pub const MAX_TRIES: usize = MAX_RETRIES as usize + 1;
+
 impl PoolConfig {
-    /// A pool with every optional setting at its default and 1 s timeouts: for tests and the
-    /// micro benchmarks, which build pools without the control plane.
-    pub fn with_defaults(name: &str, algorithm: Algorithm, backends: Vec<BackendConfig>) -> Self {
+    /// A bare pool for tests and the micro benchmarks, which build pools without the control
+    /// plane: no keep-alive, no queue, 1 s timeouts. These are not the config's defaults (the
+    /// Python schema has those).
+    pub fn bare(name: &str, algorithm: Algorithm, backends: Vec<BackendConfig>) -> Self {
         PoolConfig {
             name: name.into(),
             algorithm,
@@ -179,17 +161,15 @@ impl PoolConfig {
                 idle_ms: 1000,
             },
             retries: 0,
-            drain_timeout_ms: 0,
             affinity: None,
             keepalive: 0,
-            queue: QueueConfig::default(),
+            queue: QueueConfig {
+                size: 0,
+                timeout_ms: 0,
+            },
             passive: None,
         }
     }
-}
-
-fn default_keepalive() -> usize {
-    32
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -197,7 +177,6 @@ fn default_keepalive() -> usize {
 pub struct AffinityConfig {
     pub cookie: String,
     /// Max-Age of the cookie; 0 = a session cookie.
-    #[serde(default)]
     pub ttl_ms: u64,
 }
 
@@ -208,15 +187,6 @@ pub struct AffinityConfig {
 pub struct QueueConfig {
     pub size: u32,
     pub timeout_ms: u64,
-}
-
-impl Default for QueueConfig {
-    fn default() -> Self {
-        QueueConfig {
-            size: 1000,
-            timeout_ms: 5000,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -253,9 +223,7 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     pub weight: u32,
     /// 0 = unlimited.
-    #[serde(default)]
     pub max_connections: u32,
-    #[serde(default)]
     pub backup: bool,
 }
 
@@ -266,6 +234,15 @@ pub struct PoolTimeouts {
     pub read_ms: u64,
     pub send_ms: u64,
     pub idle_ms: u64,
+}
+
+/// Makes an `Option` field required: without it serde takes a missing key as `None`.
+fn required<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::deserialize(d)
 }
 
 impl EngineConfig {
@@ -280,6 +257,9 @@ impl EngineConfig {
     fn check(&self) -> Result<(), String> {
         if self.runtime.workers == 0 {
             return Err("runtime.workers: must be >= 1".into());
+        }
+        if let Some(p) = self.pools.iter().find(|p| p.retries > MAX_RETRIES) {
+            return Err(format!("pool {}: retries above {MAX_RETRIES}", p.name));
         }
         let known = |pool: &str| self.pools.iter().any(|p| p.name == pool);
         for l in &self.listeners {

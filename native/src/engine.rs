@@ -23,8 +23,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// How long `stats_json` waits for the workers' metrics.
-const SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
+/// How long a stats snapshot waits for the workers' metrics.
+pub const SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
 
 /// Backlog of each listening socket (per worker, like nginx's `listen ... backlog`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -120,13 +120,44 @@ impl From<io::Error> for EngineError {
     }
 }
 
+/// A request for every worker's metrics (see `Engine::metrics_request`).
+pub struct MetricsRequest {
+    workers: Vec<mpsc::UnboundedSender<WorkerCmd>>,
+}
+
+impl MetricsRequest {
+    /// Asks each worker for a copy of its metrics (it answers between two tasks) and waits up
+    /// to `wait` for them all; a worker that does not answer in time is None.
+    pub fn collect(&self, wait: Duration) -> Vec<Option<WorkerMetrics>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut fresh = vec![None; self.workers.len()];
+        let mut asked = 0;
+        for (index, w) in self.workers.iter().enumerate() {
+            let reply = tx.clone();
+            if w.send(WorkerCmd::Snapshot { index, reply }).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + wait;
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((index, m)) => fresh[index] = Some(m),
+                Err(_) => break,
+            }
+        }
+        fresh
+    }
+}
+
 struct WorkerHandle {
     commands: mpsc::UnboundedSender<WorkerCmd>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// A backend's shared state and the config entry it was created from, so a reload can tell
-/// whether the backend changed.
+/// A backend's shared state and what the running config says of it (a reload compares the
+/// file's weight with the new one: see `publish`).
 struct KnownBackend {
     cfg: BackendConfig,
     state: Arc<BackendState>,
@@ -136,7 +167,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     workers: Vec<WorkerHandle>,
     config: EngineConfig,
-    /// Every backend by id (`pool/address`); state survives reloads of unchanged backends.
+    /// Every backend by id (`pool/address`): the one owner of its runtime state, which lives as
+    /// long as a config names the id.
     backends: HashMap<String, KnownBackend>,
     /// Ids the workers count by, per listener, pool and backend name; kept across reloads.
     ids: Ids,
@@ -263,12 +295,15 @@ impl Engine {
 
     /// The shared state of backend `address` in `pool`.
     pub fn backend(&self, pool: &str, address: &str) -> Result<&Arc<BackendState>, EngineError> {
+        self.known(pool, address).map(|b| &b.state)
+    }
+
+    fn known(&self, pool: &str, address: &str) -> Result<&KnownBackend, EngineError> {
         if !self.config.pools.iter().any(|p| p.name == pool) {
             return Err(EngineError::NotFound(format!("unknown pool '{pool}'")));
         }
         self.backends
             .get(&format!("{pool}/{address}"))
-            .map(|b| &b.state)
             .ok_or_else(|| {
                 EngineError::NotFound(format!("pool '{pool}' has no backend '{address}'"))
             })
@@ -295,10 +330,11 @@ impl Engine {
         address: &str,
         state: AdminState,
     ) -> Result<(), EngineError> {
-        let backend = self.backend(pool, address)?;
-        backend.set_admin(state);
+        let known = self.known(pool, address)?;
+        known.state.set_admin(state);
         if state != AdminState::Enabled {
-            self.broadcast(|| WorkerCmd::DropIdle { addr: backend.addr });
+            let addr = known.cfg.addr;
+            self.broadcast(|| WorkerCmd::DropIdle { addr });
         }
         Ok(())
     }
@@ -317,9 +353,10 @@ impl Engine {
     /// Closes every connection to a backend (a drain that reached its timeout). Returns at
     /// once; the workers close them as they handle the command.
     pub fn close_backend(&self, pool: &str, address: &str) -> Result<(), EngineError> {
-        let backend = self.backend(pool, address)?.clone();
+        let known = self.known(pool, address)?;
         self.broadcast(|| WorkerCmd::CloseBackend {
-            backend: backend.clone(),
+            backend: known.state.clone(),
+            addr: known.cfg.addr,
         });
         Ok(())
     }
@@ -365,30 +402,21 @@ impl Engine {
         }
     }
 
-    /// A JSON snapshot of every listener, pool and backend: the workers' metrics merged
-    /// (each is asked for a copy and answers between two tasks; one that does not answer
-    /// within `SNAPSHOT_WAIT` is counted as of its last answer).
-    pub fn stats_json(&mut self) -> String {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut asked = 0;
-        for (index, w) in self.workers.iter().enumerate() {
-            if w.commands
-                .send(WorkerCmd::Snapshot {
-                    index,
-                    reply: tx.clone(),
-                })
-                .is_ok()
-            {
-                asked += 1;
-            }
+    /// What a stats snapshot asks of the workers; collected without holding the engine, so
+    /// the control plane's other calls never wait for a worker to answer.
+    pub fn metrics_request(&self) -> MetricsRequest {
+        MetricsRequest {
+            workers: self.workers.iter().map(|w| w.commands.clone()).collect(),
         }
-        drop(tx);
-        let deadline = std::time::Instant::now() + SNAPSHOT_WAIT;
-        for _ in 0..asked {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((index, m)) => self.last_metrics[index] = m,
-                Err(_) => break,
+    }
+
+    /// A JSON snapshot of every listener, pool and backend: the workers' metrics merged, with
+    /// `fresh` (from `MetricsRequest::collect`) replacing each worker's last answer where it
+    /// has one.
+    pub fn stats_json(&mut self, fresh: Vec<Option<WorkerMetrics>>) -> String {
+        for (last, m) in self.last_metrics.iter_mut().zip(fresh) {
+            if let Some(m) = m {
+                *last = m;
             }
         }
         let mut merged = WorkerMetrics::default();
@@ -419,66 +447,52 @@ impl Engine {
         })
     }
 
-    /// Builds tables for `config`, reusing the state of unchanged backends, and publishes them.
+    /// Builds tables for `config` and publishes them. A backend whose id was in the running
+    /// config keeps its state (admin state, health, ejection, runtime weight, counters) whatever
+    /// else changed; the file's settings (address, backup, max_connections) apply through the
+    /// new pool. Weight: a weight set at runtime stays unless the file's weight for the backend
+    /// changed, then the file wins (as HAProxy does with a server-state file).
     fn publish(&mut self, config: &EngineConfig) -> Result<(), EngineError> {
         let mut backends = HashMap::new();
         let mut pools = HashMap::new();
+        // (state, weight before): undone if the publish fails, so it changes nothing.
+        let mut reweighed = Vec::new();
         for p in &config.pools {
             let mut states = Vec::with_capacity(p.backends.len());
             for b in &p.backends {
                 let id = format!("{}/{}", p.name, b.address);
                 // Looked up, not removed: a failed publish leaves the engine as it was.
                 let state = match self.backends.get(&id) {
-                    Some(known) if known.cfg == *b => known.state.clone(),
-                    Some(known)
-                        if known.cfg.addr == b.addr
-                            && known.cfg.backup == b.backup
-                            && known.cfg.max_connections == b.max_connections =>
-                    {
-                        // Only the configured weight changed: the new config's weight wins.
-                        known.state.set_weight(b.weight);
+                    Some(known) => {
+                        if known.cfg.weight != b.weight {
+                            reweighed.push((known.state.clone(), known.state.weight()));
+                            known.state.set_weight(b.weight);
+                        }
                         known.state.clone()
                     }
-                    _ => Arc::new(BackendState::with_slot(
+                    None => Arc::new(BackendState::with_slot(
                         &p.name,
                         b,
                         self.ids.backend(&p.name, &b.address),
                     )),
                 };
                 states.push(state.clone());
-                backends.insert(
-                    id,
-                    KnownBackend {
-                        cfg: b.clone(),
-                        state,
-                    },
-                );
+                let cfg = b.clone();
+                backends.insert(id, KnownBackend { cfg, state });
             }
             let mut pool = Pool::build(p, states);
             pool.id = self.ids.pool(&p.name);
             pools.insert(p.name.clone(), Arc::new(pool));
         }
-        let mut listeners = HashMap::new();
-        for l in &config.listeners {
-            let http = match l.protocol {
-                Protocol::Http => {
-                    Some(HttpListener::build(l, &pools).map_err(EngineError::Config)?)
+        let listeners = match self.listener_entries(config, &pools) {
+            Ok(listeners) => listeners,
+            Err(e) => {
+                for (state, weight) in reweighed {
+                    state.set_weight(weight);
                 }
-                Protocol::Tcp => None,
-            };
-            let id = self.ids.listener(&l.name);
-            let pool = pools[&l.pool].clone();
-            listeners.insert(
-                l.name.clone(),
-                Arc::new(ListenerEntry {
-                    cfg: l.clone(),
-                    pool,
-                    id,
-                    http,
-                    closing: AtomicBool::new(false),
-                }),
-            );
-        }
+                return Err(e);
+            }
+        };
         self.backends = backends;
         self.shared.tables.store(Arc::new(Tables {
             generation: self.shared.tables.load().generation + 1,
@@ -486,6 +500,29 @@ impl Engine {
             pools,
         }));
         Ok(())
+    }
+
+    fn listener_entries(
+        &mut self,
+        config: &EngineConfig,
+        pools: &HashMap<String, Arc<Pool>>,
+    ) -> Result<HashMap<String, Arc<ListenerEntry>>, EngineError> {
+        let mut listeners = HashMap::new();
+        for l in &config.listeners {
+            let http = match l.protocol {
+                Protocol::Http => Some(HttpListener::build(l, pools).map_err(EngineError::Config)?),
+                Protocol::Tcp => None,
+            };
+            let entry = ListenerEntry {
+                cfg: l.clone(),
+                pool: pools[&l.pool].clone(),
+                id: self.ids.listener(&l.name),
+                http,
+                closing: AtomicBool::new(false),
+            };
+            listeners.insert(l.name.clone(), Arc::new(entry));
+        }
+        Ok(listeners)
     }
 
     fn listen(&self, name: &str, per_worker: Vec<std::net::TcpListener>) {
@@ -538,4 +575,73 @@ fn splice_threshold() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&v: &usize| v >= 1024)
         .unwrap_or(crate::l4::forward::SPLICE_THRESHOLD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::tests_support::pool_config;
+    use crate::balance::BackendSettings;
+    use crate::config::{Algorithm, PoolConfig, RuntimeConfig};
+
+    fn config(change: impl Fn(&mut PoolConfig)) -> EngineConfig {
+        let mut pool = pool_config("app", Algorithm::RoundRobin, &[5, 5]);
+        change(&mut pool);
+        EngineConfig {
+            runtime: RuntimeConfig {
+                workers: 1,
+                cpus: vec![],
+                max_connections: 0,
+            },
+            access_log: None,
+            listeners: vec![],
+            pools: vec![pool],
+        }
+    }
+
+    /// One owner of runtime state: whatever a reload changes of a backend, the same state
+    /// carries on under its id; only a changed file weight replaces a runtime weight.
+    #[test]
+    fn a_reload_keeps_each_backends_state_whatever_else_changed() {
+        let mut engine = Engine::start(config(|_| {})).unwrap();
+        let b0 = engine.backend("app", "127.0.0.1:9000").unwrap().clone();
+        let b1 = engine.backend("app", "127.0.0.1:9001").unwrap().clone();
+        engine
+            .set_admin("app", "127.0.0.1:9000", AdminState::Disabled)
+            .unwrap();
+        b1.set_up(false);
+        engine.set_weight("app", "127.0.0.1:9001", 7).unwrap();
+        let changes: [fn(&mut PoolConfig); 4] = [
+            |p| p.backends[0].max_connections = 3,
+            |p| p.backends[1].backup = true,
+            |p| p.backends[1].addr = "127.0.0.2:9001".parse().unwrap(),
+            |_| {},
+        ];
+        for change in changes {
+            let cfg = config(change);
+            let file: Vec<BackendSettings> = cfg.pools[0].backends.iter().map(Into::into).collect();
+            engine.update(cfg).unwrap();
+            assert_eq!(engine.shared.tables.load().pools["app"].settings, file);
+            let now0 = engine.backend("app", "127.0.0.1:9000").unwrap();
+            let now1 = engine.backend("app", "127.0.0.1:9001").unwrap();
+            assert!(Arc::ptr_eq(now0, &b0) && Arc::ptr_eq(now1, &b1));
+            assert_eq!(b0.admin(), AdminState::Disabled);
+            assert!(!b1.is_up());
+            assert_eq!(b1.weight(), 7, "the file's weight did not change");
+        }
+        // the file's weight changed: the file wins
+        engine.update(config(|p| p.backends[1].weight = 2)).unwrap();
+        assert_eq!(b1.weight(), 2);
+        // removed, then added again: a fresh state
+        engine
+            .update(config(|p| {
+                p.backends.pop();
+            }))
+            .unwrap();
+        assert!(engine.backend("app", "127.0.0.1:9001").is_err());
+        engine.update(config(|_| {})).unwrap();
+        let again = engine.backend("app", "127.0.0.1:9001").unwrap();
+        assert!(!Arc::ptr_eq(again, &b1) && again.is_up() && again.weight() == 5);
+        engine.stop(Duration::ZERO);
+    }
 }

@@ -86,9 +86,24 @@ impl PyEngine {
         })
     }
 
-    /// JSON snapshot of listeners, pools and backends.
+    /// JSON snapshot of listeners, pools and backends. Waits up to 250 ms for the workers'
+    /// metrics without holding the engine (and without the GIL), so other calls go on
+    /// meanwhile; call it off the event loop.
     fn stats(&self, py: Python<'_>) -> PyResult<String> {
-        py.detach(|| self.with(|e| Ok(e.stats_json())))
+        let request = self.with(|e| Ok(e.metrics_request()))?;
+        py.detach(|| {
+            let fresh = request.collect(engine::SNAPSHOT_WAIT);
+            self.with(|e| Ok(e.stats_json(fresh)))
+        })
+    }
+
+    /// A backend's runtime state: (admin state, up, weight); admin is "enabled", "draining"
+    /// or "disabled", up is the health verdict (checks and passive ejection).
+    fn backend_state(&self, pool: &str, address: &str) -> PyResult<(&'static str, bool, u32)> {
+        self.with(|e| {
+            let b = e.backend(pool, address)?;
+            Ok((b.admin().name(), b.is_up(), b.weight()))
+        })
     }
 
     /// Client connections open in the process now.
@@ -106,16 +121,8 @@ impl PyEngine {
 
     /// `state`: "enabled", "draining" or "disabled".
     fn set_backend_admin(&self, pool: &str, address: &str, state: &str) -> PyResult<()> {
-        let state = match state {
-            "enabled" => AdminState::Enabled,
-            "draining" => AdminState::Draining,
-            "disabled" => AdminState::Disabled,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown admin state '{other}'"
-                )))
-            }
-        };
+        let state = AdminState::from_name(state)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown admin state '{state}'")))?;
         self.with(|e| e.set_admin(pool, address, state))
     }
 
@@ -236,6 +243,13 @@ impl PyMaglev {
     }
 }
 
+/// Why the engine refuses `config_json` (None when it accepts it): checks the control plane's
+/// JSON against the engine's schema without starting anything.
+#[pyfunction]
+fn engine_config_error(config_json: &str) -> Option<String> {
+    config::EngineConfig::from_json(config_json).err()
+}
+
 /// Why `pattern` is not a valid route regex for the data plane (Rust `regex` syntax, which has
 /// no look-around or backreferences), or None when it is.
 #[pyfunction]
@@ -279,9 +293,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHashRing>()?;
     m.add_class::<PyMaglev>()?;
     m.add_function(wrap_pyfunction!(regex_error, m)?)?;
+    m.add_function(wrap_pyfunction!(engine_config_error, m)?)?;
     m.add_function(wrap_pyfunction!(bench_parse_head, m)?)?;
     m.add_class::<PyBenchPool>()?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_RETRIES", config::MAX_RETRIES)?;
     Ok(())
 }

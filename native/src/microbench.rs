@@ -2,11 +2,10 @@
 //! times inside Rust and returns the total nanoseconds, so that a figure is the data plane's
 //! cost and not the Python call around it.
 
-use crate::balance::{self, BackendState, Pool};
+use crate::balance::{self, Pool};
 use crate::config::{Algorithm, BackendConfig, PoolConfig};
 use crate::http::parse::{self, Limits};
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Parses `head` (a whole HTTP/1.1 request head) `n` times; Err with the reason if it is not
@@ -46,12 +45,7 @@ pub fn pool(algorithm: &str, backends: usize) -> Result<Pool, String> {
             }
         })
         .collect();
-    let cfg = PoolConfig::with_defaults("bench", algorithm, cfgs.clone());
-    let states = cfgs
-        .iter()
-        .map(|b| Arc::new(BackendState::new("bench", b)))
-        .collect();
-    let pool = Pool::build(&cfg, states);
+    let pool = Pool::with_fresh_states(&PoolConfig::bare("bench", algorithm, cfgs));
     for (i, b) in pool.backends.iter().enumerate() {
         b.observe_latency(1_000_000 + i as u64 * 1000);
     }

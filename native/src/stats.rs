@@ -333,7 +333,8 @@ pub fn to_json(input: StatsInput<'_>) -> String {
             backends: p
                 .backends
                 .iter()
-                .map(|b| {
+                .zip(&p.settings)
+                .map(|(b, s)| {
                     let c = &b.counters;
                     let w = merged
                         .backends
@@ -345,7 +346,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                         address: &b.address,
                         state: state_name(b),
                         up: b.is_up(),
-                        backup: b.backup,
+                        backup: s.backup,
                         weight: b.weight(),
                         effective_weight: b.effective_weight(),
                         weight_scale: b.weight_scale(),

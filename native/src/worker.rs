@@ -37,8 +37,11 @@ pub enum WorkerCmd {
     /// are closed (its entries were marked `closing` first).
     Unlisten { name: String },
     /// Close this worker's connections to a backend whose drain timed out, and its parked
-    /// keep-alive connections there.
-    CloseBackend { backend: Arc<BackendState> },
+    /// keep-alive connections there (at `addr`, where the current config has it).
+    CloseBackend {
+        backend: Arc<BackendState>,
+        addr: SocketAddr,
+    },
     /// Close parked keep-alive connections to `addr` (a backend drained or disabled).
     DropIdle { addr: SocketAddr },
     /// Send a copy of this worker's metrics, tagged with `index`.
@@ -149,8 +152,8 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                 }
                 track::close_idle_clients(|l| l.closing.load(Relaxed));
             }
-            WorkerCmd::CloseBackend { backend } => {
-                ctx.http.upstream.drop_idle(backend.addr);
+            WorkerCmd::CloseBackend { backend, addr } => {
+                ctx.http.upstream.drop_idle(addr);
                 track::close_backend(&backend);
             }
             WorkerCmd::DropIdle { addr } => ctx.http.upstream.drop_idle(addr),

@@ -1,5 +1,6 @@
-"""The admin API (CONTRACT.md): aiohttp on the control plane's own event loop, so a request
-here never waits on the data plane and never runs on a worker.
+"""The admin API (CONTRACT.md): aiohttp on the control plane's own event loop. A request never
+runs on a worker, and what waits on the data plane (stats, reload, weights) waits in a thread,
+so `/healthz` answers while a scrape or a reload is under way.
 
 Errors are JSON objects, `{"error": "..."}`: 404 for unknown pools, backends and paths, 400 for
 bad bodies and refused reloads (with `errors`, one line per problem), 405 for a wrong method.
@@ -14,16 +15,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from fastlb.config import split_host_port
 from fastlb.control import ControlPlane, ReloadError
-from fastlb.metrics import registry_for, render
+from fastlb.metrics import render
 
 log = logging.getLogger("fastlb.admin")
 
 CONTROL: web.AppKey[ControlPlane] = web.AppKey("control", ControlPlane)
-REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
 STATIC = Path(__file__).parent / "static"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,7 +61,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return _json(request.app[CONTROL].status())
+    return _json(await request.app[CONTROL].status())
 
 
 def _backend_action(action: str) -> Handler:
@@ -89,7 +89,7 @@ async def weight(request: web.Request) -> web.Response:
     if set(body) - {"weight"}:
         return _error(400, f"body: unknown field {sorted(set(body) - {'weight'})[0]!r}")
     try:
-        control.set_weight(pool, address, body["weight"])
+        await control.set_weight(pool, address, body["weight"])
     except KeyError as err:
         return _error(404, str(err.args[0]))
     except ValueError as err:
@@ -102,7 +102,7 @@ async def alerts(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = render(request.app[REGISTRY])
+    body = render(await request.app[CONTROL].status())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -112,7 +112,7 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 async def reload(request: web.Request) -> web.Response:
     try:
-        config = request.app[CONTROL].reload()
+        config = await request.app[CONTROL].reload()
     except ReloadError as err:
         for line in err.errors:
             log.error("reload refused, keeping the running config: %s", line)
@@ -123,7 +123,6 @@ async def reload(request: web.Request) -> web.Response:
 def build_app(control: ControlPlane) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[CONTROL] = control
-    app[REGISTRY] = registry_for(control)
     backend = "/api/pools/{pool}/backends/{address}"
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/status", status)

@@ -23,15 +23,12 @@ import math
 import operator
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastlb.config import Alert
-
-if TYPE_CHECKING:
-    from fastlb.control import ControlPlane
 
 log = logging.getLogger("fastlb.alerts")
 
@@ -83,19 +80,24 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+
+
 class Alerts:
-    def __init__(self, control: ControlPlane) -> None:
-        self.control = control
+    """The rules, and `status`: what they are evaluated against (an `/api/status` document)."""
+
+    def __init__(self, rules: Sequence[Alert], status: StatusSource) -> None:
+        self.status = status
         self.states: dict[str, AlertState] = {}
         self.samples: deque[Sample] = deque()
         self._task: asyncio.Task[None] | None = None
-        self.update()
+        self.update(rules)
 
-    def update(self) -> None:
-        """Follows the config's rules; a rule that stays (same name and expression) keeps its
+    def update(self, rules: Sequence[Alert]) -> None:
+        """Follows a reload's rules; a rule that stays (same name and expression) keeps its
         state."""
         new: dict[str, AlertState] = {}
-        for rule in self.control.engine.config.alerts:
+        for rule in rules:
             old = self.states.get(rule.name)
             new[rule.name] = (
                 AlertState(rule, old.state, old.since, old.value, old.detail, old.pending_at)
@@ -119,7 +121,7 @@ class Alerts:
         while True:
             await asyncio.sleep(EVAL_S)
             try:
-                self.evaluate(self.control.status())
+                self.evaluate(await self.status())
             except Exception:  # an evaluation bug must not end alerting for good
                 log.exception("alert evaluation failed")
 

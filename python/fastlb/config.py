@@ -5,7 +5,8 @@
 `pools[0].backends[1].address: not host:port`. `Config.to_engine()` resolves what the data plane
 must not do itself (host names, "auto" worker counts, CPU lists) and returns exactly the JSON that
 `native/src/config.rs` (`EngineConfig`) accepts. Validation is pure; only `to_engine()` touches
-the machine (DNS, the CPU mask, local addresses).
+the machine (DNS, the CPU mask, local addresses). This schema is the one source of defaults: the
+engine JSON carries every field, and the engine has no defaults of its own.
 
 Defaults (a key left out means this):
     runtime   workers = "auto" (one per CPU the process may run on, or one per listed CPU),
@@ -18,7 +19,8 @@ Defaults (a key left out means this):
               max_header_bytes = 65536 (1024..=1048576; a bigger request head gets 431, like
               HAProxy's tune.bufsize), max_headers = 100 (1..=1000; HAProxy's limit is 101)
     pools     algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
-              backend weight = 1, max_connections = 0 (unlimited), backup = false, retries = 2,
+              backend weight = 1, max_connections = 0 (unlimited), backup = false,
+              retries = 2 (at most MAX_RETRIES = 10, the data plane's limit),
               timeouts = {connect = "2s", read = "30s", send = "30s", idle = "60s"},
               health = {type = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 3},
               http health: path = "/", expect_status = any 2xx or 3xx (HAProxy httpchk), host =
@@ -78,6 +80,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import CoreSchema, core_schema
+
+from fastlb._native import MAX_RETRIES
 
 __all__ = [
     "ALERT_METRICS",
@@ -507,7 +511,7 @@ class Pool(_Model):
     queue: Queue = Field(default_factory=Queue)
     backends: list[Backend] = Field(min_length=1)
     timeouts: PoolTimeouts = Field(default_factory=PoolTimeouts)
-    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    retries: Annotated[int, Field(ge=0, le=MAX_RETRIES)] = 2
     health: Health = Field(default_factory=Health)
     passive: Passive | None = None
     slow_start: Duration = Duration.parse("0s")
@@ -1106,7 +1110,6 @@ class _Engine:
                 "idle_ms": t.idle.ms,
             },
             "retries": pool.retries,
-            "drain_timeout_ms": pool.drain_timeout.ms,
             "affinity": (
                 None
                 if pool.affinity is None
@@ -1115,11 +1118,6 @@ class _Engine:
             "keepalive": pool.keepalive,
             "queue": {"size": pool.queue.size, "timeout_ms": pool.queue.timeout.ms},
             "passive": (
-                None
-                if pool.passive is None
-                else {
-                    "consecutive_failures": pool.passive.consecutive_failures,
-                    "eject_ms": pool.passive.eject.ms,
-                }
+                None if pool.passive is None else {"consecutive_failures": pool.passive.consecutive_failures}
             ),
         }

@@ -1,6 +1,10 @@
 """The control plane of a running `fastlb serve`: what the admin API, `fastlb ctl` and signals
 drive. It decides; the data plane (`Engine`) only receives the decisions.
 
+- One owner of backend state: the engine holds each backend's admin state, health verdict and
+  runtime weight, keyed by `pool/address`, and keeps them across every reload that keeps the id
+  (whatever else changed). This module keeps only its timers (drains, slow-start ramps, the end of
+  an ejection) under the same ids, and reads the state from the engine when it decides.
 - Health: active checks (`fastlb.health`), and passive ejection reported by the engine, which is
   polled here: an ejected backend is held down for `passive.eject`, then returns through its
   active checks (or, in a pool without them, when `eject` has passed).
@@ -8,8 +12,9 @@ drive. It decides; the data plane (`Engine`) only receives the decisions.
   a reload gets its share ramped from ~0 to all of its weight, linearly over `slow_start`.
 - Draining: no new connections or requests; the backend is `drained` once idle, and at the
   pool's `drain_timeout` whatever is still open to it is closed.
-- Reload: validate, then swap; an invalid file changes nothing. Admin states, weights set at
-  runtime, health and ejections of backends that did not change survive it.
+- Reload: validate, then swap; an invalid file changes nothing.
+- The event loop never waits on the data plane: stats snapshots (which wait for the workers),
+  reloads (file, DNS, table building) and weight changes (table rebuilds) run in a thread.
 """
 
 from __future__ import annotations
@@ -45,15 +50,33 @@ class ReloadError(Exception):
         self.errors = errors
 
 
+class StatsSource:
+    """Engine snapshots taken in a thread, one at a time: whoever asks while one is being taken
+    shares it (alerts, /metrics, /api/status and the dashboard may ask at once)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+
+    async def __call__(self) -> dict[str, Any]:
+        if self._pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(self.engine.stats))
+            self._pending = pending
+            pending.add_done_callback(lambda _: setattr(self, "_pending", None))
+        # shielded: one caller giving up does not cancel the snapshot for the others
+        return await asyncio.shield(self._pending)
+
+
 class ControlPlane:
     """Runtime control of one engine: health, ejection, slow start, drain, weights, reload."""
 
     def __init__(self, engine: Engine, reload: Callable[[], Config] | None = None) -> None:
         self.engine = engine
         self._reload = reload
-        self.checker = HealthChecker(engine, on_flip=self._on_health_flip)
+        self._reloading = asyncio.Lock()
+        self.stats = StatsSource(engine)
+        self.checker = HealthChecker(engine, on_flip=self._on_health_flip, held=self._held)
         self.stopping = False
-        self._admin: dict[str, AdminState] = {}
         self._ejected_until: dict[str, float] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._ramps: dict[str, asyncio.Task[None]] = {}
@@ -61,7 +84,7 @@ class ControlPlane:
         self._watcher: asyncio.Task[None] | None = None
         self.started = time.time()
         self.reloads = 0
-        self.alerts = Alerts(self)
+        self.alerts = Alerts(engine.config.alerts, self.status)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -97,10 +120,13 @@ class ControlPlane:
             raise KeyError(f"pool '{pool}' has no backend '{address}'")
         return f"{pool}/{address}"
 
+    def _admin(self, pool: str, address: str) -> AdminState:
+        return self.engine.backend_state(pool, address).admin
+
     def drain(self, pool: str, address: str) -> None:
         """No new connections or requests; open ones finish, up to the pool's drain_timeout."""
         bid = self._check(pool, address)
-        if self._admin.get(bid) == "draining":
+        if self._admin(pool, address) == "draining":
             return
         self._set_admin(bid, pool, address, "draining")
         timeout = self.pool(pool).drain_timeout.seconds
@@ -110,7 +136,7 @@ class ControlPlane:
     def enable(self, pool: str, address: str) -> None:
         """Back into rotation; with slow start, its share ramps up."""
         bid = self._check(pool, address)
-        was = self._admin.get(bid, "enabled")
+        was = self._admin(pool, address)
         self._set_admin(bid, pool, address, "enabled")
         if was != "enabled":
             log.info("backend %s enabled", bid)
@@ -122,68 +148,84 @@ class ControlPlane:
         self._set_admin(bid, pool, address, "disabled")
         log.info("backend %s disabled", bid)
 
-    def set_weight(self, pool: str, address: str, weight: int) -> None:
+    async def set_weight(self, pool: str, address: str, weight: int) -> None:
+        """A runtime weight: it stays across reloads until the file's weight for the backend
+        changes (then the file wins)."""
         bid = self._check(pool, address)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
             raise ValueError("weight: an integer from 0 to 1000")
-        self.engine.set_backend_weight(pool, address, weight)
+        # rebuilding rings and tables for the new weight is the engine's work, off the loop
+        await asyncio.to_thread(self.engine.set_backend_weight, pool, address, weight)
         log.info("backend %s weight %d", bid, weight)
 
-    def reload(self) -> Config:
+    async def reload(self) -> Config:
         """Re-reads the config file and applies it; ReloadError (nothing changed) if it is
-        invalid or cannot be applied."""
+        invalid or cannot be applied. Reading, resolving and table building run in a thread;
+        reloads run one at a time."""
         if self._reload is None:
             raise ReloadError(["this server was not started from a config file"])
-        try:
-            new = self._reload()
-        except ConfigError as err:
-            raise ReloadError(list(err.errors)) from None
-        except OSError as err:
-            raise ReloadError([f"cannot read the config: {err}"]) from None
-        old_ids = self._backend_ids()
-        try:
-            self.engine.update(new)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise ReloadError([str(err)]) from None
+        async with self._reloading:
+            try:
+                new = await asyncio.to_thread(self._reload)
+            except ConfigError as err:
+                raise ReloadError(list(err.errors)) from None
+            except OSError as err:
+                raise ReloadError([f"cannot read the config: {err}"]) from None
+            old_ids = self._backend_ids()
+            try:
+                await asyncio.to_thread(self.engine.update, new)
+            except (OSError, RuntimeError, ValueError) as err:
+                raise ReloadError([str(err)]) from None
+            self._after_reload(old_ids)
+        log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
+        return new
+
+    def _after_reload(self, old_ids: set[str]) -> None:
+        """Follows the new config: checks, alerts, timers of removed and added backends, and
+        backends whose pool gained or lost its active checks."""
         self.reloads += 1
         self.checker.update()
-        self.alerts.update()
+        self.alerts.update(self.engine.config.alerts)
         ids = self._backend_ids()
         for bid in old_ids - ids:
             self._forget(bid)
         for bid in ids - old_ids:
             pool, _, address = bid.partition("/")
             self._start_ramp(pool, address)
-        log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
-        return new
+        for bid in ids & old_ids:
+            if bid not in self.checker.backends:
+                self._without_checks(bid)
+            else:
+                # the checks decide from now on, after the hold
+                self._cancel(self._returns, bid)
 
-    def status(self) -> dict[str, Any]:
-        """/api/status: listeners, pools and backends with their state and counters."""
-        stats = self.engine.stats()
+    def _without_checks(self, bid: str) -> None:
+        """A backend of a pool with no active checks (any more): nothing would bring it back
+        but the end of an ejection."""
+        pool, _, address = bid.partition("/")
+        if self.engine.backend_state(pool, address).up:
+            return
+        left = self._ejected_until.get(bid, 0.0) - time.monotonic()
+        if left > 0:
+            if bid not in self._returns:
+                self._spawn(self._returns, bid, self._return_after(pool, address, left))
+            return
+        self.engine.set_backend_up(pool, address, True)
+        log.info("backend %s is up: its pool has no active checks any more", bid)
+        if self._admin(pool, address) == "enabled":
+            self._start_ramp(pool, address)
+
+    async def status(self) -> dict[str, Any]:
+        """/api/status: listeners, pools and backends with their state, why, and counters."""
+        stats = await self.stats()
         now = time.monotonic()
         pools_cfg = {p.name: p for p in self.engine.config.pools}
         pools = []
         for p in stats["pools"]:
-            cfg = pools_cfg[p["name"]]
-            backends = []
-            for b in p["backends"]:
-                bid = b["id"]
-                health = self.checker.backends.get(bid)
-                until = self._ejected_until.get(bid, 0.0)
-                backends.append(
-                    {
-                        **b,
-                        "failures_total": sum(b["failures"].values()),
-                        "health": {
-                            "type": cfg.health.type,
-                            "up": b["up"],
-                            "last_error": health.last_error if health is not None else "",
-                            "checks_failed": health.checks_failed if health is not None else 0,
-                        },
-                        "ejected": until > now,
-                        "slow_start": bid in self._ramps,
-                    }
-                )
+            cfg = pools_cfg.get(p["name"])
+            if cfg is None:
+                continue  # removed by a reload since the snapshot
+            backends = [self._backend_status(cfg, b, now) for b in p["backends"]]
             healthy = sum(1 for b in backends if b["state"] == "up")
             pools.append(
                 {
@@ -204,24 +246,61 @@ class ControlPlane:
             "pools": pools,
         }
 
+    def _backend_status(self, cfg: Pool, b: dict[str, Any], now: float) -> dict[str, Any]:
+        bid = b["id"]
+        health = self.checker.backends.get(bid)
+        until = self._ejected_until.get(bid, 0.0)
+        return {
+            **b,
+            "reason": self._reason(cfg, b, until - now),
+            "failures_total": sum(b["failures"].values()),
+            "health": {
+                "type": cfg.health.type,
+                "up": b["up"],
+                "last_error": health.last_error if health is not None else "",
+                "checks_failed": health.checks_failed if health is not None else 0,
+            },
+            "ejected": until > now,
+            "slow_start": bid in self._ramps,
+        }
+
+    def _reason(self, cfg: Pool, b: dict[str, Any], ejected_left: float) -> str:
+        """Why the backend is in the state it is, in a few words ("" when it is simply up)."""
+        state = b["state"]
+        if state == "disabled":
+            return "disabled through the admin API"
+        if state in ("draining", "drained"):
+            return f"{state} through the admin API"
+        if state == "up":
+            return "slow start" if b["id"] in self._ramps else ""
+        if ejected_left > 0:
+            then = f" and {cfg.health.rise} passing checks" if b["id"] in self.checker.backends else ""
+            return f"ejected by passive detection; back in {ejected_left:.0f}s{then}"
+        health = self.checker.backends.get(b["id"])
+        if health is not None:
+            return f"health checks failing: {health.last_error}" if health.last_error else "health checks"
+        return "down"
+
     # --- internals --------------------------------------------------------------------------
 
     def _backend_ids(self) -> set[str]:
         return {f"{p.name}/{b.address}" for p in self.engine.config.pools for b in p.backends}
 
+    def _held(self, bid: str) -> bool:
+        """Whether the backend is within an ejection (its checks' successes do not count)."""
+        return self._ejected_until.get(bid, 0.0) > time.monotonic()
+
     def _set_admin(self, bid: str, pool: str, address: str, state: AdminState) -> None:
         self.engine.set_backend_admin(pool, address, state)
-        self._admin[bid] = state
         if state != "draining":
             self._cancel(self._drains, bid)
         if state != "enabled":
             self._cancel(self._ramps, bid)
 
     def _forget(self, bid: str) -> None:
-        """A reload removed (or replaced) the backend: its timers go with it."""
+        """A reload removed the backend: its timers go with it."""
         for tasks in (self._drains, self._ramps, self._returns):
             self._cancel(tasks, bid)
-        self._admin.pop(bid, None)
         self._ejected_until.pop(bid, None)
 
     def _spawn(self, tasks: dict[str, asyncio.Task[None]], bid: str, work: Coroutine[Any, Any, None]) -> None:
@@ -285,7 +364,7 @@ class ControlPlane:
         pool, _, address = bid.partition("/")
         if up:
             self._ejected_until.pop(bid, None)
-            if self._admin.get(bid, "enabled") == "enabled":
+            if self._admin(pool, address) == "enabled":
                 self._start_ramp(pool, address)
         else:
             self._cancel(self._ramps, bid)
@@ -309,7 +388,7 @@ class ControlPlane:
         self._cancel(self._ramps, bid)
         health = self.checker.backends.get(bid)
         if health is not None:
-            health.eject(eject.seconds)
+            health.eject()
             log.warning(
                 "backend %s ejected: %d failures in a row; back after %s and %d passing checks",
                 bid,
@@ -333,10 +412,11 @@ class ControlPlane:
         self._ejected_until.pop(bid, None)
         try:
             self.engine.set_backend_up(pool, address, True)
+            enabled = self._admin(pool, address) == "enabled"
         except KeyError:
             return
         log.info("backend %s returns after its ejection", bid)
-        if self._admin.get(bid, "enabled") == "enabled":
+        if enabled:
             self._start_ramp(pool, address)
 
 

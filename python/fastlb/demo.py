@@ -13,8 +13,8 @@ import socket
 import sys
 from typing import Any
 
-from fastlb.cli import EXIT_USAGE, serve_config
 from fastlb.config import ConfigError, parse_config
+from fastlb.server import EXIT_USAGE, Server
 
 log = logging.getLogger("fastlb")
 
@@ -147,4 +147,4 @@ def run_demo(listen: str, admin: str = "127.0.0.1:9901") -> int:
             flush=True,
         )
 
-    return serve_config(config, before=start_backends)
+    return Server(config, before=start_backends).run()

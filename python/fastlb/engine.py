@@ -1,8 +1,14 @@
-"""The control plane's handle on the data plane: config in as JSON, decisions and stats across."""
+"""The control plane's handle on the data plane: config in as JSON, decisions and stats across.
+
+The engine owns every backend's runtime state (admin state, health verdict, weight), keyed by
+its id `pool/address` and kept across reloads; the control plane reads it here rather than
+keeping a copy. Calls that can wait (`update`, `stats`, `set_backend_weight`, `stop`) are for a
+thread, never the event loop: see `fastlb.control`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, cast
 
 import orjson
 
@@ -10,6 +16,14 @@ from fastlb import _native
 from fastlb.config import Config
 
 AdminState = Literal["enabled", "draining", "disabled"]
+
+
+class BackendRuntime(NamedTuple):
+    """A backend's runtime state as the engine holds it."""
+
+    admin: AdminState
+    up: bool  # the health verdict: active checks and passive ejection
+    weight: int
 
 
 class Engine:
@@ -37,8 +51,14 @@ class Engine:
         self._native.stop(grace_s)
 
     def stats(self) -> dict[str, Any]:
+        """A snapshot of every counter; waits up to 250 ms for the workers (call it in a thread)."""
         result: dict[str, Any] = orjson.loads(self._native.stats())
         return result
+
+    def backend_state(self, pool: str, address: str) -> BackendRuntime:
+        """The backend's runtime state now; KeyError if the running config lacks it."""
+        admin, up, weight = self._native.backend_state(pool, address)
+        return BackendRuntime(cast(AdminState, admin), up, weight)
 
     def open_connections(self) -> int:
         return self._native.open_connections()
@@ -74,4 +94,4 @@ class Engine:
 
     def drain_timeout_s(self) -> float:
         """The longest `drain_timeout` of any pool: how long a graceful stop may wait."""
-        return max((p["drain_timeout_ms"] for p in self._spec["pools"]), default=0) / 1000
+        return max((p.drain_timeout.seconds for p in self.config.pools), default=0.0)

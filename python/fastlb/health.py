@@ -7,7 +7,12 @@ starts up (as in HAProxy) and its first check comes at a random point of the fir
 thousands of backends do not check in lockstep.
 
 A backend that passive detection ejected (`eject`) is held down: checks keep running, but
-successes count only once its `eject` time has passed, and then `rise` of them bring it back.
+successes count only once its `eject` time has passed (the control plane owns that deadline:
+`held`), and then `rise` of them bring it back.
+
+The verdict itself is the engine's (one owner of backend state): a check entry created for a
+backend that already runs, because a reload changed its check or added checks to its pool,
+starts from the engine's verdict, not from "up".
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,8 +47,6 @@ class BackendHealth:
     failures: int = 0
     checks_failed: int = 0  # every failed check since start: fastlb_backend_failures_total{kind="health"}
     last_error: str = ""
-    # time.monotonic() before which successes do not count (passive ejection)
-    held_until: float = 0.0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -55,9 +57,10 @@ class BackendHealth:
         """What a check depends on: a reload that changes none of it keeps the state."""
         return self.addr, self.check, self.host_header
 
-    def record(self, ok: bool, error: str = "", now: float | None = None) -> bool | None:
-        """Counts one result; returns the new state when it flips, else None."""
-        if ok and (now if now is not None else time.monotonic()) < self.held_until:
+    def record(self, ok: bool, error: str = "", held: bool = False) -> bool | None:
+        """Counts one result; returns the new state when it flips, else None. `held`: the
+        backend is within an ejection, so a success does not count."""
+        if ok and held:
             self.successes = 0
             return None
         if ok:
@@ -74,11 +77,18 @@ class BackendHealth:
                 return False
         return None
 
-    def eject(self, for_s: float, now: float | None = None) -> None:
-        """Passive detection took the backend out: down, and held down for `for_s`."""
+    def eject(self) -> None:
+        """Passive detection took the backend out: down, and `rise` passing checks after the
+        hold are needed to come back."""
         self.up, self.successes, self.failures = False, 0, 0
-        self.held_until = (now if now is not None else time.monotonic()) + for_s
         self.last_error = "ejected by passive detection"
+
+    def carry_over(self, old: BackendHealth | None, engine_up: bool) -> None:
+        """A fresh entry for a backend already running: the verdict is the engine's; the
+        counters and the last error continue from the entry it replaces."""
+        self.up = engine_up
+        if old is not None:
+            self.checks_failed, self.last_error = old.checks_failed, old.last_error
 
 
 async def probe(b: BackendHealth) -> str:
@@ -127,11 +137,18 @@ async def _http_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: as
 
 class HealthChecker:
     """All active checks of a running engine; `update()` follows reloads. `on_flip(id, up)` is
-    called after each flip has been pushed to the engine."""
+    called after each flip has been pushed to the engine; `held(id)` says whether the backend is
+    within an ejection."""
 
-    def __init__(self, engine: Engine, on_flip: Callable[[str, bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        on_flip: Callable[[str, bool], None] | None = None,
+        held: Callable[[str], bool] = lambda _: False,
+    ) -> None:
         self.engine = engine
         self.on_flip = on_flip
+        self.held = held
         self.backends: dict[str, BackendHealth] = {}
 
     def start(self) -> None:
@@ -152,11 +169,18 @@ class HealthChecker:
                 host = pool.health.host or split_host_port(backend.address)[0]
                 b = BackendHealth(pool.name, backend.address, resolved[backend.address], pool.health, host)
                 wanted[b.id] = b
-        for key, old in list(self.backends.items()):
-            new = wanted.get(key)
-            if new is not None and new.key() == old.key():
+        for key, new in list(wanted.items()):
+            old = self.backends.get(key)
+            if old is not None and new.key() == old.key():
                 wanted[key] = old
-            elif old.task is not None:
+                continue
+            if old is not None and old.task is not None:
+                old.task.cancel()
+            # KeyError: not in the engine yet, a first start, where every backend is up
+            with contextlib.suppress(KeyError):
+                new.carry_over(old, self.engine.backend_state(new.pool, new.address).up)
+        for key, old in self.backends.items():
+            if key not in wanted and old.task is not None:
                 old.task.cancel()
         for b in wanted.values():
             if b.task is None:
@@ -175,7 +199,7 @@ class HealthChecker:
         await asyncio.sleep(random.uniform(0, interval))  # spread the first checks
         while True:
             error = await probe(b)
-            flipped = b.record(not error, error)
+            flipped = b.record(not error, error, self.held(b.id))
             if flipped is not None:
                 self._push(b, flipped)
             # +-10% jitter keeps checks from drifting into lockstep (HAProxy spread-checks)

@@ -1,8 +1,8 @@
 """`GET /metrics`: the engine's merged counters and histograms (and the control plane's health
 view) as Prometheus families, with exactly the names and labels of CONTRACT.md.
 
-Counting happens in the data plane only; this collector reads one `ControlPlane.status()` per
-scrape and translates it.
+Counting happens in the data plane only; a scrape takes one `ControlPlane.status()` document
+(off the event loop) and translates it.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from fastlb.control import ControlPlane
-
 DROP_REASONS = ("max_connections", "no_backend", "rate_limited", "bad_request")
 FAILURE_KINDS = ("connect", "timeout", "reset", "5xx")
 
 
-class FastlbCollector(Collector):
-    def __init__(self, control: ControlPlane) -> None:
-        self.control = control
+class _StatusCollector(Collector):
+    """The families of one status document."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        yield from families(self.control.status())
+        yield from families(self.status)
 
 
 def families(status: dict[str, Any]) -> Iterator[Metric]:
@@ -114,11 +114,8 @@ def _le(seconds: float) -> str:
     return f"{seconds:g}"
 
 
-def registry_for(control: ControlPlane) -> CollectorRegistry:
+def render(status: dict[str, Any]) -> bytes:
+    """The Prometheus text of one `/api/status` document."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FastlbCollector(control))
-    return registry
-
-
-def render(registry: CollectorRegistry) -> bytes:
+    registry.register(_StatusCollector(status))
     return generate_latest(registry)

@@ -166,11 +166,11 @@ mod tests {
         let b = states(&[1; 10]);
         let ch = build(&b, 0);
         let before: Vec<usize> = (0..10_000)
-            .map(|k| ch.select(&b, key(k), &|i| b[i].usable()).unwrap())
+            .map(|k| ch.select(&b, key(k), &|i| b[i].in_rotation()).unwrap())
             .collect();
         b[4].set_up(false);
         for k in 0..10_000u64 {
-            let after = ch.select(&b, key(k), &|i| b[i].usable()).unwrap();
+            let after = ch.select(&b, key(k), &|i| b[i].in_rotation()).unwrap();
             assert_ne!(after, 4);
             if before[k as usize] != 4 {
                 assert_eq!(after, before[k as usize], "key {k}");
@@ -179,7 +179,7 @@ mod tests {
         b[4].set_up(true);
         for k in 0..10_000u64 {
             assert_eq!(
-                ch.select(&b, key(k), &|i| b[i].usable()),
+                ch.select(&b, key(k), &|i| b[i].in_rotation()),
                 Some(before[k as usize])
             );
         }
@@ -192,14 +192,14 @@ mod tests {
         for s in &b[..299] {
             s.set_up(false);
         }
-        assert_eq!(ch.select(&b, key(1), &|i| b[i].usable()), Some(299));
+        assert_eq!(ch.select(&b, key(1), &|i| b[i].in_rotation()), Some(299));
         b[299].set_up(false);
-        assert_eq!(ch.select(&b, key(1), &|i| b[i].usable()), None);
+        assert_eq!(ch.select(&b, key(1), &|i| b[i].in_rotation()), None);
         let small = states(&[1, 1]);
         let ch = build(&small, 125);
         small[0].set_up(false);
         small[1].set_up(false);
-        assert_eq!(ch.select(&small, key(1), &|i| small[i].usable()), None);
+        assert_eq!(ch.select(&small, key(1), &|i| small[i].in_rotation()), None);
         assert_eq!(
             ConsistentHash::new(&[], &[], 0).select(&[], 1, &|_| true),
             None
@@ -220,7 +220,7 @@ mod tests {
         let ch = build(&b, 0);
         let hot = key_of_backend_0(&ch);
         for _ in 0..100 {
-            let i = ch.select(&b, hot, &|i| b[i].usable()).unwrap();
+            let i = ch.select(&b, hot, &|i| b[i].in_rotation()).unwrap();
             b[i].acquire();
         }
         assert_eq!(b[0].active(), 100);
@@ -233,7 +233,7 @@ mod tests {
         let hot = key_of_backend_0(&ch);
         let mut order = Vec::new();
         for n in 0..100u64 {
-            let i = ch.select(&b, hot, &|i| b[i].usable()).unwrap();
+            let i = ch.select(&b, hot, &|i| b[i].in_rotation()).unwrap();
             // Whatever was picked was under the bound for the load before it.
             let bound = (125 * (n + 1)).div_ceil(400);
             assert!((b[i].active() as u64) < bound, "pick {n}: {i}");
@@ -250,7 +250,7 @@ mod tests {
                 s.release();
             }
         }
-        assert_eq!(ch.select(&b, hot, &|i| b[i].usable()), Some(0));
+        assert_eq!(ch.select(&b, hot, &|i| b[i].in_rotation()), Some(0));
     }
 
     #[test]
@@ -260,7 +260,7 @@ mod tests {
         b[1].set_up(false);
         b[2].set_up(false);
         for _ in 0..10 {
-            let i = ch.select(&b, key(9), &|i| b[i].usable()).unwrap();
+            let i = ch.select(&b, key(9), &|i| b[i].in_rotation()).unwrap();
             assert_eq!(i, 0);
             b[i].acquire();
         }

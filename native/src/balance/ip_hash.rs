@@ -117,8 +117,8 @@ mod tests {
         let b = states(&[1, 1, 1]);
         let h = IpHash::new(&[1, 1, 1]);
         for k in 0..100 {
-            let first = h.select(&b, key(k), &|i| b[i].usable());
-            assert_eq!(h.select(&b, key(k), &|i| b[i].usable()), first);
+            let first = h.select(&b, key(k), &|i| b[i].in_rotation());
+            assert_eq!(h.select(&b, key(k), &|i| b[i].in_rotation()), first);
         }
     }
 
@@ -127,12 +127,12 @@ mod tests {
         let b = states(&[1, 1, 1, 1]);
         let h = IpHash::new(&[1, 1, 1, 1]);
         let before: Vec<usize> = (0..10_000)
-            .map(|k| h.select(&b, key(k), &|i| b[i].usable()).unwrap())
+            .map(|k| h.select(&b, key(k), &|i| b[i].in_rotation()).unwrap())
             .collect();
         b[1].set_up(false);
         let mut moved_to = [0usize; 4];
         for k in 0..10_000u64 {
-            let after = h.select(&b, key(k), &|i| b[i].usable()).unwrap();
+            let after = h.select(&b, key(k), &|i| b[i].in_rotation()).unwrap();
             assert_ne!(after, 1);
             if before[k as usize] != 1 {
                 assert_eq!(after, before[k as usize]);
@@ -153,13 +153,13 @@ mod tests {
         let h = IpHash::new(&[1, 0, 0]); // only backend 0 is in the table
         b[0].set_up(false);
         for k in 0..100 {
-            let i = h.select(&b, key(k), &|i| b[i].usable()).unwrap();
+            let i = h.select(&b, key(k), &|i| b[i].in_rotation()).unwrap();
             assert!(i == 1 || i == 2);
         }
         for s in &b {
             s.set_up(false);
         }
-        assert_eq!(h.select(&b, 42, &|i| b[i].usable()), None);
+        assert_eq!(h.select(&b, 42, &|i| b[i].in_rotation()), None);
         assert_eq!(IpHash::new(&[]).select(&[], 42, &|_| true), None);
     }
 }

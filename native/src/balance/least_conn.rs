@@ -88,7 +88,7 @@ mod tests {
         let mut counts = vec![0usize; b.len()];
         for _ in 0..n {
             let i = sel
-                .select(b, 0, &|i| b[i].usable())
+                .select(b, 0, &|i| b[i].in_rotation())
                 .expect("a usable backend");
             b[i].acquire();
             open.push(i);
@@ -116,7 +116,7 @@ mod tests {
         let b = states(&[5, 3, 2]);
         let lc = LeastConn::new();
         for _ in 0..1000 {
-            let i = lc.select(&b, 0, &|i| b[i].usable()).unwrap();
+            let i = lc.select(&b, 0, &|i| b[i].in_rotation()).unwrap();
             b[i].acquire();
         }
         let active: Vec<u32> = b.iter().map(|s| s.active()).collect();
@@ -137,12 +137,12 @@ mod tests {
         }
         let lc = LeastConn::new();
         for _ in 0..5 {
-            assert_eq!(lc.select(&b, 0, &|i| b[i].usable()), Some(1));
+            assert_eq!(lc.select(&b, 0, &|i| b[i].in_rotation()), Some(1));
         }
         b[1].acquire(); // 7/2 = 3.5
         b[1].acquire(); // 8/2 = 4: tie with backend 2, both get turns
         let picks: Vec<usize> = (0..4)
-            .map(|_| lc.select(&b, 0, &|i| b[i].usable()).unwrap())
+            .map(|_| lc.select(&b, 0, &|i| b[i].in_rotation()).unwrap())
             .collect();
         assert!(picks.contains(&1) && picks.contains(&2) && !picks.contains(&0));
     }
@@ -171,7 +171,7 @@ mod tests {
         b[0].set_up(false);
         b[1].set_up(false);
         let lc = LeastConn::new();
-        assert_eq!(lc.select(&b, 0, &|i| b[i].usable()), None);
+        assert_eq!(lc.select(&b, 0, &|i| b[i].in_rotation()), None);
         assert_eq!(lc.select(&[], 0, &|_| true), None);
     }
 }

@@ -81,12 +81,12 @@ mod tests {
         let b = states(&[1; 5]);
         let m = build(&b);
         let before: Vec<usize> = (0..10_000)
-            .map(|k| m.select(&b, key(k), &|i| b[i].usable()).unwrap())
+            .map(|k| m.select(&b, key(k), &|i| b[i].in_rotation()).unwrap())
             .collect();
         b[2].set_up(false);
         let mut moved_to = [0usize; 5];
         for k in 0..10_000u64 {
-            let after = m.select(&b, key(k), &|i| b[i].usable()).unwrap();
+            let after = m.select(&b, key(k), &|i| b[i].in_rotation()).unwrap();
             assert_ne!(after, 2);
             if before[k as usize] == 2 {
                 moved_to[after] += 1;
@@ -103,7 +103,7 @@ mod tests {
         b[2].set_up(true);
         for k in 0..10_000u64 {
             assert_eq!(
-                m.select(&b, key(k), &|i| b[i].usable()),
+                m.select(&b, key(k), &|i| b[i].in_rotation()),
                 Some(before[k as usize])
             );
         }
@@ -115,13 +115,13 @@ mod tests {
         let m = Maglev::new(&["a", "b", "c"], &[1, 0, 0]); // only backend 0 has entries
         b[0].set_up(false);
         for k in 0..100 {
-            let i = m.select(&b, key(k), &|i| b[i].usable()).unwrap();
+            let i = m.select(&b, key(k), &|i| b[i].in_rotation()).unwrap();
             assert!(i == 1 || i == 2);
         }
         for s in &b {
             s.set_up(false);
         }
-        assert_eq!(m.select(&b, 7, &|i| b[i].usable()), None);
+        assert_eq!(m.select(&b, 7, &|i| b[i].in_rotation()), None);
         assert_eq!(Maglev::new(&[], &[]).select(&[], 7, &|_| true), None);
     }
 }

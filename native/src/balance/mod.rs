@@ -54,20 +54,40 @@ pub enum AdminState {
     Disabled = 2,
 }
 
+impl AdminState {
+    /// The name the control plane uses: "enabled", "draining" or "disabled".
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<AdminState> {
+        [
+            AdminState::Enabled,
+            AdminState::Draining,
+            AdminState::Disabled,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
+}
+
 /// Runtime state of one backend, shared by every worker (global, not per worker, so
-/// least_conn and peak_ewma see the whole process). Survives reloads while the backend's
-/// id (`pool/address`) and resolved address stay the same.
+/// least_conn and peak_ewma see the whole process). This is the one owner of a backend's
+/// runtime facts (admin state, health, ejection, runtime weight, slow start): the engine keeps
+/// one per id (`pool/address`) for as long as a config has that id, whatever else a reload
+/// changes. What the file says of the backend (address, backup, max_connections) is in the
+/// pool that each publish builds (`BackendSettings`).
 #[derive(Debug)]
 pub struct BackendState {
     /// `POOL/ADDRESS`, the stable id users and the admin API see.
     pub id: String,
     pub address: String,
-    pub addr: SocketAddr,
     /// What workers count this backend's traffic under (crate::metrics).
     pub slot: u32,
-    pub backup: bool,
-    /// 0 = unlimited; beyond it the backend is not selected (tcp refuses).
-    pub max_connections: u32,
     /// Health: active checks and passive ejection flip it. Starts up.
     up: AtomicBool,
     admin: AtomicU8,
@@ -125,14 +145,12 @@ impl BackendState {
         Self::with_slot(pool, cfg, 0)
     }
 
+    /// A backend as a config first names it: up, enabled, at the file's weight.
     pub fn with_slot(pool: &str, cfg: &BackendConfig, slot: u32) -> Self {
         BackendState {
             id: format!("{pool}/{}", cfg.address),
             address: cfg.address.clone(),
-            addr: cfg.addr,
             slot,
-            backup: cfg.backup,
-            max_connections: cfg.max_connections,
             up: AtomicBool::new(true),
             admin: AtomicU8::new(AdminState::Enabled as u8),
             weight: AtomicU32::new(cfg.weight),
@@ -147,14 +165,20 @@ impl BackendState {
         }
     }
 
-    /// Whether a new connection or request may go here (before the backup-tier and
-    /// already-tried filters, which `Pool::select` adds).
+    /// Whether the backend takes new connections or requests at all: up, enabled and with a
+    /// weight (`Pool::usable` adds its connection cap, the pool's backup tier and the
+    /// already-tried filter).
     #[inline]
-    pub fn usable(&self) -> bool {
+    pub fn in_rotation(&self) -> bool {
         self.up.load(Relaxed)
             && self.admin.load(Relaxed) == AdminState::Enabled as u8
             && self.weight.load(Relaxed) > 0
-            && (self.max_connections == 0 || self.active.load(Relaxed) < self.max_connections)
+    }
+
+    /// `in_rotation` and below `max_connections` (0 = unlimited).
+    #[inline]
+    pub fn usable(&self, max_connections: u32) -> bool {
+        self.in_rotation() && (max_connections == 0 || self.active() < max_connections)
     }
 
     pub fn is_up(&self) -> bool {
@@ -325,12 +349,14 @@ pub struct Pool {
     pub name: String,
     /// What workers count this pool's traffic under (crate::metrics); set by the engine.
     pub id: u16,
+    /// Runtime state, in config order (shared with every other publish that has the id).
     pub backends: Vec<Arc<BackendState>>,
+    /// What this config says of each backend, same order.
+    pub settings: Vec<BackendSettings>,
     pub selector: Box<dyn Selector>,
     pub hash_key: HashKey,
     pub timeouts: PoolTimeouts,
     pub retries: u32,
-    pub drain_timeout_ms: u64,
     /// http: sticky cookie; `affinity_tokens[i]` is backend i's opaque cookie value.
     pub affinity: Option<AffinityConfig>,
     pub affinity_tokens: Vec<[u8; 16]>,
@@ -344,9 +370,33 @@ pub struct Pool {
     has_backup: bool,
 }
 
+/// A backend as one config describes it; a reload may change any of it while the backend's
+/// runtime state carries on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSettings {
+    /// The address the data plane connects to (`address` resolved by the control plane).
+    pub addr: SocketAddr,
+    /// Only takes traffic while no primary is up (HAProxy's `backup`).
+    pub backup: bool,
+    /// 0 = unlimited; beyond it the backend is not selected (tcp refuses, http queues).
+    pub max_connections: u32,
+}
+
+impl From<&BackendConfig> for BackendSettings {
+    fn from(b: &BackendConfig) -> Self {
+        BackendSettings {
+            addr: b.addr,
+            backup: b.backup,
+            max_connections: b.max_connections,
+        }
+    }
+}
+
 impl Pool {
-    /// Builds a pool; `states` are the backends' shared states, in config order.
+    /// Builds a pool; `states` are the shared states of `cfg.backends`, in that order.
     pub fn build(cfg: &PoolConfig, states: Vec<Arc<BackendState>>) -> Pool {
+        assert_eq!(cfg.backends.len(), states.len(), "one state per backend");
+        let settings: Vec<BackendSettings> = cfg.backends.iter().map(Into::into).collect();
         let selector = build_selector(cfg, &states);
         let eject_after = cfg.passive.map_or(0, |p| p.consecutive_failures);
         for b in &states {
@@ -359,13 +409,13 @@ impl Pool {
         Pool {
             name: cfg.name.clone(),
             id: 0,
-            has_backup: states.iter().any(|b| b.backup),
+            has_backup: settings.iter().any(|s| s.backup),
             backends: states,
+            settings,
             selector,
             hash_key: cfg.hash_key.clone(),
             timeouts: cfg.timeouts,
             retries: cfg.retries,
-            drain_timeout_ms: cfg.drain_timeout_ms,
             affinity: cfg.affinity.clone(),
             affinity_tokens,
             keepalive: cfg.keepalive,
@@ -375,32 +425,46 @@ impl Pool {
         }
     }
 
+    /// A fresh pool with new states for every backend of `cfg`: for tests and the micro
+    /// benchmarks, which build pools without an engine.
+    pub fn with_fresh_states(cfg: &PoolConfig) -> Pool {
+        let states = cfg
+            .backends
+            .iter()
+            .map(|b| Arc::new(BackendState::new(&cfg.name, b)))
+            .collect();
+        Pool::build(cfg, states)
+    }
+
+    /// Whether backend `i` may take a new connection or request now: in rotation and below
+    /// its `max_connections` (not counting the backup tier).
+    #[inline]
+    pub fn usable(&self, i: usize) -> bool {
+        self.backends[i].usable(self.settings[i].max_connections)
+    }
+
     /// The usable backend whose affinity token is `token`, if any.
     pub fn pinned(&self, token: &[u8]) -> Option<usize> {
         let i = self.affinity_tokens.iter().position(|t| t == token)?;
-        let b = &self.backends[i];
-        (b.usable() && (!b.backup || !self.any_primary_up())).then_some(i)
+        (self.usable(i) && (!self.settings[i].backup || !self.any_primary_up())).then_some(i)
     }
 
     /// Whether a request finding no usable backend should queue: some candidate is healthy and
     /// enabled but at its `max_connections`.
     pub fn only_busy(&self) -> bool {
-        self.backends.iter().any(|b| {
-            b.max_connections > 0
-                && b.is_up()
-                && b.admin() == AdminState::Enabled
-                && b.weight() > 0
-                && (!b.backup || !self.any_primary_up())
-        })
+        let primary_up = self.any_primary_up();
+        self.backends
+            .iter()
+            .zip(&self.settings)
+            .any(|(b, s)| s.max_connections > 0 && b.in_rotation() && (!s.backup || !primary_up))
     }
 
     /// Picks a backend for `key`, never one in `tried`. Backups are considered only when no
     /// primary is usable (HAProxy's `backup`).
     pub fn select(&self, key: u64, tried: &[usize]) -> Option<usize> {
-        let b = &self.backends;
         let pick = |backup: bool| {
-            self.selector.select(b, key, &|i| {
-                b[i].backup == backup && b[i].usable() && !tried.contains(&i)
+            self.selector.select(&self.backends, key, &|i| {
+                self.settings[i].backup == backup && self.usable(i) && !tried.contains(&i)
             })
         };
         match pick(false) {
@@ -415,7 +479,8 @@ impl Pool {
     fn any_primary_up(&self) -> bool {
         self.backends
             .iter()
-            .any(|b| !b.backup && b.is_up() && b.admin() == AdminState::Enabled && b.weight() > 0)
+            .zip(&self.settings)
+            .any(|(b, s)| !s.backup && b.in_rotation())
     }
 }
 
@@ -490,28 +555,40 @@ pub fn weights_gcd(weights: &[u32]) -> u32 {
 pub(crate) mod tests_support {
     use super::*;
 
-    /// Backends `127.0.0.1:9000+i` with the given weights, all up.
-    pub fn states(weights: &[u32]) -> Vec<Arc<BackendState>> {
+    /// Backends `127.0.0.1:9000+i` with the given weights.
+    pub fn backend_configs(weights: &[u32]) -> Vec<BackendConfig> {
         weights
             .iter()
             .enumerate()
             .map(|(i, &weight)| {
                 let address = format!("127.0.0.1:{}", 9000 + i);
-                let cfg = BackendConfig {
+                BackendConfig {
                     addr: address.parse().unwrap(),
                     address,
                     weight,
                     max_connections: 0,
                     backup: false,
-                };
-                Arc::new(BackendState::new("test", &cfg))
+                }
             })
             .collect()
     }
 
-    /// A pool of `algorithm` with no backends listed (tests pass states to `Pool::build`).
-    pub fn pool_config(name: &str, algorithm: Algorithm) -> PoolConfig {
-        PoolConfig::with_defaults(name, algorithm, vec![])
+    /// Those backends' states, all up.
+    pub fn states(weights: &[u32]) -> Vec<Arc<BackendState>> {
+        backend_configs(weights)
+            .iter()
+            .map(|cfg| Arc::new(BackendState::new("test", cfg)))
+            .collect()
+    }
+
+    /// A pool of `algorithm` over `backend_configs(weights)`.
+    pub fn pool_config(name: &str, algorithm: Algorithm, weights: &[u32]) -> PoolConfig {
+        PoolConfig::bare(name, algorithm, backend_configs(weights))
+    }
+
+    /// That pool built, with fresh states.
+    pub fn test_pool(name: &str, algorithm: Algorithm, weights: &[u32]) -> Pool {
+        Pool::with_fresh_states(&pool_config(name, algorithm, weights))
     }
 
     /// Share of `n` picks each backend got, with a different key per pick.
@@ -519,7 +596,9 @@ pub(crate) mod tests_support {
         let mut counts = vec![0usize; b.len()];
         for k in 0..n {
             let i = sel
-                .select(b, hash_key(&(k as u64).to_le_bytes()), &|i| b[i].usable())
+                .select(b, hash_key(&(k as u64).to_le_bytes()), &|i| {
+                    b[i].in_rotation()
+                })
                 .expect("a usable backend");
             counts[i] += 1;
         }
@@ -529,17 +608,16 @@ pub(crate) mod tests_support {
 
 #[cfg(test)]
 mod tests {
-    use super::tests_support::{pool_config, states};
+    use super::tests_support::{pool_config, test_pool};
     use super::*;
     use crate::config::PassiveConfig;
 
     fn passive_pool(n: u32) -> Pool {
-        let mut cfg = pool_config("p", Algorithm::RoundRobin);
+        let mut cfg = pool_config("p", Algorithm::RoundRobin, &[1, 1]);
         cfg.passive = Some(PassiveConfig {
             consecutive_failures: n,
-            eject_ms: 1000,
         });
-        Pool::build(&cfg, states(&[1, 1]))
+        Pool::with_fresh_states(&cfg)
     }
 
     #[test]
@@ -579,7 +657,7 @@ mod tests {
 
     #[test]
     fn without_passive_failures_only_count() {
-        let pool = Pool::build(&pool_config("p", Algorithm::RoundRobin), states(&[1]));
+        let pool = test_pool("p", Algorithm::RoundRobin, &[1]);
         let b = &pool.backends[0];
         for _ in 0..100 {
             b.fail_reset();
@@ -591,7 +669,7 @@ mod tests {
     /// Slow start in a round-robin pool: a backend at scale s gets about s of its share.
     #[test]
     fn round_robin_thins_a_ramping_backend_in_proportion() {
-        let pool = Pool::build(&pool_config("p", Algorithm::RoundRobin), states(&[1, 1]));
+        let pool = test_pool("p", Algorithm::RoundRobin, &[1, 1]);
         for (scale, want) in [(0u32, 0.0), (250, 0.25), (500, 0.5), (1000, 1.0)] {
             pool.backends[1].set_weight_scale(scale);
             let n = 20_000;
@@ -601,7 +679,7 @@ mod tests {
             assert!((share - want).abs() < 0.05, "scale {scale}: share {share}");
         }
         // with more backends too: at half scale, one of three gets 1/6 of the picks
-        let pool = Pool::build(&pool_config("p", Algorithm::RoundRobin), states(&[1, 1, 1]));
+        let pool = test_pool("p", Algorithm::RoundRobin, &[1, 1, 1]);
         pool.backends[2].set_weight_scale(500);
         let picks = (0..30_000)
             .filter(|_| pool.select(0, &[]) == Some(2))
@@ -612,12 +690,38 @@ mod tests {
         );
     }
 
+    /// The file's settings come from the pool, so two pools built over the same states (a
+    /// reload) may cap and tier them differently.
+    #[test]
+    fn max_connections_and_backup_are_the_pools() {
+        let mut cfg = pool_config("p", Algorithm::RoundRobin, &[1, 1]);
+        let first = Pool::with_fresh_states(&cfg);
+        cfg.backends[0].max_connections = 1;
+        cfg.backends[1].backup = true;
+        let second = Pool::build(&cfg, first.backends.clone());
+        // second: b1 only stands in for b0
+        assert!((0..20).all(|_| second.select(0, &[]) == Some(0)));
+        first.backends[0].acquire();
+        // first: no cap, both take turns; second: b0 is full but up, so the request waits
+        assert!(first.usable(0) && !second.usable(0));
+        let picks: Vec<_> = (0..4).map(|_| first.select(0, &[])).collect();
+        assert!(
+            picks.contains(&Some(0)) && picks.contains(&Some(1)),
+            "{picks:?}"
+        );
+        assert_eq!(second.select(0, &[]), None);
+        assert!(second.only_busy() && !first.only_busy());
+        // b0 down: the backup serves
+        first.backends[0].set_up(false);
+        assert_eq!(second.select(0, &[]), Some(1));
+    }
+
     /// The dynamic algorithms weigh by effective weight instead of thinning.
     #[test]
     fn least_conn_is_not_thinned() {
-        let pool = Pool::build(&pool_config("p", Algorithm::LeastConn), states(&[1, 1]));
+        let pool = test_pool("p", Algorithm::LeastConn, &[1, 1]);
         pool.backends[1].set_weight_scale(0);
-        assert!((0..100).all(|_| pool.backends[1].usable()));
+        assert!((0..100).all(|_| pool.usable(1)));
         assert_eq!(pool.backends[1].effective_weight(), 1);
     }
 }

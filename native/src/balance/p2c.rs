@@ -88,7 +88,7 @@ mod tests {
         let mut open: Vec<usize> = Vec::new();
         let mut counts = [0usize; 3];
         for _ in 0..10_000 {
-            let i = p2c.select(&b, 0, &|i| b[i].usable()).unwrap();
+            let i = p2c.select(&b, 0, &|i| b[i].in_rotation()).unwrap();
             b[i].acquire();
             open.push(i);
             counts[i] += 1;
@@ -109,7 +109,7 @@ mod tests {
         b[2].set_up(false);
         let mut rng = fastrand::Rng::with_seed(3);
         for _ in 0..1000 {
-            let (a, c) = two_candidates(&b, &|i| b[i].usable(), &mut rng, 0).unwrap();
+            let (a, c) = two_candidates(&b, &|i| b[i].in_rotation(), &mut rng, 0).unwrap();
             let c = c.unwrap();
             assert_ne!(a, c);
             assert!(a != 2 && c != 2);
@@ -131,13 +131,13 @@ mod tests {
         }
         let p2c = P2c::new();
         for _ in 0..1000 {
-            assert_eq!(p2c.select(&b, 0, &|i| b[i].usable()), Some(0));
+            assert_eq!(p2c.select(&b, 0, &|i| b[i].in_rotation()), Some(0));
         }
         b[0].acquire();
         b[0].acquire();
         b[0].acquire(); // 7/2 = 3.5
         for _ in 0..1000 {
-            assert_eq!(p2c.select(&b, 0, &|i| b[i].usable()), Some(1));
+            assert_eq!(p2c.select(&b, 0, &|i| b[i].in_rotation()), Some(1));
         }
     }
 
@@ -149,7 +149,7 @@ mod tests {
         b[1].acquire();
         let p2c = P2c::new();
         for _ in 0..100 {
-            assert_eq!(p2c.select(&b, 0, &|i| b[i].usable()), Some(1));
+            assert_eq!(p2c.select(&b, 0, &|i| b[i].in_rotation()), Some(1));
         }
     }
 
@@ -163,7 +163,7 @@ mod tests {
         for s in &b {
             s.set_up(false);
         }
-        assert_eq!(P2c::new().select(&b, 0, &|i| b[i].usable()), None);
+        assert_eq!(P2c::new().select(&b, 0, &|i| b[i].in_rotation()), None);
         assert_eq!(P2c::new().select(&[], 0, &|_| true), None);
     }
 }

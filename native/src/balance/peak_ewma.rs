@@ -123,7 +123,7 @@ mod tests {
         let mut counts = vec![0usize; b.len()];
         for _ in 0..n {
             let i = sel
-                .select(b, 0, &|i| b[i].usable())
+                .select(b, 0, &|i| b[i].in_rotation())
                 .expect("a usable backend");
             b[i].acquire();
             open.push(i);
@@ -202,18 +202,18 @@ mod tests {
         }
         let sel = PeakEwma::new();
         for _ in 0..1000 {
-            assert_eq!(sel.select(&b, 0, &|i| b[i].usable()), Some(1));
+            assert_eq!(sel.select(&b, 0, &|i| b[i].in_rotation()), Some(1));
         }
         b[1].acquire(); // 8: within SAME_COST of 10, either may win
         let picks: Vec<_> = (0..1000)
-            .map(|_| sel.select(&b, 0, &|i| b[i].usable()).unwrap())
+            .map(|_| sel.select(&b, 0, &|i| b[i].in_rotation()).unwrap())
             .collect();
         assert!(picks.contains(&0) && picks.contains(&1));
         for _ in 0..3 {
             b[1].acquire(); // 2 ms * 7 = 14
         }
         for _ in 0..1000 {
-            assert_eq!(sel.select(&b, 0, &|i| b[i].usable()), Some(0));
+            assert_eq!(sel.select(&b, 0, &|i| b[i].in_rotation()), Some(0));
         }
         let now = crate::balance::now_ns();
         assert!(cost(&b[0], now) < cost(&b[1], now));
@@ -229,7 +229,7 @@ mod tests {
         // Nothing is released: the unknown backend gets one request, then waits to be measured.
         let mut picks = [0usize; 3];
         for _ in 0..1000 {
-            let i = sel.select(&b, 0, &|i| b[i].usable()).unwrap();
+            let i = sel.select(&b, 0, &|i| b[i].in_rotation()).unwrap();
             b[i].acquire();
             picks[i] += 1;
         }
@@ -237,7 +237,7 @@ mod tests {
         // Once measured as fast, it takes its share.
         b[2].observe_latency(MS / 2);
         for _ in 0..1000 {
-            let i = sel.select(&b, 0, &|i| b[i].usable()).unwrap();
+            let i = sel.select(&b, 0, &|i| b[i].in_rotation()).unwrap();
             b[i].acquire();
             picks[i] += 1;
         }
@@ -250,7 +250,7 @@ mod tests {
         let b = states(&[1, 1, 1]);
         let sel = PeakEwma::new();
         for _ in 0..300 {
-            let i = sel.select(&b, 0, &|i| b[i].usable()).unwrap();
+            let i = sel.select(&b, 0, &|i| b[i].in_rotation()).unwrap();
             b[i].acquire();
         }
         for s in &b {
@@ -271,7 +271,7 @@ mod tests {
         for s in &b {
             s.set_up(false);
         }
-        assert_eq!(PeakEwma::new().select(&b, 0, &|i| b[i].usable()), None);
+        assert_eq!(PeakEwma::new().select(&b, 0, &|i| b[i].in_rotation()), None);
         assert_eq!(PeakEwma::new().select(&[], 0, &|_| true), None);
     }
 }

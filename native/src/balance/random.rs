@@ -163,7 +163,7 @@ mod tests {
         b[0].set_up(false);
         b[1].set_up(false);
         let r = WeightedRandom::new();
-        assert_eq!(r.select(&b, 0, &|i| b[i].usable()), None);
+        assert_eq!(r.select(&b, 0, &|i| b[i].in_rotation()), None);
         assert_eq!(r.select(&[], 0, &|_| true), None);
         // A zero weight is never picked, even by a filter that lets it through.
         assert_eq!(r.select(&b, 0, &|i| i == 2), None);

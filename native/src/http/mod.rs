@@ -18,8 +18,8 @@ pub mod route;
 pub mod upstream;
 
 use crate::accesslog::Line;
-use crate::balance::{hash_key, BackendState, Pool};
-use crate::config::{HashKey, ListenerConfig};
+use crate::balance::{hash_key, Pool};
+use crate::config::{HashKey, ListenerConfig, MAX_TRIES};
 use crate::engine::ListenerEntry;
 use crate::l4::forward;
 use crate::metrics::{ResponseKey, NO_BACKEND, NO_POOL};
@@ -46,9 +46,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use upstream::UpstreamPool;
-
-/// Most backends one request tries (the config caps `retries` at 10).
-const MAX_TRIES: usize = 16;
 
 /// Largest response head accepted from a backend.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -650,9 +647,9 @@ fn request_key(hash: &HashKey, view: &View<'_>) -> u64 {
 }
 
 /// Releases a backend after a request; wakes a queued request if the backend is capped.
-fn release(pool: &Pool, backend: &BackendState) {
-    backend.release();
-    if backend.max_connections > 0 && pool.queued.load(Relaxed) > 0 {
+fn release(pool: &Pool, i: usize) {
+    pool.backends[i].release();
+    if pool.settings[i].max_connections > 0 && pool.queued.load(Relaxed) > 0 {
         pool.slot_freed.notify_one();
     }
 }
@@ -1120,7 +1117,7 @@ impl Exchange<'_, '_> {
         while n_tried < tries {
             let (pool, key) = (&self.plan.pool, self.plan.key);
             let pick = match self.plan.pinned {
-                Some(i) if !tried[..n_tried].contains(&i) && pool.backends[i].usable() => Some(i),
+                Some(i) if !tried[..n_tried].contains(&i) && pool.usable(i) => Some(i),
                 _ => pool.select(key, &tried[..n_tried]),
             };
             let i = match pick {
@@ -1143,7 +1140,7 @@ impl Exchange<'_, '_> {
             pool.backends[i].acquire();
             let result = self.attempt(i).await;
             let pool = &self.plan.pool;
-            release(pool, &pool.backends[i]);
+            release(pool, i);
             match result {
                 Attempt::Done(next) => return next,
                 Attempt::Broken => return Next::Close,
@@ -1203,12 +1200,13 @@ impl Exchange<'_, '_> {
     /// One try at backend `i`: connection, request, response.
     async fn attempt(&mut self, i: usize) -> Attempt {
         let backend = &self.plan.pool.backends[i];
+        let addr = self.plan.pool.settings[i].addr;
         let t = self.plan.pool.timeouts;
         let pooled = self
             .ctx
             .http
             .upstream
-            .take(backend.addr)
+            .take(addr)
             .filter(|_| !self.plan.upgrade && !self.fresh_connection);
         let (upstream, reused) = match pooled {
             Some(s) => {
@@ -1220,7 +1218,7 @@ impl Exchange<'_, '_> {
                 let t0 = Instant::now();
                 let mut timer = self.deadline.timer();
                 timer.as_mut().reset((t0 + connect_timeout).into());
-                let connected = crate::l4::connect(backend.addr, timer).await;
+                let connected = crate::l4::connect(addr, timer).await;
                 self.outcome.connect_us = micros(t0.elapsed());
                 match connected {
                     Ok(s) => {
@@ -1505,7 +1503,7 @@ impl Exchange<'_, '_> {
             let idle = Duration::from_millis(t.idle_ms);
             ctx.http
                 .upstream
-                .put(backend.addr, upstream, pool.keepalive, idle);
+                .put(pool.settings[i].addr, upstream, pool.keepalive, idle);
         }
         Attempt::Done(if close_after {
             Next::Close
@@ -1550,7 +1548,8 @@ impl Exchange<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EngineConfig;
+    use crate::balance::tests_support::pool_config;
+    use crate::config::{Algorithm, Protocol};
     use crate::engine::Shared;
 
     #[test]
@@ -1580,23 +1579,27 @@ mod tests {
     /// but its socket.
     #[test]
     fn per_connection_future_stays_small() {
-        let cfg = EngineConfig::from_json(
-            r#"{"runtime": {"workers": 1}, "listeners": [{"name": "web",
-                "bind": "127.0.0.1:0", "protocol": "http", "pool": "app"}],
-                "pools": [{"name": "app", "algorithm": "round_robin", "backends": [
-                {"address": "127.0.0.1:1", "addr": "127.0.0.1:1", "weight": 1}],
-                "timeouts": {"connect_ms": 1, "read_ms": 1, "send_ms": 1, "idle_ms": 1}}]}"#,
-        )
-        .unwrap();
-        let states = vec![Arc::new(BackendState::new(
+        let listener = ListenerConfig {
+            name: "web".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            protocol: Protocol::Http,
+            pool: "app".into(),
+            client_idle_ms: 1,
+            header_read_ms: 1,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            rate_limit: None,
+            routes: vec![],
+        };
+        let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",
-            &cfg.pools[0].backends[0],
-        ))];
-        let pool = Arc::new(Pool::build(&cfg.pools[0], states));
+            Algorithm::RoundRobin,
+            &[1],
+        )));
         let pools = HashMap::from([("app".to_string(), pool.clone())]);
         let entry = ListenerEntry {
-            http: Some(HttpListener::build(&cfg.listeners[0], &pools).unwrap()),
-            cfg: cfg.listeners[0].clone(),
+            http: Some(HttpListener::build(&listener, &pools).unwrap()),
+            cfg: listener,
             pool,
             id: 0,
             closing: Default::default(),

@@ -371,13 +371,16 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::tests_support::{pool_config, states};
+    use crate::balance::tests_support::pool_config;
     use crate::config::{Algorithm, SplitConfig};
     use std::collections::BTreeMap;
 
     fn pool(name: &str) -> Arc<Pool> {
-        let cfg = pool_config(name, Algorithm::RoundRobin);
-        Arc::new(Pool::build(&cfg, states(&[1])))
+        Arc::new(Pool::with_fresh_states(&pool_config(
+            name,
+            Algorithm::RoundRobin,
+            &[1],
+        )))
     }
 
     fn pools() -> HashMap<String, Arc<Pool>> {

@@ -5,7 +5,7 @@ pub mod pipe;
 
 use crate::accesslog::Line;
 use crate::balance::{hash_key, BackendState, Pool};
-use crate::config::HashKey;
+use crate::config::{HashKey, MAX_TRIES};
 use crate::engine::ListenerEntry;
 use crate::metrics::ResponseKey;
 use crate::worker::WorkerCtx;
@@ -21,9 +21,6 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
-
-/// Most backends one connection tries (the config caps `retries` at 10).
-const MAX_TRIES: usize = 16;
 
 /// Serves one accepted client connection to the end.
 pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listener: &ListenerEntry) {
@@ -130,7 +127,7 @@ async fn connect_backend<'p>(
         backend.acquire();
         let t0 = Instant::now();
         timer.as_mut().reset((t0 + connect_timeout).into());
-        match connect(backend.addr, timer.as_mut()).await {
+        match connect(pool.settings[i].addr, timer.as_mut()).await {
             Ok(stream) => {
                 let took = t0.elapsed();
                 backend.observe_latency(took.as_nanos() as u64);

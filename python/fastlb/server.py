@@ -1,0 +1,140 @@
+"""The serve lifecycle, for `fastlb serve` and `fastlb demo` alike: start the engine, run the
+control plane and the admin API, act on signals (reload, reopen the log, stop), drain and exit.
+
+Signal handlers only record what was asked (uvicorn's rule); the main loop acts on it. A second
+SIGTERM/SIGINT while draining exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from fastlb.admin import start_admin
+from fastlb.config import Config
+from fastlb.control import ControlPlane, ReloadError
+from fastlb.engine import Engine
+
+log = logging.getLogger("fastlb")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+
+
+class Server:
+    """One running `fastlb serve`: `run()` blocks until the process was asked to stop.
+
+    `reload` re-reads the config (None: reloads are refused); `before` runs once the admin API
+    is up (the demo starts its backends there)."""
+
+    def __init__(
+        self,
+        config: Config,
+        reload: Callable[[], Config] | None = None,
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.reload = reload
+        self.before = before
+        self.engine: Engine | None = None
+        self._stop_asked: asyncio.Event | None = None
+        self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def run(self, exit_when_stopped: bool = False) -> int:
+        """Starts the engine and runs the control loop until SIGTERM/SIGINT.
+
+        `exit_when_stopped` ends the process as soon as the drain is over, with the signal
+        handlers still installed: returning would first tear the event loop down, which puts
+        SIGTERM back to its default action, and a second SIGTERM sent by a supervisor at that
+        moment would turn a clean exit 0 into a kill."""
+        # Signals stay blocked until the loop's handlers are installed: a SIGHUP or SIGTERM sent
+        # as soon as the port opens is then handled (reload, drain) rather than killing the
+        # process. The data plane's threads inherit the mask, so signals always reach this one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            self.engine = Engine(self.config)
+        except (OSError, RuntimeError, ValueError) as err:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            print(f"fastlb: {err}", file=sys.stderr)
+            return EXIT_RUNTIME
+        for listener in self.config.listeners:
+            log.info("listening on %s (%s, listener %r)", listener.bind, listener.protocol, listener.name)
+        return _run_loop(self._main(self.engine, exit_when_stopped))
+
+    async def _main(self, engine: Engine, exit_when_stopped: bool) -> int:
+        control = ControlPlane(engine, self.reload)
+        control.start()
+        admin = None
+        if engine.config.admin.bind != "off":
+            try:
+                admin = await start_admin(control, engine.config.admin.bind)
+            except OSError as err:
+                log.error("admin.bind: cannot listen on %s: %s", engine.config.admin.bind, err)
+                await control.stop()
+                await asyncio.to_thread(engine.stop, 0.0)
+                return EXIT_RUNTIME
+        self._install_signals(engine, control)
+        if self.before is not None:
+            await self.before()
+        assert self._stop_asked is not None
+        await self._stop_asked.wait()
+        await control.stop()
+        await asyncio.to_thread(engine.stop, engine.drain_timeout_s())
+        self._stopped = True
+        if admin is not None:
+            await admin.cleanup()
+        log.info("stopped")
+        if exit_when_stopped:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_OK)
+        return EXIT_OK
+
+    def _install_signals(self, engine: Engine, control: ControlPlane) -> None:
+        loop = asyncio.get_running_loop()
+        stop_asked = self._stop_asked = asyncio.Event()
+
+        def on_stop(signame: str) -> None:
+            if self._stopped:
+                return  # already drained; the process is on its way out
+            if stop_asked.is_set():
+                log.warning("second %s: exiting now", signame)
+                os._exit(EXIT_RUNTIME)
+            log.info("%s: stopping (draining up to %.1fs)", signame, engine.drain_timeout_s())
+            control.stopping = True
+            stop_asked.set()
+
+        def on_hup() -> None:
+            task = loop.create_task(_reload(control), name="SIGHUP reload")
+            self._tasks.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, engine.reopen_access_log)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+async def _reload(control: ControlPlane) -> None:
+    try:
+        await control.reload()
+    except ReloadError as err:
+        for line in err.errors:
+            log.error("reload refused, keeping the running config: %s", line)
+
+
+def _run_loop(main: Awaitable[int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(main)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this only guards odd installs
+        return asyncio.run(main)  # type: ignore[arg-type]
