@@ -190,3 +190,26 @@ def test_a_runtime_weight_stays_until_the_files_weight_changes(hb, fastlb):
     assert reload_with(4) == 0
     names = [get(http_port, "/")[2].decode() for _ in range(6)]
     assert set(names) == {"b"}, "weight 0: no new requests"
+
+
+def test_a_pool_that_loses_its_checks_gets_its_down_backends_back(hb, fastlb):
+    sick, fine = hb("sick", status_override=503), hb("fine")
+    http_port, admin = free_port(), free_port()
+
+    def cfg(health: dict[str, object]) -> str:
+        backends = [{"address": sick.address}, {"address": fine.address}]
+        return (
+            f'[runtime]\nworkers = 1\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+            f'[[listeners]]\nname = "web"\nbind = "127.0.0.1:{http_port}"\nprotocol = "http"\npool = "app"\n'
+            f'[[pools]]\nname = "app"\nretries = 0\nhealth = {toml_value(health)}\n'
+            f"backends = {toml_value(backends)}\n"
+        )
+
+    proc = fastlb(cfg(CHECKS), http_port)
+    assert wait_until(lambda: backend_status(admin, "app", sick.address)["state"] == "down")
+    proc.config_path.write_text(cfg({"type": "none"}))
+    assert api(admin, "POST", "/api/reload")[0] == 200
+    s = backend_status(admin, "app", sick.address)
+    assert s["state"] == "up" and s["reason"] == "", s
+    statuses = [get(http_port, "/")[0] for _ in range(6)]
+    assert statuses.count(503) == 3, "nothing checks it any more: it takes its turns again"
