@@ -181,8 +181,12 @@ impl HeadError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    /// Bytes of the head including the blank line.
+    /// Bytes of the head including the blank line (and the empty line tolerated before the
+    /// request line, if there was one).
     pub len: usize,
+    /// Where the request line starts: 0, or 2 after the one empty line tolerated before it
+    /// (RFC 9112 2.2). See `line()`; a u32 fits in the padding, a whole Span would not.
+    pub line_start: u32,
     pub method: Method,
     /// Request-target as sent.
     pub target: Span,
@@ -210,6 +214,18 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
+    /// The request line through its CRLF. Whatever copies or reads the request line takes it
+    /// from here, never from the start of the buffer. httparse takes exactly one SP between
+    /// the parts, then "HTTP/1.x" and CRLF (a bare LF is refused), so the line ends 11 bytes
+    /// after the target.
+    #[inline]
+    pub fn line(&self) -> Span {
+        Span {
+            start: self.line_start,
+            end: self.target.end + 11,
+        }
+    }
+
     /// HTTP/1.1 unless "close"; HTTP/1.0 only with "keep-alive"
     pub fn keep_alive(&self) -> bool {
         match self.version {
@@ -285,12 +301,13 @@ fn with_many_slots<'b, R>(max_headers: usize, f: impl FnOnce(&mut [RawHeader<'b>
 
 /// Clips `buf` to the size limit (parsing further is wasted work) and rejects empty lines
 /// before the start line: one CRLF is tolerated before a request (RFC 9112 2.2), none before a
-/// response, and a bare LF never.
+/// response, and a bare LF never. Returns the view, whether it was clipped and where the start
+/// line begins (0, or 2 after a tolerated CRLF).
 fn prepare<'b>(
     buf: &'b [u8],
     limits: &Limits,
     allow_crlf: bool,
-) -> Result<(&'b [u8], bool), HeadError> {
+) -> Result<(&'b [u8], bool, usize), HeadError> {
     // Spans are u32, so never look past 4 GiB whatever the config says.
     let max = limits.max_header_bytes.min(u32::MAX as usize);
     let (view, clipped) = if buf.len() > max {
@@ -308,10 +325,10 @@ fn prepare<'b>(
                     "more than one empty line before request line",
                 ))
             } else {
-                Ok((view, clipped))
+                Ok((view, clipped, 2))
             }
         }
-        _ => Ok((view, clipped)),
+        _ => Ok((view, clipped, 0)),
     }
 }
 
@@ -582,7 +599,7 @@ pub fn parse_request(
     headers: &mut Vec<HeaderSpan>,
 ) -> Result<Option<RequestHead>, HeadError> {
     headers.clear();
-    let (view, clipped) = prepare(buf, limits, true)?;
+    let (view, clipped, line_start) = prepare(buf, limits, true)?;
     let (len, method, target, minor) =
         match run_httparse(view, clipped, limits.max_headers, true, headers)? {
             Raw::Request {
@@ -691,8 +708,9 @@ pub fn parse_request(
         return Err(HeadError::Expectation);
     }
 
-    Ok(Some(RequestHead {
+    let head = RequestHead {
         len,
+        line_start: line_start as u32,
         method,
         target,
         path,
@@ -712,7 +730,15 @@ pub fn parse_request(
         conn_upgrade: conn.upgrade,
         upgrade,
         expect_continue: expect_continue && version == Version::Http11,
-    }))
+    };
+    debug_assert!({
+        let line = head.line().get(view);
+        line.starts_with(method_bytes)
+            && line.ends_with(b"\r\n")
+            && line[line.len() - 11] == b' '
+            && line[line.len() - 10..].starts_with(b"HTTP/1.")
+    });
+    Ok(Some(head))
 }
 
 /// Parses a response head (from a backend). `request_method` decides HEAD's no-body rule.
@@ -725,7 +751,7 @@ pub fn parse_response(
     headers: &mut Vec<HeaderSpan>,
 ) -> Result<Option<ResponseHead>, HeadError> {
     headers.clear();
-    let (view, clipped) = prepare(buf, limits, false)?;
+    let (view, clipped, _) = prepare(buf, limits, false)?;
     let (len, minor, status) =
         match run_httparse(view, clipped, limits.max_headers, false, headers)? {
             Raw::Response { len, minor, code } => (len, minor, code),
@@ -1130,9 +1156,41 @@ mod tests {
         let h = ok(s);
         assert_eq!(h.len, s.len());
         assert_eq!(txt(s, h.path), "/x");
+        // The request line is where it is, not at the start of the buffer.
+        assert_eq!(h.line(), Span { start: 2, end: 19 });
+        assert_eq!(txt(s, h.line()), "GET /x HTTP/1.1\r\n");
         bad("\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
         bad("\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
         bad("\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[test]
+    fn request_line_span() {
+        for (s, line) in [
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", "GET / HTTP/1.1\r\n"),
+            ("GET / HTTP/1.0\r\n\r\nbody", "GET / HTTP/1.0\r\n"),
+            (
+                "\r\nPOST /a?b=c HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                "POST /a?b=c HTTP/1.1\r\n",
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+                "OPTIONS * HTTP/1.1\r\n",
+            ),
+            (
+                "\r\nGET http://a/p HTTP/1.1\r\nHost: a\r\n\r\n",
+                "GET http://a/p HTTP/1.1\r\n",
+            ),
+            (
+                "M-SEARCH! /x HTTP/1.1\r\nHost: a\r\n\r\n",
+                "M-SEARCH! /x HTTP/1.1\r\n",
+            ),
+        ] {
+            assert_eq!(txt(s, ok(s).line()), line, "{s:?}");
+        }
+        // `line_start` took padding: the head (held across awaits in the per-connection
+        // future) did not grow.
+        assert_eq!(std::mem::size_of::<RequestHead>(), 88);
     }
 
     #[test]
