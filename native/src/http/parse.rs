@@ -435,34 +435,68 @@ fn content_length(v: &[u8]) -> Result<u64, HeadError> {
     Ok(n)
 }
 
-/// Characters of an authority (RFC 3986 reg-name / IP-literal plus ':' port), less '@' and ',':
-/// userinfo is refused (RFC 9110 4.2.4), a comma looks like two merged Host fields, and
-/// anything else could be read differently behind us.
+/// reg-name bytes (RFC 3986 3.2.2: unreserved / pct-encoded / sub-delims) less ',': a comma
+/// looks like two merged Host fields. Percent-encodings are not decoded or checked.
+#[inline]
+fn reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b';'
+                | b'='
+        )
+}
+
+/// An authority as RFC 3986 3.2 has it, less userinfo (RFC 9110 4.2.4: refused, as is '@'
+/// anywhere): `host [ ":" port ]`, host an IP-literal in brackets or a non-empty reg-name
+/// (RFC 9110 4.2.1: an http URI's host is never empty), port `*DIGIT`. An unbracketed IPv6
+/// address (several colons: not valid in a Host header, but seen, and route matching keeps
+/// it whole) is let through only if it parses as one. Anything else could be read
+/// differently behind us: "a:b", "a[b]", "[::1]x".
 fn valid_authority(a: &[u8]) -> bool {
-    !a.is_empty()
-        && a.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'['
-                        | b']'
-                )
-        })
+    let digits = |p: &[u8]| p.iter().all(u8::is_ascii_digit);
+    if let Some(rest) = a.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        return !literal.is_empty()
+            && literal.iter().all(|&b| reg_name_byte(b) || b == b':')
+            && match &rest[end + 1..] {
+                [] => true,
+                [b':', port @ ..] => digits(port),
+                _ => false,
+            };
+    }
+    let mut colons = 0;
+    let mut first_colon = a.len();
+    for (i, &b) in a.iter().enumerate() {
+        if b == b':' {
+            if colons == 0 {
+                first_colon = i;
+            }
+            colons += 1;
+        } else if !reg_name_byte(b) {
+            return false;
+        }
+    }
+    match colons {
+        0 => !a.is_empty(),
+        1 => first_colon > 0 && digits(&a[first_colon + 1..]),
+        _ => std::str::from_utf8(a).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok()),
+    }
 }
 
 /// Splits path and query at the first '?'. A fragment or raw non-ASCII byte has no place in a
@@ -1261,6 +1295,77 @@ mod tests {
         assert_eq!(h.version, Version::Http10);
         let s = "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n";
         assert_eq!(txt(s, ok(s).host.unwrap()), "[::1]:8080");
+    }
+
+    #[test]
+    fn host_grammar() {
+        // host [ ":" port ], host = IP-literal / reg-name, port = *DIGIT.
+        for v in [
+            "a",
+            "a:",
+            "a:80",
+            "A.example.COM.:8080",
+            "xn--bcher-kva.example",
+            "a-b_c~d%41!$&'()*+;=",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:",
+            "[2001:db8::1]:443",
+            "[v1.x]",
+            "[fe80::1%25eth0]:80",
+            // Unbracketed IPv6: not valid, but seen; kept whole by route matching.
+            "::1",
+            "2001:db8::1",
+        ] {
+            let s = format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n");
+            assert_eq!(txt(&s, ok(&s).host.unwrap()), v, "{v:?}");
+        }
+        for v in [
+            ":80",
+            ":",
+            "a:b",
+            "a:80x",
+            "a:-1",
+            "a: 80",
+            "a.com:80:x",
+            "a:80:90",
+            "[::1",
+            "[]",
+            "[]:80",
+            "[::1]x",
+            "[::1]:a",
+            "[::1]:80:1",
+            "[::1]]",
+            "[[::1]]",
+            "a]",
+            "a[b]",
+            "a]:80",
+            "[a,b]",
+            "[u@a]",
+            "a\"b",
+            "a<b",
+            "a\\b",
+            "a{b}",
+            "a|b",
+            "a^b",
+            "a`b",
+            "a#b",
+            "a?b",
+        ] {
+            bad(&format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n"));
+        }
+        // The same grammar for an absolute-form authority.
+        let s = "GET http://[::1]:8080/p HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n";
+        assert_eq!(txt(s, ok(s).host.unwrap()), "[::1]:8080");
+        for t in [
+            "http://a:b/",
+            "http://:80/",
+            "http://[::1/",
+            "http://a[b]/",
+            "http://a:80:90/",
+        ] {
+            bad(&format!("GET {t} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        }
     }
 
     // ---- framing ----
