@@ -1184,6 +1184,47 @@ mod tests {
         }
     }
 
+    /// What httparse enforces for us, pinned so that an upgrade (or a config flag) that
+    /// loosens it shows up here: method = token, exactly one SP between the parts, a target
+    /// without whitespace or control bytes, "HTTP/1.0" or "HTTP/1.1" then CRLF; field names are
+    /// tokens right before the colon, values hold no control byte but HTAB.
+    #[test]
+    fn grammar_enforced_by_httparse() {
+        for s in [
+            "GE\"T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GE:T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "G\u{e9}T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /\tHTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / \tHTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\x0b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.10\r\nHost: a\r\n\r\n",
+            "GET / HTTP/01.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\x00\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\x00: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\x7f: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\u{e9}: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX(: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX/Y: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\x0bb\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\x1bb\r\n\r\n",
+        ] {
+            bad(s);
+        }
+        // OWS around a value is not part of it; HTAB and obs-text inside are.
+        let s = "GET / HTTP/1.1\r\nHost: a\r\nX:\t a\tb\u{e9} \t\r\n!#$%&'*+-.^_`|~: v\r\n\r\n";
+        let mut hs = Vec::new();
+        parse_request(s.as_bytes(), &LIMITS, &mut hs)
+            .unwrap()
+            .unwrap();
+        assert_eq!(txt(s, hs[1].value), "a\tb\u{e9}");
+        assert_eq!(txt(s, hs[2].name), "!#$%&'*+-.^_`|~");
+    }
+
     #[test]
     fn one_leading_empty_line_tolerated() {
         let s = "\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n";
