@@ -435,29 +435,40 @@ fn content_length(v: &[u8]) -> Result<u64, HeadError> {
     Ok(n)
 }
 
-/// reg-name bytes (RFC 3986 3.2.2: unreserved / pct-encoded / sub-delims) less ',': a comma
-/// looks like two merged Host fields. Percent-encodings are not decoded or checked.
-#[inline]
-fn reg_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'%'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b';'
-                | b'='
-        )
-}
+/// Bytes of an authority, by class: 1 = reg-name (RFC 3986 3.2.2: unreserved / pct-encoded /
+/// sub-delims) less ',', which looks like two merged Host fields; 2 = ':'; 0 = anything else.
+/// Percent-encodings are not decoded or checked. A table: this runs on every request.
+const AUTHORITY: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+            )
+        {
+            t[b] = 1;
+        }
+        b += 1;
+    }
+    t[b':' as usize] = 2;
+    t
+};
 
 /// An authority as RFC 3986 3.2 has it, less userinfo (RFC 9110 4.2.4: refused, as is '@'
 /// anywhere): `host [ ":" port ]`, host an IP-literal in brackets or a non-empty reg-name
@@ -473,28 +484,26 @@ fn valid_authority(a: &[u8]) -> bool {
         };
         let literal = &rest[..end];
         return !literal.is_empty()
-            && literal.iter().all(|&b| reg_name_byte(b) || b == b':')
+            && literal.iter().all(|&b| AUTHORITY[b as usize] != 0)
             && match &rest[end + 1..] {
                 [] => true,
                 [b':', port @ ..] => digits(port),
                 _ => false,
             };
     }
-    let mut colons = 0;
-    let mut first_colon = a.len();
-    for (i, &b) in a.iter().enumerate() {
-        if b == b':' {
-            if colons == 0 {
-                first_colon = i;
-            }
-            colons += 1;
-        } else if !reg_name_byte(b) {
-            return false;
+    let mut colons = 0usize;
+    for &b in a {
+        match AUTHORITY[b as usize] {
+            0 => return false,
+            c => colons += usize::from(c == 2),
         }
     }
     match colons {
         0 => !a.is_empty(),
-        1 => first_colon > 0 && digits(&a[first_colon + 1..]),
+        1 => match a.iter().position(|&b| b == b':') {
+            Some(i) => i > 0 && digits(&a[i + 1..]),
+            None => false,
+        },
         _ => std::str::from_utf8(a).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok()),
     }
 }
