@@ -758,7 +758,10 @@ impl Default for Outcome {
 
 impl RequestLog {
     fn new(ctx: &WorkerCtx, buf: &[u8], head: &RequestHead) -> Self {
-        let method = buf
+        // From the request line, which may start after an empty line (RFC 9112 2.2).
+        let method = head
+            .line()
+            .get(buf)
             .split(|&b| b == b' ')
             .next()
             .unwrap_or_default()

@@ -181,8 +181,12 @@ impl HeadError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    /// Bytes of the head including the blank line.
+    /// Bytes of the head including the blank line (and the empty line tolerated before the
+    /// request line, if there was one).
     pub len: usize,
+    /// Where the request line starts: 0, or 2 after the one empty line tolerated before it
+    /// (RFC 9112 2.2). See `line()`; a u32 fits in the padding, a whole Span would not.
+    pub line_start: u32,
     pub method: Method,
     /// Request-target as sent.
     pub target: Span,
@@ -210,6 +214,18 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
+    /// The request line through its CRLF. Whatever copies or reads the request line takes it
+    /// from here, never from the start of the buffer. httparse takes exactly one SP between
+    /// the parts, then "HTTP/1.x" and CRLF (a bare LF is refused), so the line ends 11 bytes
+    /// after the target.
+    #[inline]
+    pub fn line(&self) -> Span {
+        Span {
+            start: self.line_start,
+            end: self.target.end + 11,
+        }
+    }
+
     /// HTTP/1.1 unless "close"; HTTP/1.0 only with "keep-alive"
     pub fn keep_alive(&self) -> bool {
         match self.version {
@@ -285,12 +301,13 @@ fn with_many_slots<'b, R>(max_headers: usize, f: impl FnOnce(&mut [RawHeader<'b>
 
 /// Clips `buf` to the size limit (parsing further is wasted work) and rejects empty lines
 /// before the start line: one CRLF is tolerated before a request (RFC 9112 2.2), none before a
-/// response, and a bare LF never.
+/// response, and a bare LF never. Returns the view, whether it was clipped and where the start
+/// line begins (0, or 2 after a tolerated CRLF).
 fn prepare<'b>(
     buf: &'b [u8],
     limits: &Limits,
     allow_crlf: bool,
-) -> Result<(&'b [u8], bool), HeadError> {
+) -> Result<(&'b [u8], bool, usize), HeadError> {
     // Spans are u32, so never look past 4 GiB whatever the config says.
     let max = limits.max_header_bytes.min(u32::MAX as usize);
     let (view, clipped) = if buf.len() > max {
@@ -308,10 +325,10 @@ fn prepare<'b>(
                     "more than one empty line before request line",
                 ))
             } else {
-                Ok((view, clipped))
+                Ok((view, clipped, 2))
             }
         }
-        _ => Ok((view, clipped)),
+        _ => Ok((view, clipped, 0)),
     }
 }
 
@@ -418,34 +435,77 @@ fn content_length(v: &[u8]) -> Result<u64, HeadError> {
     Ok(n)
 }
 
-/// Characters of an authority (RFC 3986 reg-name / IP-literal plus ':' port), less '@' and ',':
-/// userinfo is refused (RFC 9110 4.2.4), a comma looks like two merged Host fields, and
-/// anything else could be read differently behind us.
+/// Bytes of an authority, by class: 1 = reg-name (RFC 3986 3.2.2: unreserved / pct-encoded /
+/// sub-delims) less ',', which looks like two merged Host fields; 2 = ':'; 0 = anything else.
+/// Percent-encodings are not decoded or checked. A table: this runs on every request.
+const AUTHORITY: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+            )
+        {
+            t[b] = 1;
+        }
+        b += 1;
+    }
+    t[b':' as usize] = 2;
+    t
+};
+
+/// An authority as RFC 3986 3.2 has it, less userinfo (RFC 9110 4.2.4: refused, as is '@'
+/// anywhere): `host [ ":" port ]`, host an IP-literal in brackets or a non-empty reg-name
+/// (RFC 9110 4.2.1: an http URI's host is never empty), port `*DIGIT`. An unbracketed IPv6
+/// address (several colons: not valid in a Host header, but seen, and route matching keeps
+/// it whole) is let through only if it parses as one. Anything else could be read
+/// differently behind us: "a:b", "a[b]", "[::1]x".
 fn valid_authority(a: &[u8]) -> bool {
-    !a.is_empty()
-        && a.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'['
-                        | b']'
-                )
-        })
+    let digits = |p: &[u8]| p.iter().all(u8::is_ascii_digit);
+    if let Some(rest) = a.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        return !literal.is_empty()
+            && literal.iter().all(|&b| AUTHORITY[b as usize] != 0)
+            && match &rest[end + 1..] {
+                [] => true,
+                [b':', port @ ..] => digits(port),
+                _ => false,
+            };
+    }
+    let mut colons = 0usize;
+    for &b in a {
+        match AUTHORITY[b as usize] {
+            0 => return false,
+            c => colons += usize::from(c == 2),
+        }
+    }
+    match colons {
+        0 => !a.is_empty(),
+        1 => match a.iter().position(|&b| b == b':') {
+            Some(i) => i > 0 && digits(&a[i + 1..]),
+            None => false,
+        },
+        _ => std::str::from_utf8(a).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok()),
+    }
 }
 
 /// Splits path and query at the first '?'. A fragment or raw non-ASCII byte has no place in a
@@ -582,7 +642,7 @@ pub fn parse_request(
     headers: &mut Vec<HeaderSpan>,
 ) -> Result<Option<RequestHead>, HeadError> {
     headers.clear();
-    let (view, clipped) = prepare(buf, limits, true)?;
+    let (view, clipped, line_start) = prepare(buf, limits, true)?;
     let (len, method, target, minor) =
         match run_httparse(view, clipped, limits.max_headers, true, headers)? {
             Raw::Request {
@@ -691,8 +751,9 @@ pub fn parse_request(
         return Err(HeadError::Expectation);
     }
 
-    Ok(Some(RequestHead {
+    let head = RequestHead {
         len,
+        line_start: line_start as u32,
         method,
         target,
         path,
@@ -712,7 +773,15 @@ pub fn parse_request(
         conn_upgrade: conn.upgrade,
         upgrade,
         expect_continue: expect_continue && version == Version::Http11,
-    }))
+    };
+    debug_assert!({
+        let line = head.line().get(view);
+        line.starts_with(method_bytes)
+            && line.ends_with(b"\r\n")
+            && line[line.len() - 11] == b' '
+            && line[line.len() - 10..].starts_with(b"HTTP/1.")
+    });
+    Ok(Some(head))
 }
 
 /// Parses a response head (from a backend). `request_method` decides HEAD's no-body rule.
@@ -725,7 +794,7 @@ pub fn parse_response(
     headers: &mut Vec<HeaderSpan>,
 ) -> Result<Option<ResponseHead>, HeadError> {
     headers.clear();
-    let (view, clipped) = prepare(buf, limits, false)?;
+    let (view, clipped, _) = prepare(buf, limits, false)?;
     let (len, minor, status) =
         match run_httparse(view, clipped, limits.max_headers, false, headers)? {
             Raw::Response { len, minor, code } => (len, minor, code),
@@ -1124,15 +1193,88 @@ mod tests {
         }
     }
 
+    /// What httparse enforces for us, pinned so that an upgrade (or a config flag) that
+    /// loosens it shows up here: method = token, exactly one SP between the parts, a target
+    /// without whitespace or control bytes, "HTTP/1.0" or "HTTP/1.1" then CRLF; field names are
+    /// tokens right before the colon, values hold no control byte but HTAB.
+    #[test]
+    fn grammar_enforced_by_httparse() {
+        for s in [
+            "GE\"T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GE:T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "G\u{e9}T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /\tHTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / \tHTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\x0b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.10\r\nHost: a\r\n\r\n",
+            "GET / HTTP/01.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\x00\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\x00: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\x7f: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX\u{e9}: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX(: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX/Y: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\x0bb\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\x1bb\r\n\r\n",
+        ] {
+            bad(s);
+        }
+        // OWS around a value is not part of it; HTAB and obs-text inside are.
+        let s = "GET / HTTP/1.1\r\nHost: a\r\nX:\t a\tb\u{e9} \t\r\n!#$%&'*+-.^_`|~: v\r\n\r\n";
+        let mut hs = Vec::new();
+        parse_request(s.as_bytes(), &LIMITS, &mut hs)
+            .unwrap()
+            .unwrap();
+        assert_eq!(txt(s, hs[1].value), "a\tb\u{e9}");
+        assert_eq!(txt(s, hs[2].name), "!#$%&'*+-.^_`|~");
+    }
+
     #[test]
     fn one_leading_empty_line_tolerated() {
         let s = "\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n";
         let h = ok(s);
         assert_eq!(h.len, s.len());
         assert_eq!(txt(s, h.path), "/x");
+        // The request line is where it is, not at the start of the buffer.
+        assert_eq!(h.line(), Span { start: 2, end: 19 });
+        assert_eq!(txt(s, h.line()), "GET /x HTTP/1.1\r\n");
         bad("\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
         bad("\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
         bad("\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[test]
+    fn request_line_span() {
+        for (s, line) in [
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", "GET / HTTP/1.1\r\n"),
+            ("GET / HTTP/1.0\r\n\r\nbody", "GET / HTTP/1.0\r\n"),
+            (
+                "\r\nPOST /a?b=c HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+                "POST /a?b=c HTTP/1.1\r\n",
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+                "OPTIONS * HTTP/1.1\r\n",
+            ),
+            (
+                "\r\nGET http://a/p HTTP/1.1\r\nHost: a\r\n\r\n",
+                "GET http://a/p HTTP/1.1\r\n",
+            ),
+            (
+                "M-SEARCH! /x HTTP/1.1\r\nHost: a\r\n\r\n",
+                "M-SEARCH! /x HTTP/1.1\r\n",
+            ),
+        ] {
+            assert_eq!(txt(s, ok(s).line()), line, "{s:?}");
+        }
+        // `line_start` took padding: the head (held across awaits in the per-connection
+        // future) did not grow.
+        assert_eq!(std::mem::size_of::<RequestHead>(), 88);
     }
 
     #[test]
@@ -1203,6 +1345,77 @@ mod tests {
         assert_eq!(h.version, Version::Http10);
         let s = "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n";
         assert_eq!(txt(s, ok(s).host.unwrap()), "[::1]:8080");
+    }
+
+    #[test]
+    fn host_grammar() {
+        // host [ ":" port ], host = IP-literal / reg-name, port = *DIGIT.
+        for v in [
+            "a",
+            "a:",
+            "a:80",
+            "A.example.COM.:8080",
+            "xn--bcher-kva.example",
+            "a-b_c~d%41!$&'()*+;=",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:",
+            "[2001:db8::1]:443",
+            "[v1.x]",
+            "[fe80::1%25eth0]:80",
+            // Unbracketed IPv6: not valid, but seen; kept whole by route matching.
+            "::1",
+            "2001:db8::1",
+        ] {
+            let s = format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n");
+            assert_eq!(txt(&s, ok(&s).host.unwrap()), v, "{v:?}");
+        }
+        for v in [
+            ":80",
+            ":",
+            "a:b",
+            "a:80x",
+            "a:-1",
+            "a: 80",
+            "a.com:80:x",
+            "a:80:90",
+            "[::1",
+            "[]",
+            "[]:80",
+            "[::1]x",
+            "[::1]:a",
+            "[::1]:80:1",
+            "[::1]]",
+            "[[::1]]",
+            "a]",
+            "a[b]",
+            "a]:80",
+            "[a,b]",
+            "[u@a]",
+            "a\"b",
+            "a<b",
+            "a\\b",
+            "a{b}",
+            "a|b",
+            "a^b",
+            "a`b",
+            "a#b",
+            "a?b",
+        ] {
+            bad(&format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n"));
+        }
+        // The same grammar for an absolute-form authority.
+        let s = "GET http://[::1]:8080/p HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n";
+        assert_eq!(txt(s, ok(s).host.unwrap()), "[::1]:8080");
+        for t in [
+            "http://a:b/",
+            "http://:80/",
+            "http://[::1/",
+            "http://a[b]/",
+            "http://a:80:90/",
+        ] {
+            bad(&format!("GET {t} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        }
     }
 
     // ---- framing ----

@@ -50,8 +50,10 @@ impl RequestView for View<'_> {
     }
 }
 
-/// The request line through the end of its CRLF.
-fn first_line(buf: &[u8]) -> &[u8] {
+/// The status line of a response through the end of its CRLF. Only for responses, which
+/// `parse_response` refuses when an empty line comes first; a request's line may start after
+/// one (RFC 9112 2.2), so requests use `RequestHead::line()`.
+fn status_line(buf: &[u8]) -> &[u8] {
     let end = buf
         .iter()
         .position(|&b| b == b'\n')
@@ -76,7 +78,7 @@ pub fn request_head(
     via_token: &str,
     upgrade: bool,
 ) {
-    out.extend_from_slice(first_line(buf));
+    out.extend_from_slice(head.line().get(buf));
     let has_connection = connection_lists_fields(buf, headers);
     let mut forwarded_for: Option<Span> = None;
     let mut several_xff = false;
@@ -227,7 +229,7 @@ pub fn response_head(
     conn: ClientConnection,
     set_cookie: Option<(&str, &[u8; 16], u64)>,
 ) {
-    out.extend_from_slice(first_line(buf));
+    out.extend_from_slice(status_line(buf));
     let has_connection = connection_lists_fields(buf, headers);
     for h in headers {
         match h.kind {
@@ -314,7 +316,42 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, conn: ClientConnection, re
 
 #[cfg(test)]
 mod tests {
+    use super::super::parse::{parse_request, Limits};
     use super::*;
+
+    fn rewritten(req: &[u8]) -> Vec<u8> {
+        let limits = Limits {
+            max_header_bytes: 8192,
+            max_headers: 64,
+        };
+        let mut hs = Vec::new();
+        let head = parse_request(req, &limits, &mut hs).unwrap().unwrap();
+        let mut out = Vec::new();
+        let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        request_head(&mut out, req, &head, &hs, peer, "fastlb-t", false);
+        out
+    }
+
+    #[test]
+    fn request_line_after_a_leading_empty_line() {
+        // The empty line tolerated before a request (RFC 9112 2.2) is not forwarded: the
+        // backend gets the request line first, exactly as without it.
+        let plain = b"GET /x?y HTTP/1.1\r\nHost: a\r\nX-Request-Id: r1\r\n\r\n";
+        let mut leading = b"\r\n".to_vec();
+        leading.extend_from_slice(plain);
+        let out = rewritten(&leading);
+        assert!(
+            out.starts_with(b"GET /x?y HTTP/1.1\r\nHost: a\r\n"),
+            "{out:?}"
+        );
+        assert_eq!(out, rewritten(plain));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /x?y HTTP/1.1\r\nHost: a\r\nX-Request-Id: r1\r\nX-Forwarded-For: 192.0.2.1\r\n\
+             X-Forwarded-Proto: http\r\nForwarded: for=192.0.2.1;proto=http\r\n\
+             Via: 1.1 fastlb-t\r\n\r\n"
+        );
+    }
 
     #[test]
     fn ips_and_hex_are_written_like_fmt() {
