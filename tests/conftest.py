@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from httpbackend import HttpBackend
 
 from backends import Backend, Handler
 
@@ -47,6 +48,27 @@ def backends() -> Iterator[Callable[..., Backend]]:
     yield start
     for b in started:
         b.close()
+
+
+@pytest.fixture
+def hb() -> Iterator[Callable[..., HttpBackend]]:
+    """`hb(name, mode=..., status_override=..., port=...)` starts an HTTP backend
+    (tests/httpbackend.py); all are closed after the test, which fails if a backend's handler
+    raised."""
+    started: list[HttpBackend] = []
+
+    def start(
+        name: str = "", mode: str = "normal", status_override: int | None = None, port: int = 0
+    ) -> HttpBackend:
+        b = HttpBackend(name, mode, status_override, port=port)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.close()
+    errors = [e for b in started for e in b.errors]
+    assert not errors, f"backend handler errors: {errors}"
 
 
 class FastlbProcess:

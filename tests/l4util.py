@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 
+from backends import Backend
+
 
 def l4_config(
     port: int,
@@ -67,3 +69,22 @@ def ask_name(port: int, source_ip: str | None = None, host: str = "127.0.0.1") -
             s.bind((source_ip, 0))
         s.connect((host, port))
         return read_all(s).decode()
+
+
+def name_then_echo(conn: socket.socket, backend: Backend) -> None:
+    """A backend handler: says its name on a line, then echoes until EOF."""
+    conn.sendall(backend.name.encode() + b"\n")
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+
+
+def tcp_connect(port: int) -> tuple[socket.socket, str]:
+    """A connection through the proxy and the name of the `name_then_echo` backend it reached."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    name = b""
+    while not name.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            raise ConnectionError("closed before the backend said its name")
+        name += chunk
+    return s, name.decode().strip()

@@ -5,16 +5,12 @@ weight stays until the file's weight for that backend changes."""
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Callable, Iterator
-
-import pytest
 from admin import api, backend_status
 from httpbackend import HttpBackend
 from httputil import get, toml_value
 
-from backends import Backend
 from conftest import free_port, wait_until
+from l4util import name_then_echo, tcp_connect
 
 # pool -> (http path prefix, or None for the tcp pool; expected state; words of the reason)
 OUT = {
@@ -34,20 +30,6 @@ CHANGES: list[dict[str, object]] = [
     {},  # the same file again
     {"weight": 3, "max_connections": 7, "backup": True},
 ]
-
-
-def name_then_echo(conn: socket.socket, backend: Backend) -> None:
-    conn.sendall(backend.name.encode() + b"\n")
-    while data := conn.recv(1 << 16):
-        conn.sendall(data)
-
-
-def tcp_name(port: int) -> tuple[socket.socket, str]:
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    name = b""
-    while not name.endswith(b"\n") and (chunk := s.recv(1)):
-        name += chunk
-    return s, name.decode().strip()
 
 
 def config(
@@ -90,20 +72,6 @@ def config(
     return "\n\n".join(out) + "\n"
 
 
-@pytest.fixture
-def hb() -> Iterator[Callable[..., HttpBackend]]:
-    started: list[HttpBackend] = []
-
-    def start(name: str, status_override: int | None = None) -> HttpBackend:
-        b = HttpBackend(name, status_override=status_override)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.close()
-
-
 def requests_to(b: HttpBackend) -> int:
     return sum(1 for r in b.received if r.header("user-agent") != "fastlb-health")
 
@@ -126,7 +94,7 @@ def test_out_of_rotation_stays_out_across_every_kind_of_reload(hb, backends, fas
     # one connection held open to the tcp target keeps its drain going
     held = []
     while not any(name == "tcp-target" for _, name in held):
-        held.append(tcp_name(tcp_port))
+        held.append(tcp_connect(tcp_port))
     for pool, action in (("disabled", "disable"), ("draining", "drain"), ("drained", "drain")):
         assert api(admin, "POST", f"/api/pools/{pool}/backends/{targets[pool]}/{action}")[0] == 200
     assert wait_until(lambda: backend_status(admin, "health", targets["health"])["state"] == "down")
@@ -143,7 +111,7 @@ def test_out_of_rotation_stays_out_across_every_kind_of_reload(hb, backends, fas
                 for _ in range(6):
                     assert get(http_port, prefix + "x")[0] == 200, (when, pool)
         for _ in range(4):
-            conn, name = tcp_name(tcp_port)
+            conn, name = tcp_connect(tcp_port)
             conn.close()
             assert name == "tcp-spare", when
         assert {p: requests_to(b) for p, b in targets_http.items()} == before, when

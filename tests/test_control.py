@@ -10,49 +10,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 
 import pytest
 from admin import Stream, api, backend_status, state_of
 from httpbackend import HttpBackend, payload
 from httputil import RawConn, get, http_config, pool
 
-from backends import Backend
 from conftest import free_port, wait_until
-from l4util import l4_config
-
-
-@pytest.fixture
-def hb() -> Iterator[Callable[..., HttpBackend]]:
-    started: list[HttpBackend] = []
-
-    def start(name: str, mode: str = "normal", port: int = 0) -> HttpBackend:
-        b = HttpBackend(name, mode, port=port)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.close()
-
-
-def name_then_echo(conn: socket.socket, backend: Backend) -> None:
-    """Says its name on a line, then echoes until EOF."""
-    conn.sendall(backend.name.encode() + b"\n")
-    while data := conn.recv(1 << 16):
-        conn.sendall(data)
-
-
-def tcp_connect(port: int) -> tuple[socket.socket, str]:
-    """A connection through the proxy and the name of the backend it reached."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    name = b""
-    while not name.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            raise ConnectionError("closed before the backend said its name")
-        name += chunk
-    return s, name.decode().strip()
+from l4util import l4_config, name_then_echo, tcp_connect
 
 
 def echoes(s: socket.socket, data: bytes = b"ping") -> bool:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import http.client
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 from httpbackend import HttpBackend
 
 from fastlb.config import Health
@@ -25,20 +24,6 @@ def test_fall_then_rise_flip_only_at_the_thresholds() -> None:
     # a success between failures resets the count
     assert [b.record(ok) for ok in (False, False, True, False, False)] == [None] * 5
     assert b.up
-
-
-@pytest.fixture
-def hb() -> Iterator[Callable[..., HttpBackend]]:
-    started: list[HttpBackend] = []
-
-    def start(name: str, status_override: int | None = None) -> HttpBackend:
-        b = HttpBackend(name, "normal", status_override)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.close()
 
 
 def config(port: int, addresses: list[str]) -> str:

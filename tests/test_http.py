@@ -17,33 +17,16 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from httpbackend import HttpBackend, payload
+from httpbackend import payload
 from httputil import Background, RawConn, exchange, get, http_config, names_over, pool, request_bytes
 
 from conftest import free_port
 
 HOST = ("Host", "test.local")
-
-
-@pytest.fixture
-def hb() -> Iterator[Callable[..., HttpBackend]]:
-    """`hb(name, mode=..., status_override=...)` starts an HTTP backend; closed after the test."""
-    started: list[HttpBackend] = []
-
-    def start(name: str = "", mode: str = "normal", status_override: int | None = None) -> HttpBackend:
-        b = HttpBackend(name, mode, status_override)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.close()
-    errors = [e for b in started for e in b.errors]
-    assert not errors, f"backend handler errors: {errors}"
 
 
 @pytest.fixture

@@ -22,29 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from httpbackend import HttpBackend
 from httputil import PeerClosed, RawConn, http_config, pool
 
 from conftest import free_port, wait_until
 
 # --- fixtures and a recording backend --------------------------------------------------------
-
-
-@pytest.fixture
-def hb() -> Iterator[Callable[..., HttpBackend]]:
-    """`hb(name)` starts an HTTP backend (tests/httpbackend.py); closed after the test."""
-    started: list[HttpBackend] = []
-
-    def start(name: str = "") -> HttpBackend:
-        b = HttpBackend(name)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.close()
-    errors = [e for b in started for e in b.errors]
-    assert not errors, f"backend handler errors: {errors}"
 
 
 _LAST_CHUNK = re.compile(rb"\r\n0(;[^\r\n]*)?\r\n\r\n")

@@ -7,32 +7,15 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from admin import api, state_of
-from httpbackend import HttpBackend
 from httputil import RawConn, get, http_config, pool
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends import echo
 from conftest import free_port, wait_until
 from l4util import l4_config
-
-
-@pytest.fixture
-def hb() -> Iterator[Callable[..., HttpBackend]]:
-    started: list[HttpBackend] = []
-
-    def start(name: str, port: int = 0, status_override: int | None = None) -> HttpBackend:
-        b = HttpBackend(name, port=port, status_override=status_override)
-        started.append(b)
-        return b
-
-    yield start
-    for b in started:
-        b.close()
 
 
 def scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
