@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """`make bench`: the L4 and L7 comparisons with HAProxy and nginx (bench/compare.py), the
-splice threshold, the micro benchmarks and the slow-backend scenario; writes bench/RESULTS.md
-and the chart bench/results.png.
+splice threshold, the micro benchmarks, the slow-backend scenario and the admin API's latency
+under load (bench/admin_latency.py); writes bench/RESULTS.md and the chart bench/results.png.
 
 Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl (`make bench` installs them
 with apt-get when it can). A bare C relay is shown as the floor when its source is found
 (--floor-source, and gcc). Every figure is a ratio within one run: the machine is shared and
 noisy. Pinning: the proxies on --proxy-cpus, wrk and the backend on --client-cpus.
 
-usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--parts compare,micro,slow]
+usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--parts compare,micro,slow,admin]
                            [--proxy-cpus 0] [--client-cpus 1]
 """
 
@@ -200,7 +200,9 @@ def main() -> None:
     ap.add_argument("--chart-only", action="store_true", help="redraw results.png from results.json")
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
-    ap.add_argument("--parts", default="compare,micro,slow", help="comma-separated: compare, micro, slow")
+    ap.add_argument(
+        "--parts", default="compare,micro,slow,admin", help="comma-separated: compare, micro, slow, admin"
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.chart_only:
@@ -214,6 +216,8 @@ def main() -> None:
             f"missing: {' '.join(missing)}; apt-get install -y haproxy nginx libnginx-mod-stream wrk gcc"
         )
     floor: Path | None = None
+    if "admin" in parts and not shutil.which("wrk"):
+        sys.exit("missing: wrk; apt-get install -y wrk")
     if "compare" in parts and args.floor_source.exists() and shutil.which("gcc"):
         floor = Path(tempfile.mkdtemp()) / "floor_relay"
         subprocess.run(["gcc", "-O2", "-o", str(floor), str(args.floor_source)], check=True)
@@ -259,11 +263,19 @@ def main() -> None:
             .replace("# The slow-backend scenario", "## The slow-backend scenario")
         )
         lines += [slow]
+    if "admin" in parts:
+        print("admin API latency under load ...", file=sys.stderr, flush=True)
+        subprocess.run(
+            [sys.executable, str(HERE / "admin_latency.py"), "--runs", "2"], check=True, capture_output=True
+        )
+        admin = (HERE / "ADMIN_LATENCY.md").read_text().replace("# Admin API latency", "## Admin API latency")
+        lines += [admin]
     if parts >= {"compare", "micro", "slow"}:
         (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
-    else:  # a partial run leaves RESULTS.md as it is; MICRO.md / SLOW_BACKENDS.md are rewritten
-        print("partial run: see bench/MICRO.md and bench/SLOW_BACKENDS.md", file=sys.stderr)
+    else:  # a partial run leaves RESULTS.md as it is; MICRO.md, SLOW_BACKENDS.md and
+        # ADMIN_LATENCY.md are rewritten by the parts that ran
+        print("partial run: see bench/MICRO.md, SLOW_BACKENDS.md and ADMIN_LATENCY.md", file=sys.stderr)
 
 
 if __name__ == "__main__":
