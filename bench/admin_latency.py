@@ -177,18 +177,34 @@ def attributed_serve(times: str, argv: list[str]) -> None:
     processes on Linux). Written as they happen: `fastlb serve` ends with os._exit."""
     import functools
     import importlib
+    import inspect
 
     out = open(times, "w", buffering=1)  # noqa: SIM115 - open until os._exit
     for module, cls, name, label in TIMED:
         owner = getattr(importlib.import_module(module), cls) if cls else importlib.import_module(module)
         original = getattr(owner, name)
 
+        def note(label: str, start: float) -> None:
+            out.write(f"{label}\t{start:.6f}\t{time.monotonic() - start:.6f}\n")
+
+        if inspect.iscoroutinefunction(original):
+
+            async def timed_async(*a: Any, _original: Any = original, _label: str = label, **k: Any) -> Any:
+                start = time.monotonic()
+                try:
+                    return await _original(*a, **k)
+                finally:
+                    note(_label, start)
+
+            setattr(owner, name, functools.wraps(original)(timed_async))
+            continue
+
         def timed(*a: Any, _original: Any = original, _label: str = label, **k: Any) -> Any:
             start = time.monotonic()
             try:
                 return _original(*a, **k)
             finally:
-                out.write(f"{_label}\t{start:.6f}\t{time.monotonic() - start:.6f}\n")
+                note(_label, start)
 
         setattr(owner, name, functools.wraps(original)(timed))
     from fastlb.cli import main
@@ -302,7 +318,15 @@ def phase(lb_port: int, admin_port: int, secs: float, conns: int) -> dict[str, A
                 proc.wait()
 
 
-def run(secs: float, idle_secs: float, conns: int, attribute: bool) -> dict[str, Any]:
+def hog(n: int, secs: float) -> list[subprocess.Popen[bytes]]:
+    """`n` processes that spin for `secs` (bounded): a noisy neighbour taking CPU from fastlb's
+    workers and event loop, the condition under which a loop that waits for the workers stalls."""
+    spin = f"import time\nend = time.monotonic() + {secs}\nwhile time.monotonic() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    secs, idle_secs, conns, attribute = args.secs, args.idle_secs, args.conns, args.attribute
     ok = False  # on failure the config and fastlb's log stay in `tmp`
     lb_port, admin_port = free_port(), free_port()
     backend_ports = [free_port() for _ in range(sum(POOLS.values()))]
@@ -311,11 +335,12 @@ def run(secs: float, idle_secs: float, conns: int, attribute: bool) -> dict[str,
     )
     tmp = Path(tempfile.mkdtemp(prefix="admin_latency."))
     (tmp / "fastlb.toml").write_text(config_text(lb_port, admin_port, backend_ports))
-    fastlb = Path(sys.executable).with_name("fastlb")
-    cmd = [str(fastlb)] if fastlb.exists() else [sys.executable, "-m", "fastlb"]
+    python = str(args.python)
+    fastlb = Path(python).with_name("fastlb")
+    cmd = [str(fastlb)] if fastlb.exists() else [python, "-m", "fastlb"]
     times = tmp / "timed.tsv"
     if attribute:
-        cmd = [sys.executable, __file__, "--attributed-serve", str(times)]
+        cmd = [python, __file__, "--attributed-serve", str(times)]
     with open(tmp / "fastlb.log", "w") as log:
         lb = subprocess.Popen([*cmd, "serve", "-c", str(tmp / "fastlb.toml")], stderr=log)
     try:
@@ -324,7 +349,13 @@ def run(secs: float, idle_secs: float, conns: int, attribute: bool) -> dict[str,
         wait_port(admin_port, 20)
         wait_healthy(admin_port)
         print(f"under load: wrk -c{conns} and admin traffic, {secs:g} s ...", file=sys.stderr, flush=True)
-        loaded = phase(lb_port, admin_port, secs, conns)
+        hogs = hog(args.hog, secs + 1)
+        try:
+            loaded = phase(lb_port, admin_port, secs, conns)
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
         idle = None
         if idle_secs > 0:
             print(f"idle: admin traffic only, {idle_secs:g} s ...", file=sys.stderr, flush=True)
@@ -445,6 +476,7 @@ which times these calls on the control plane's event loop; each includes the one
 
 {chr(10).join(timed)}
 """
+    hogs = f" and {args.hog} CPU hogs" if args.hog else ""
     return f"""# Admin API latency under data-plane load
 
 `{command.strip()}` on {platform.node()}, {time.strftime("%Y-%m-%d %H:%M")}:
@@ -468,11 +500,12 @@ which times these calls on the control plane's event loop; each includes the one
 Runs on this machine move by several ms; compare runs of one invocation (`--runs`).
 {attribution}
 Why: `/healthz` is answered on the control plane's event loop, so it waits for whatever else
-holds that loop: `Engine.stats()`, called synchronously by the alert loop (1/s), each `/metrics`
-scrape and each `/api/status`, which blocks until every worker has answered its snapshot request
-(at most `SNAPSHOT_WAIT`, 250 ms, native/src/engine.rs); the rest of the `/metrics` render; and
-a free CPU, shared with the workers, wrk and the backends. `--attribute` shows how much of it is
-`Engine.stats()`.
+holds that loop. `Engine.stats()` waits until every worker has answered its snapshot request (at
+most `SNAPSHOT_WAIT`, 250 ms, native/src/engine.rs); builds before the one-owner change called it
+on the loop (alerts 1/s, each `/metrics` scrape, each `/api/status`), later ones in a thread,
+one snapshot shared by concurrent callers. Also on the loop: the rest of the `/metrics` render,
+and a free CPU, shared with the workers, wrk, the backends{hogs}.
+`--attribute` shows how much of it is `Engine.stats()`. Measured build: `{args.python}`.
 """
 
 
@@ -483,6 +516,15 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=64, help="wrk's keep-alive connections")
     ap.add_argument("--runs", type=int, default=1, help="runs, each with a fresh fastlb (1 to 5)")
     ap.add_argument("--out", type=Path, default=HERE / "ADMIN_LATENCY.md")
+    ap.add_argument(
+        "--python",
+        type=Path,
+        default=Path(sys.executable),
+        help="the interpreter whose fastlb is measured (another build's venv: an A/B)",
+    )
+    ap.add_argument(
+        "--hog", type=int, default=0, help="CPU-spinning processes during the loaded phase (0 to 8)"
+    )
     ap.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument(
         "--attribute",
@@ -504,10 +546,12 @@ def main() -> None:
         return
     if not (0 < args.secs <= 600 and args.idle_secs <= 600 and 0 < args.conns <= 1024 and 0 < args.runs <= 5):
         ap.error("--secs and --idle-secs: at most 600; --conns: 1 to 1024; --runs: 1 to 5")
+    if not 0 <= args.hog <= 8:
+        ap.error("--hog: 0 to 8")
     runs = []
     for n in range(args.runs):
         print(f"run {n + 1}/{args.runs}", file=sys.stderr, flush=True)
-        runs.append(run(args.secs, args.idle_secs, args.conns, args.attribute))
+        runs.append(run(args))
     text = report(args, runs)
     args.out.write_text(text)
     print(text)
