@@ -464,7 +464,10 @@ impl Pool {
     pub fn select(&self, key: u64, tried: &[usize]) -> Option<usize> {
         let pick = |backup: bool| {
             self.selector.select(&self.backends, key, &|i| {
-                self.settings[i].backup == backup && self.usable(i) && !tried.contains(&i)
+                let s = &self.settings[i];
+                s.backup == backup
+                    && self.backends[i].usable(s.max_connections)
+                    && !tried.contains(&i)
             })
         };
         match pick(false) {
