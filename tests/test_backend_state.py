@@ -19,7 +19,10 @@ OUT = {
     "drained": ("/drained/", "drained", "drained"),
     "health": ("/health/", "down", "health checks failing: status 503"),
     "ejected": ("/ejected/", "down", "ejected by passive detection"),
+    # ejected in a pool whose checks it passes: held down by the ejection, not by the checks
+    "ejected-checked": ("/ejected-checked/", "down", "and 2 passing checks"),
 }
+EJECTED = ("ejected", "ejected-checked")
 CHECKS = {"type": "http", "path": "/", "interval": "200ms", "timeout": "150ms", "rise": 2, "fall": 2}
 # what each reload changes of every pool's target backend (and "check": the health pool's check)
 CHANGES: list[dict[str, object]] = [
@@ -61,12 +64,15 @@ def config(
             f"backends = {toml_value(backends)}",
             'drain_timeout = "60s"\nretries = 0\ntimeouts = { connect = "1s", read = "5s" }',
         ]
+        interval = change.get("check", CHECKS["interval"])
         if pool == "health":
-            checks = dict(CHECKS, interval=change.get("check", CHECKS["interval"]))
+            lines.append(f"health = {toml_value(dict(CHECKS, interval=interval))}")
+        elif pool == "ejected-checked":
+            checks = dict(CHECKS, interval=interval, expect_status=[200, 500])
             lines.append(f"health = {toml_value(checks)}")
         else:
             lines.append('health = { type = "none" }')
-        if pool == "ejected":
+        if pool in EJECTED:
             lines.append('passive = { consecutive_failures = 2, eject = "60s" }')
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
@@ -84,6 +90,7 @@ def test_out_of_rotation_stays_out_across_every_kind_of_reload(hb, backends, fas
         "drained": hb("drained"),
         "health": hb("health", status_override=503),
         "ejected": hb("ejected", status_override=500),
+        "ejected-checked": hb("ejected-checked", status_override=500),
     }
     tcp_target = backends(name_then_echo, "tcp-target")
     targets = {p: b.address for p, b in targets_http.items()} | {"draining": tcp_target.address}
@@ -98,9 +105,10 @@ def test_out_of_rotation_stays_out_across_every_kind_of_reload(hb, backends, fas
     for pool, action in (("disabled", "disable"), ("draining", "drain"), ("drained", "drain")):
         assert api(admin, "POST", f"/api/pools/{pool}/backends/{targets[pool]}/{action}")[0] == 200
     assert wait_until(lambda: backend_status(admin, "health", targets["health"])["state"] == "down")
-    for _ in range(4):  # two 500s in a row eject it
-        get(http_port, "/ejected/x")
-    assert wait_until(lambda: backend_status(admin, "ejected", targets["ejected"])["ejected"], 3)
+    for pool in EJECTED:
+        for _ in range(4):  # two 500s in a row eject it
+            get(http_port, f"/{pool}/x")
+        assert wait_until(lambda p=pool: backend_status(admin, p, targets[p])["ejected"], 3)
 
     def out_of_rotation(when: str) -> None:
         before = {p: requests_to(b) for p, b in targets_http.items()}
@@ -115,7 +123,7 @@ def test_out_of_rotation_stays_out_across_every_kind_of_reload(hb, backends, fas
             conn.close()
             assert name == "tcp-spare", when
         assert {p: requests_to(b) for p, b in targets_http.items()} == before, when
-        assert backend_status(admin, "ejected", targets["ejected"])["ejected"], when
+        assert all(backend_status(admin, p, targets[p])["ejected"] for p in EJECTED), when
 
     out_of_rotation("before any reload")
     for change in CHANGES:
