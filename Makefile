@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install install-dev run test lint bench clean
+.PHONY: install install-dev run test lint bench dist release-check clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,23 @@ bench: install-dev
 	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q haproxy nginx libnginx-mod-stream wrk curl gcc; }
 	$(VENV)/bin/pip install -q -e ".[dev,bench]"
 	$(PY) bench/run.py
+
+## dist: manylinux_2_17 wheels for x86_64 and aarch64 (maturin with zig, from PyPI's ziglang) and an
+## sdist, in dist/
+ZIG_BUILD = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/maturin build --release --zig --compatibility manylinux_2_17
+dist: $(VENV)/bin/activate
+	$(PIP) install -q "maturin>=1.5,<2" ziglang auditwheel
+	rustup target add aarch64-unknown-linux-gnu
+	rm -rf dist
+	# zig is found as `python -m ziglang` of the first python on PATH: the venv's
+	$(ZIG_BUILD) --out dist
+	$(ZIG_BUILD) --target aarch64-unknown-linux-gnu --out dist
+	$(VENV)/bin/maturin sdist --out dist
+	for w in dist/*.whl; do $(VENV)/bin/auditwheel show $$w; done
+
+## release-check: dist, then the wheel on Python 3.11/3.12/3.13 and the sdist, each smoke-tested
+release-check: dist
+	$(PY) tools/release_check.py
 
 clean:
 	rm -rf $(VENV) target build dist

@@ -98,3 +98,24 @@ def test_serve_runs_an_http_listener(backends, fastlb):
     code, err = p.stop()
     assert code == 0, err
     assert "(http, listener" in err and "Traceback" not in err
+
+
+def test_version_is_the_packages_one_and_names_the_build() -> None:
+    """One version: Cargo.toml's, as the package metadata, the data plane and the CLI say it."""
+    import importlib.metadata
+    import platform
+    import tomllib
+    from pathlib import Path
+
+    import fastlb
+
+    cargo = tomllib.loads((Path(__file__).parent.parent / "Cargo.toml").read_text())["package"]["version"]
+    assert importlib.metadata.version("fastlb") == fastlb.__version__ == cargo
+    out = subprocess.run(
+        [sys.executable, "-m", "fastlb", "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0
+    line = out.stdout.strip()
+    assert "\n" not in line, line
+    assert line.startswith(f"fastlb {cargo} (data plane: rustc "), line
+    assert "release" in line and "TLS: none" in line and f"target: {platform.machine()}-linux" in line, line

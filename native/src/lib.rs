@@ -287,6 +287,26 @@ impl PyBenchPool {
     }
 }
 
+/// How this data plane was built, for `fastlb --version`.
+fn build_facts() -> String {
+    let features: Vec<&str> = [("no-counting", cfg!(feature = "no-counting"))]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+    let features = if features.is_empty() {
+        "default".to_string()
+    } else {
+        features.join(",")
+    };
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    format!(
+        "{}, {profile}, features: {features}, TLS: none, target: {}-{}",
+        env!("FASTLB_RUSTC"),
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
@@ -299,5 +319,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_RETRIES", config::MAX_RETRIES)?;
+    m.add("BUILD", build_facts())?;
     Ok(())
 }

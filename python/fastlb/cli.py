@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastlb import __version__
+from fastlb._native import BUILD
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.ctl import add_ctl_parser, run_ctl
 from fastlb.server import EXIT_OK, EXIT_USAGE, Server
@@ -26,7 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastlb", description="A fast L4/L7 load balancer.")
+    # raw: `--version` stays on one line whatever the terminal's width (scripts parse it)
+    parser = _Parser(
+        prog="fastlb",
+        description="A fast L4/L7 load balancer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fastlb {__version__} (data plane: {BUILD})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser("serve", help="run until SIGTERM/SIGINT; SIGHUP reloads the config")
     serve.add_argument("-c", "--config", required=True, type=Path, help="the TOML config file")

@@ -421,6 +421,6 @@ class ControlPlane:
 
 
 def _version() -> str:
-    from fastlb._native import __version__
+    from fastlb import __version__
 
     return __version__
