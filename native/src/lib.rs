@@ -298,7 +298,11 @@ fn build_facts() -> String {
     } else {
         features.join(",")
     };
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     format!(
         "{}, {profile}, features: {features}, TLS: none, target: {}-{}",
         env!("FASTLB_RUSTC"),
