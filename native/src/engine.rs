@@ -11,13 +11,14 @@ use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
 use crate::http::HttpListener;
 use crate::metrics::WorkerMetrics;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
+use crate::tables::{ListenerEntry, Shared, Tables};
 use crate::worker::{self, WorkerCmd};
-use arc_swap::{ArcSwap, ArcSwapOption};
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -28,61 +29,6 @@ pub const SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
 
 /// Backlog of each listening socket (per worker, like nginx's `listen ... backlog`).
 const LISTEN_BACKLOG: i32 = 4096;
-
-/// What every worker shares.
-pub struct Shared {
-    pub tables: ArcSwap<Tables>,
-    /// Client connections open in the whole process.
-    pub connections: AtomicUsize,
-    /// `runtime.max_connections`; 0 = unlimited.
-    pub max_connections: usize,
-    /// Read size above which a relay switches to splice (see l4::forward).
-    pub splice_threshold: usize,
-    /// The access log writer, when `[log].access_log` is on.
-    pub access_log: ArcSwapOption<AccessLog>,
-    /// This process's `Via` pseudonym (`fastlb-` and 8 hex digits): a request that already
-    /// carries it has looped back here.
-    pub via_token: String,
-}
-
-impl Shared {
-    pub fn new(max_connections: usize) -> Self {
-        Shared {
-            tables: ArcSwap::from_pointee(Tables {
-                generation: 0,
-                listeners: HashMap::new(),
-                pools: HashMap::new(),
-            }),
-            connections: AtomicUsize::new(0),
-            access_log: ArcSwapOption::empty(),
-            max_connections,
-            splice_threshold: splice_threshold(),
-            via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
-        }
-    }
-}
-
-/// The routing tables: immutable once published.
-pub struct Tables {
-    /// Bumped by every publish: a keep-alive connection compares it per request to pick up a
-    /// reload (a pointer comparison could be fooled by a freed table's address being reused).
-    pub generation: u64,
-    pub listeners: HashMap<String, Arc<ListenerEntry>>,
-    pub pools: HashMap<String, Arc<Pool>>,
-}
-
-/// A listener as workers see it.
-pub struct ListenerEntry {
-    pub cfg: ListenerConfig,
-    pub pool: Arc<Pool>,
-    /// What workers count this listener's traffic under (crate::metrics).
-    pub id: u16,
-    /// Routes, limits and rate limiter of an http listener.
-    pub http: Option<HttpListener>,
-    /// The listener was removed by a reload: its connections finish what they are doing and
-    /// close.
-    pub closing: AtomicBool,
-}
 
 /// Errors the control plane gets back.
 #[derive(Debug)]
@@ -566,15 +512,6 @@ fn bind_listener(
             Ok(s.into())
         })
         .collect()
-}
-
-/// `FASTLB_SPLICE_THRESHOLD` (bytes) overrides the measured default; only benchmarks set it.
-fn splice_threshold() -> usize {
-    std::env::var("FASTLB_SPLICE_THRESHOLD")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v: &usize| v >= 1024)
-        .unwrap_or(crate::l4::forward::SPLICE_THRESHOLD)
 }
 
 #[cfg(test)]

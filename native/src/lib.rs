@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod microbench;
 pub mod ring;
 pub mod stats;
+pub mod tables;
 pub mod track;
 pub mod worker;
 

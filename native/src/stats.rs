@@ -2,9 +2,9 @@
 //! JSON the control plane reads (/api/status, /metrics, alerts, the dashboard).
 
 use crate::balance::{AdminState, BackendState};
-use crate::engine::Tables;
 use crate::metrics::{cumulative_buckets, Durations, Hist, WorkerMetrics, BUCKETS_US};
 use crate::metrics::{NO_BACKEND, NO_POOL};
+use crate::tables::Tables;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;

@@ -9,7 +9,7 @@
 //! everything on its usual path (the fd stays owned, and valid, until that task drops it).
 
 use crate::balance::BackendState;
-use crate::engine::ListenerEntry;
+use crate::tables::ListenerEntry;
 use slab::Slab;
 use std::cell::RefCell;
 use std::os::fd::RawFd;

@@ -4,11 +4,11 @@
 
 use crate::balance::BackendState;
 use crate::config::Protocol;
-use crate::engine::{ListenerEntry, Shared};
 use crate::http::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
 use crate::metrics::WorkerMetrics;
+use crate::tables::{ListenerEntry, Shared};
 use crate::track;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

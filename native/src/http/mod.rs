@@ -20,9 +20,9 @@ pub mod upstream;
 use crate::accesslog::Line;
 use crate::balance::{hash_key, Pool};
 use crate::config::{HashKey, ListenerConfig, MAX_TRIES};
-use crate::engine::ListenerEntry;
 use crate::l4::forward;
 use crate::metrics::{ResponseKey, NO_BACKEND, NO_POOL};
+use crate::tables::ListenerEntry;
 use crate::worker::WorkerCtx;
 use buf::{Buf, BufPool, BUF_SIZE};
 use chunked::ChunkedDecoder;
@@ -1553,7 +1553,7 @@ mod tests {
     use super::*;
     use crate::balance::tests_support::pool_config;
     use crate::config::{Algorithm, Protocol};
-    use crate::engine::Shared;
+    use crate::tables::Shared;
 
     #[test]
     fn a_head_is_parsed_again_only_when_an_empty_line_may_have_arrived() {
