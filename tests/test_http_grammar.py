@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from httputil import PeerClosed, RawConn, http_config, pool
 
+from backends import Backend
 from conftest import free_port, wait_until
 
 # --- fixtures and a recording backend --------------------------------------------------------
@@ -41,16 +42,13 @@ class RawBackend:
 
     def __init__(self, reply: bytes = OK_REPLY) -> None:
         self.reply = reply
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.lock = threading.Lock()
         self._raw = bytearray()
         self._requests: list[bytes] = []
         self.closed_mid_request = 0  # connections that ended with a request unfinished
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        # the listening socket and its threads: tests/backends.py, one handler per connection
+        self.server = Backend(lambda conn, _: self._serve(conn), "raw")
+        self.address = self.server.address
 
     @property
     def raw(self) -> bytes:
@@ -63,24 +61,7 @@ class RawBackend:
             return list(self._requests)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.server.close()
 
     @staticmethod
     def _take(buf: bytearray) -> bytes | None:
