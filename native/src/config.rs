@@ -57,8 +57,86 @@ pub struct ListenerConfig {
     /// http: per client IP request rate limit.
     #[serde(deserialize_with = "required")]
     pub rate_limit: Option<RateLimitConfig>,
-    /// http: content routes, first match wins; none matching means `pool`.
+    /// http: content routes, first match wins; none matching means `pool`. tcp: routes by SNI
+    /// (passthrough).
     pub routes: Vec<RouteConfig>,
+    /// https and tls: the server side of TLS.
+    #[serde(deserialize_with = "required")]
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+/// `[listeners.tls]`, the files already read by the control plane.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// At least one; the first is the default for a ClientHello whose SNI matches none.
+    pub certificates: Vec<CertificateConfig>,
+    pub min_version: TlsVersion,
+    /// Protocols offered by ALPN, in preference order.
+    pub alpn: Vec<String>,
+    #[serde(deserialize_with = "required")]
+    pub client_ca_pem: Option<String>,
+    pub client_auth: ClientAuth,
+    pub session_tickets: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// The path as written in the config file, for messages.
+    pub cert: String,
+    /// The certificate file: the leaf, then its chain.
+    pub chain_pem: String,
+    pub key_pem: String,
+    /// The leaf's DNS names (lower-case; `*.` for wildcards), read by the control plane.
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Off,
+    Optional,
+    Required,
+}
+
+/// `[pools.tls]`: TLS to the backends (re-encryption).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolTlsConfig {
+    /// Verify the backend's certificate (against `ca_pem`, else the system roots).
+    pub verify: bool,
+    #[serde(deserialize_with = "required")]
+    pub ca_pem: Option<String>,
+    /// The name sent and verified; None: the request's Host (http), else the backend's host.
+    #[serde(deserialize_with = "required")]
+    pub sni: Option<String>,
+    /// A client certificate (mTLS to the backend).
+    #[serde(deserialize_with = "required")]
+    pub cert_pem: Option<String>,
+    #[serde(deserialize_with = "required")]
+    pub key_pem: Option<String>,
+}
+
+/// `redirect = { scheme, code, host, path }`: fastlb answers with a redirect.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    #[serde(deserialize_with = "required")]
+    pub scheme: Option<String>,
+    pub code: u16,
+    #[serde(deserialize_with = "required")]
+    pub host: Option<String>,
+    #[serde(deserialize_with = "required")]
+    pub path: Option<String>,
 }
 
 /// Token bucket per client IP: `requests_per_second` sustained, `burst` at once.
@@ -87,7 +165,13 @@ pub struct RouteConfig {
     pub query: BTreeMap<String, String>,
     /// Networks as `addr/len`, host bits already cleared.
     pub source_cidr: Vec<String>,
+    /// Empty for a redirect route.
     pub split: Vec<SplitConfig>,
+    /// tcp listeners: the TLS SNI (exact, or `*.domain`), read from the ClientHello.
+    #[serde(deserialize_with = "required")]
+    pub sni: Option<String>,
+    #[serde(deserialize_with = "required")]
+    pub redirect: Option<RedirectConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -102,6 +186,27 @@ pub struct SplitConfig {
 pub enum Protocol {
     Tcp,
     Http,
+    /// HTTP over TLS.
+    Https,
+    /// TLS terminated; the plaintext stream relayed to the pool.
+    Tls,
+}
+
+impl Protocol {
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Tls => "tls",
+        }
+    }
+
+    /// Whether the listener speaks HTTP (routes, rewriting) rather than relaying a stream.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
 }
 
 /// One `[[pools]]` entry.
@@ -128,6 +233,9 @@ pub struct PoolConfig {
     /// Outlier ejection from live traffic; None = off.
     #[serde(deserialize_with = "required")]
     pub passive: Option<PassiveConfig>,
+    /// TLS to the backends; None: plain TCP.
+    #[serde(deserialize_with = "required")]
+    pub tls: Option<PoolTlsConfig>,
 }
 
 /// `passive = { consecutive_failures, eject }`: the engine ejects; the control plane times
@@ -168,6 +276,7 @@ impl PoolConfig {
                 timeout_ms: 0,
             },
             passive: None,
+            tls: None,
         }
     }
 }
@@ -266,7 +375,16 @@ impl EngineConfig {
             if !known(&l.pool) {
                 return Err(format!("listener {}: unknown pool {}", l.name, l.pool));
             }
+            if matches!(l.protocol, Protocol::Https | Protocol::Tls) != l.tls.is_some() {
+                return Err(format!(
+                    "listener {}: tls settings wanted with https and tls only",
+                    l.name
+                ));
+            }
             for (i, r) in l.routes.iter().enumerate() {
+                if r.redirect.is_some() {
+                    continue;
+                }
                 if r.split.is_empty() || r.split.iter().all(|s| s.weight == 0) {
                     return Err(format!("listener {} route {i}: no pool to send to", l.name));
                 }

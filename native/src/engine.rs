@@ -9,6 +9,7 @@ use crate::accesslog::AccessLog;
 use crate::balance::{AdminState, BackendState, Pool};
 use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
 use crate::http::HttpListener;
+use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
 use crate::tables::{ListenerEntry, Shared, Tables};
@@ -133,7 +134,9 @@ impl Engine {
             sockets.push((l.name.clone(), bind_listener(l, n)?));
         }
         let mut engine = Engine {
-            shared: Arc::new(Shared::new(config.runtime.max_connections)),
+            shared: Arc::new(
+                Shared::new(config.runtime.max_connections).map_err(EngineError::Config)?,
+            ),
             workers: Vec::with_capacity(n),
             config: config.clone(),
             backends: HashMap::new(),
@@ -402,8 +405,19 @@ impl Engine {
         let mut backends = HashMap::new();
         let mut pools = HashMap::new();
         // (state, weight before): undone if the publish fails, so it changes nothing.
-        let mut reweighed = Vec::new();
+        let mut reweighed: Vec<(Arc<BackendState>, u32)> = Vec::new();
         for p in &config.pools {
+            // No ALPN to backends: a TCP backend may refuse a protocol it does not know, and
+            // HTTP/1.1 is what an https backend assumes without one.
+            let tls = match p.tls.as_ref().map(|t| crate::tls::client::build(t, &[])) {
+                Some(Err(e)) => {
+                    for (state, weight) in reweighed {
+                        state.set_weight(weight);
+                    }
+                    return Err(EngineError::Config(format!("pool {}: tls: {e}", p.name)));
+                }
+                built => built.map(|t| Arc::new(t.expect("checked above"))),
+            };
             let mut states = Vec::with_capacity(p.backends.len());
             for b in &p.backends {
                 let id = format!("{}/{}", p.name, b.address);
@@ -428,6 +442,7 @@ impl Engine {
             }
             let mut pool = Pool::build(p, states);
             pool.id = self.ids.pool(&p.name);
+            pool.tls = tls;
             pools.insert(p.name.clone(), Arc::new(pool));
         }
         let listeners = match self.listener_entries(config, &pools) {
@@ -455,15 +470,33 @@ impl Engine {
     ) -> Result<HashMap<String, Arc<ListenerEntry>>, EngineError> {
         let mut listeners = HashMap::new();
         for l in &config.listeners {
-            let http = match l.protocol {
-                Protocol::Http => Some(HttpListener::build(l, pools).map_err(EngineError::Config)?),
-                Protocol::Tcp => None,
+            let http = match l.protocol.is_http() {
+                true => Some(HttpListener::build(l, pools).map_err(EngineError::Config)?),
+                false => None,
             };
+            let tls = match &l.tls {
+                Some(t) => {
+                    // What the data plane speaks over an https listener; h2 joins with HTTP/2.
+                    let alpn: Option<&[&str]> = l.protocol.is_http().then_some(&["http/1.1"]);
+                    let config =
+                        crate::tls::server::build(t, &self.shared.tls, alpn).map_err(|e| {
+                            EngineError::Config(format!("listener {}: tls: {e}", l.name))
+                        })?;
+                    Some(tokio_rustls::TlsAcceptor::from(config))
+                }
+                None => None,
+            };
+            let sni = (l.protocol == Protocol::Tcp && !l.routes.is_empty())
+                .then(|| SniRoutes::build(&l.routes, pools))
+                .transpose()
+                .map_err(|e| EngineError::Config(format!("listener {}: {e}", l.name)))?;
             let entry = ListenerEntry {
                 cfg: l.clone(),
                 pool: pools[&l.pool].clone(),
                 id: self.ids.listener(&l.name),
                 http,
+                tls,
+                sni,
                 closing: AtomicBool::new(false),
             };
             listeners.insert(l.name.clone(), Arc::new(entry));

@@ -10,9 +10,11 @@ pub mod l4;
 pub mod maglev;
 pub mod metrics;
 pub mod microbench;
+pub mod net;
 pub mod ring;
 pub mod stats;
 pub mod tables;
+pub mod tls;
 pub mod track;
 pub mod worker;
 

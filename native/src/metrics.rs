@@ -43,6 +43,9 @@ pub struct ListenerCounts {
     /// From clients, to clients.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// https/tls: handshakes by result (crate::tls::HandshakeResult) and version
+    /// (crate::tls::VERSIONS).
+    pub tls_handshakes: [[u64; 3]; 6],
 }
 
 /// Counters of one backend on one worker.
@@ -227,6 +230,13 @@ impl WorkerMetrics {
         }
     }
 
+    /// A TLS handshake on an https or tls listener ended.
+    pub fn record_tls_handshake(&mut self, listener: u16, result: usize, version: usize) {
+        if COUNTING {
+            self.listener(listener).tls_handshakes[result][version] += 1;
+        }
+    }
+
     /// Adds `other` into `self`.
     pub fn merge(&mut self, other: &WorkerMetrics) {
         for (i, l) in other.listeners.iter().enumerate() {
@@ -240,6 +250,11 @@ impl WorkerMetrics {
             m.requests += l.requests;
             m.bytes_in += l.bytes_in;
             m.bytes_out += l.bytes_out;
+            for (mine, theirs) in m.tls_handshakes.iter_mut().zip(&l.tls_handshakes) {
+                for (a, b) in mine.iter_mut().zip(theirs) {
+                    *a += b;
+                }
+            }
         }
         for (i, b) in other.backends.iter().enumerate() {
             let m = self.backend(i as u32);

@@ -124,6 +124,15 @@ struct ListenerJson<'a> {
     bytes_out: u64,
     requests_total: u64,
     durations: Vec<DurationsJson<'a>>,
+    /// https/tls listeners: non-zero handshake counts.
+    tls_handshakes: Vec<HandshakesJson>,
+}
+
+#[derive(Serialize)]
+struct HandshakesJson {
+    result: &'static str,
+    version: &'static str,
+    count: u64,
 }
 
 #[derive(Serialize)]
@@ -222,6 +231,22 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+fn handshakes(counts: &[[u64; 3]; 6]) -> Vec<HandshakesJson> {
+    let mut out = Vec::new();
+    for (result, by_version) in crate::tls::HandshakeResult::ALL.iter().zip(counts) {
+        for (version, &count) in crate::tls::VERSIONS.iter().zip(by_version) {
+            if count > 0 {
+                out.push(HandshakesJson {
+                    result: result.name(),
+                    version,
+                    count,
+                });
+            }
+        }
+    }
+    out
+}
+
 pub fn to_json(input: StatsInput<'_>) -> String {
     let StatsInput {
         tables,
@@ -253,10 +278,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
             durations.sort_by(|a, b| a.pool.cmp(b.pool));
             ListenerJson {
                 name: &e.cfg.name,
-                protocol: match e.cfg.protocol {
-                    crate::config::Protocol::Tcp => "tcp",
-                    crate::config::Protocol::Http => "http",
-                },
+                protocol: e.cfg.protocol.name(),
                 bind: e.cfg.bind.to_string(),
                 pool: &e.cfg.pool,
                 connections_total: c.connections,
@@ -271,6 +293,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                 bytes_out: c.bytes_out,
                 requests_total: c.requests,
                 durations,
+                tls_handshakes: handshakes(&c.tls_handshakes),
             }
         })
         .collect();

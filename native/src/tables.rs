@@ -6,6 +6,8 @@ use crate::accesslog::AccessLog;
 use crate::balance::Pool;
 use crate::config::ListenerConfig;
 use crate::http::HttpListener;
+use crate::l4::passthrough::SniRoutes;
+use crate::tls::server::TlsShared;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -25,11 +27,13 @@ pub struct Shared {
     /// This process's `Via` pseudonym (`fastlb-` and 8 hex digits): a request that already
     /// carries it has looped back here.
     pub via_token: String,
+    /// Ticket keys and the TLS 1.2 session cache: one set for every worker and listener.
+    pub tls: TlsShared,
 }
 
 impl Shared {
-    pub fn new(max_connections: usize) -> Self {
-        Shared {
+    pub fn new(max_connections: usize) -> Result<Self, String> {
+        Ok(Shared {
             tables: ArcSwap::from_pointee(Tables {
                 generation: 0,
                 listeners: HashMap::new(),
@@ -40,7 +44,8 @@ impl Shared {
             max_connections,
             splice_threshold: splice_threshold(),
             via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
-        }
+            tls: TlsShared::new()?,
+        })
     }
 }
 
@@ -61,6 +66,10 @@ pub struct ListenerEntry {
     pub id: u16,
     /// Routes, limits and rate limiter of an http listener.
     pub http: Option<HttpListener>,
+    /// https and tls: the handshake's settings (certificates as of this publish).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// tcp with routes: pools by the SNI of the ClientHello (passthrough).
+    pub sni: Option<SniRoutes>,
     /// The listener was removed by a reload: its connections finish what they are doing and
     /// close.
     pub closing: AtomicBool,

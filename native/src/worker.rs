@@ -4,11 +4,14 @@
 
 use crate::balance::BackendState;
 use crate::config::Protocol;
+use crate::http::client::ClientSocket;
 use crate::http::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
 use crate::metrics::WorkerMetrics;
+use crate::net::Conn;
 use crate::tables::{ListenerEntry, Shared};
+use crate::tls::{self, HandshakeResult, SessionInfo};
 use crate::track;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -221,7 +224,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                     listener: &entry,
                 };
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => l4::serve(&ctx, stream, peer, &entry).await,
+                    Ok(stream) => l4::serve(&ctx, Conn::Plain(stream), peer, &entry).await,
                     Err(e) => eprintln!("fastlb: listener {}: {e}", entry.cfg.name),
                 }
             }),
@@ -231,11 +234,58 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                     ctx: &ctx,
                     listener: &entry,
                 };
-                http::serve(&ctx, stream, peer, &entry).await
+                http::serve(&ctx, ClientSocket::new(stream), None, peer, &entry).await
+            }),
+            Protocol::Https | Protocol::Tls => tokio::task::spawn_local(async move {
+                let _guard = ConnGuard {
+                    ctx: &ctx,
+                    listener: &entry,
+                };
+                let Some(tls) = accept_tls(&ctx, &entry, stream).await else {
+                    return;
+                };
+                if entry.cfg.protocol == Protocol::Https {
+                    let info = Box::new(SessionInfo::of(tls.get_ref().1));
+                    let client = ClientSocket::Conn(Conn::Tls(Box::new(tls.into())));
+                    http::serve(&ctx, client, Some(info), peer, &entry).await
+                } else {
+                    l4::serve(&ctx, Conn::Tls(Box::new(tls.into())), peer, &entry).await
+                }
             }),
         };
     }
 }
+
+/// Runs the server side of a TLS handshake within the listener's `header_read` timeout, and
+/// counts how it ended. None: it failed (the connection is closed).
+async fn accept_tls(
+    ctx: &WorkerCtx,
+    entry: &ListenerEntry,
+    stream: std::net::TcpStream,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let acceptor = entry.tls.as_ref()?;
+    let stream = TcpStream::from_std(stream).ok()?;
+    let limit = match entry.cfg.header_read_ms {
+        0 => TLS_HANDSHAKE_MAX,
+        ms => Duration::from_millis(ms),
+    };
+    let (result, version, tls) = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let conn = tls.get_ref().1;
+            let version = tls::version_index(conn.protocol_version());
+            (tls::server::completed(conn), version, Some(tls))
+        }
+        Ok(Err(e)) => (HandshakeResult::of_error(&e), 0, None),
+        Err(_) => (HandshakeResult::Timeout, 0, None),
+    };
+    ctx.metrics
+        .borrow_mut()
+        .record_tls_handshake(entry.id, result as usize, version);
+    tls
+}
+
+/// A handshake's limit on a listener without `header_read`.
+const TLS_HANDSHAKE_MAX: Duration = Duration::from_secs(60);
 
 /// Accepts one connection without registering it with the reactor (the caller decides when),
 /// non-blocking and close-on-exec in the one accept4 call. TCP_NODELAY is inherited from the

@@ -368,6 +368,8 @@ pub struct Pool {
     /// Signalled when a request on a backend with `max_connections` finishes.
     pub slot_freed: tokio::sync::Notify,
     has_backup: bool,
+    /// TLS to the backends (re-encryption); set by the engine.
+    pub tls: Option<Arc<crate::tls::client::PoolTls>>,
 }
 
 /// A backend as one config describes it; a reload may change any of it while the backend's
@@ -422,6 +424,7 @@ impl Pool {
             queue: cfg.queue,
             queued: AtomicU32::new(0),
             slot_freed: tokio::sync::Notify::new(),
+            tls: None,
         }
     }
 

@@ -9,15 +9,17 @@
 //! next keep-alive request, a slow reader, a body still arriving) is registered then, once.
 
 use super::io::{wait_ready, write_all, Deadline};
-use crate::l4::forward::{read_clearing, write_now};
+use crate::net::Conn;
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, RawFd};
 use tokio::net::TcpStream;
 
 pub enum ClientSocket {
+    /// Plain TCP, not registered with the reactor yet.
     Raw(std::net::TcpStream),
-    Registered(TcpStream),
-    /// Only while switching from Raw to Registered.
+    /// Registered: plain TCP that had to wait once, or TLS (whose handshake always waits).
+    Conn(Conn),
+    /// Only while switching from Raw to Conn.
     Switching,
 }
 
@@ -45,29 +47,29 @@ impl ClientSocket {
     pub fn fd(&self) -> RawFd {
         match self {
             ClientSocket::Raw(s) => s.as_raw_fd(),
-            ClientSocket::Registered(s) => s.as_raw_fd(),
+            ClientSocket::Conn(c) => c.fd(),
             ClientSocket::Switching => -1,
         }
     }
 
-    /// The registered socket, registering it now if it is not yet.
-    pub fn registered(&mut self) -> io::Result<&TcpStream> {
+    /// The registered connection, registering it now if it is not yet.
+    pub fn registered(&mut self) -> io::Result<&mut Conn> {
         if let ClientSocket::Raw(_) = self {
             let ClientSocket::Raw(raw) = std::mem::replace(self, ClientSocket::Switching) else {
                 unreachable!()
             };
-            *self = ClientSocket::Registered(TcpStream::from_std(raw)?);
+            *self = ClientSocket::Conn(Conn::Plain(TcpStream::from_std(raw)?));
         }
         match self {
-            ClientSocket::Registered(s) => Ok(s),
+            ClientSocket::Conn(c) => Ok(c),
             _ => Err(io::Error::other("client socket lost while registering")),
         }
     }
 
     /// One read without waiting; WouldBlock when nothing is there.
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            ClientSocket::Registered(s) => read_clearing(s, s.as_raw_fd(), buf),
+            ClientSocket::Conn(c) => c.try_read(buf),
             ClientSocket::Raw(s) => raw_io(|| {
                 // SAFETY: buf is valid for buf.len() bytes for the duration of the call.
                 unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
@@ -78,13 +80,13 @@ impl ClientSocket {
 
     /// Waits until the socket is readable or the deadline passes.
     pub async fn readable(&mut self, deadline: &mut Deadline<'_>) -> io::Result<()> {
-        wait_ready(self.registered()?, deadline, true).await
+        wait_ready(self.registered()?.tcp(), deadline, true).await
     }
 
     /// Writes all of `data`, waiting for the client to take it if it must.
     pub async fn write_all(&mut self, data: &[u8], deadline: &mut Deadline<'_>) -> io::Result<()> {
         let done = match self {
-            ClientSocket::Registered(s) => write_now(s, s.as_raw_fd(), data)?,
+            ClientSocket::Conn(c) => return write_all(c, data, deadline).await,
             ClientSocket::Raw(s) => {
                 let fd = s.as_raw_fd();
                 let mut done = 0;
@@ -129,6 +131,17 @@ impl ClientSocket {
             return Ok(());
         }
         self.write_all(&data[sent..], deadline).await
+    }
+
+    /// Ends the sending direction (TLS: close_notify, then FIN).
+    pub fn shutdown_write(&mut self) {
+        match self {
+            ClientSocket::Conn(c) => c.shutdown_write(),
+            // SAFETY: shutdown on a socket we own; failure (peer gone) is harmless.
+            _ => unsafe {
+                libc::shutdown(self.fd(), libc::SHUT_WR);
+            },
+        }
     }
 }
 

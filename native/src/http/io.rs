@@ -5,7 +5,8 @@
 //! sets several deadlines (idle, send, response read, next idle) and usually resets no timer
 //! and reads the clock once.
 
-use crate::l4::forward::{read_clearing, write_now};
+use crate::l4::forward::write_now;
+use crate::net::Conn;
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::os::fd::AsRawFd;
@@ -89,17 +90,16 @@ fn timed_out() -> io::Error {
 /// One read of at most `buf.len()` bytes; waits for data until the deadline (`TimedOut`).
 /// Ok(0) is EOF.
 pub async fn read_some(
-    stream: &TcpStream,
+    conn: &mut Conn,
     buf: &mut [u8],
     deadline: &mut Deadline<'_>,
 ) -> io::Result<usize> {
-    let fd = stream.as_raw_fd();
     loop {
-        match read_clearing(stream, fd, buf) {
+        match conn.try_read(buf) {
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             other => return other,
         }
-        wait_ready(stream, deadline, true).await?;
+        wait_ready(conn.tcp(), deadline, true).await?;
     }
 }
 
@@ -126,19 +126,44 @@ pub async fn wait_ready(
     .await
 }
 
-/// Writes all of `data`; waits for the peer to take it until the deadline (`TimedOut`).
+/// Writes all of `data` (and flushes a TLS session); waits for the peer to take it until the
+/// deadline (`TimedOut`).
 pub async fn write_all(
-    stream: &TcpStream,
+    conn: &mut Conn,
     mut data: &[u8],
     deadline: &mut Deadline<'_>,
 ) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    loop {
-        let n = write_now(stream, fd, data)?;
-        data = &data[n..];
-        if data.is_empty() {
-            return Ok(());
+    if let Conn::Plain(stream) = conn {
+        let fd = stream.as_raw_fd();
+        loop {
+            let n = write_now(stream, fd, data)?;
+            data = &data[n..];
+            if data.is_empty() {
+                return Ok(());
+            }
+            wait_ready(stream, deadline, false).await?;
         }
-        wait_ready(stream, deadline, false).await?;
+    }
+    poll_fn(|cx| {
+        while !data.is_empty() {
+            match conn.poll_write(cx, data) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => data = &data[n..],
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return expired_or_pending(cx, deadline),
+            }
+        }
+        match conn.poll_flush(cx) {
+            Poll::Pending => expired_or_pending(cx, deadline),
+            done => done,
+        }
+    })
+    .await
+}
+
+fn expired_or_pending<T>(cx: &mut Context<'_>, deadline: &mut Deadline<'_>) -> Poll<io::Result<T>> {
+    match deadline.poll_expired(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(timed_out())),
+        Poll::Pending => Poll::Pending,
     }
 }

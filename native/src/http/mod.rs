@@ -22,7 +22,9 @@ use crate::balance::{hash_key, Pool};
 use crate::config::{HashKey, ListenerConfig, MAX_TRIES};
 use crate::l4::forward;
 use crate::metrics::{ResponseKey, NO_BACKEND, NO_POOL};
+use crate::net::Conn;
 use crate::tables::ListenerEntry;
+use crate::tls::SessionInfo;
 use crate::worker::WorkerCtx;
 use buf::{Buf, BufPool, BUF_SIZE};
 use chunked::ChunkedDecoder;
@@ -31,14 +33,15 @@ use io::{read_some, write_all, Deadline};
 use parse::HeaderKind;
 use parse::{BodyKind, HeadError, HeaderSpan, Limits, Method, RequestHead, Version};
 use ratelimit::RateLimiter;
+use rewrite::AnswerFields;
 use rewrite::{ClientConnection, View};
-use route::{find_query_param, RequestView, RouteTable};
+use route::{find_query_param, RequestView, RouteTable, Target};
+use rustls::pki_types::ServerName;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -99,6 +102,8 @@ pub async fn sweep_loop(ctx: std::rc::Rc<WorkerCtx>) {
 /// One client connection.
 struct Client {
     stream: ClientSocket,
+    /// The TLS session of an https connection.
+    tls: Option<Box<SessionInfo>>,
     peer: SocketAddr,
     /// A request head that arrived in part, kept at its exact size while we wait for the rest.
     partial: Vec<u8>,
@@ -118,7 +123,8 @@ enum Next {
 /// Serves one accepted client connection to the end.
 pub async fn serve(
     ctx: &WorkerCtx,
-    stream: std::net::TcpStream,
+    stream: ClientSocket,
+    tls: Option<Box<SessionInfo>>,
     peer: SocketAddr,
     accepted: &ListenerEntry,
 ) {
@@ -129,7 +135,8 @@ pub async fn serve(
     let timer = pin!(tokio::time::sleep(Duration::ZERO));
     let mut deadline = Deadline::new(timer);
     let mut client = Client {
-        stream: ClientSocket::new(stream),
+        stream,
+        tls,
         peer,
         partial: Vec::new(),
         pending: None,
@@ -150,7 +157,7 @@ pub async fn serve(
                             status,
                             ..Outcome::default()
                         };
-                        log.send(access_line(listener, peer, &outcome, status, 0));
+                        log.send(access_line(listener, &client, &outcome, status, 0));
                     }
                     refuse_and_close(ctx, &mut client, status, &mut deadline).await;
                     return;
@@ -210,9 +217,17 @@ async fn refuse_and_close(
     status: u16,
     deadline: &mut Deadline<'_>,
 ) {
-    if answer(ctx, client, status, true, false, 0, deadline)
-        .await
-        .is_ok()
+    if answer(
+        ctx,
+        client,
+        status,
+        true,
+        false,
+        AnswerFields::default(),
+        deadline,
+    )
+    .await
+    .is_ok()
     {
         lingering_close(ctx, &mut client.stream, deadline).await;
     }
@@ -223,8 +238,7 @@ async fn refuse_and_close(
 /// kernel send a reset, which can destroy the answer before the client reads it. Nothing read
 /// here is ever parsed.
 async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &mut Deadline<'_>) {
-    // SAFETY: shutdown on a socket we own; failure (peer gone) is harmless.
-    unsafe { libc::shutdown(stream.fd(), libc::SHUT_WR) };
+    stream.shutdown_write();
     let mut sink = ctx.http.bufs.take();
     deadline.set(LINGER_TIME);
     let mut discarded = 0;
@@ -357,13 +371,14 @@ fn restore(bufs: &BufPool, partial: &mut Vec<u8>) -> Buf {
 }
 
 /// Writes an answer of fastlb's own.
+#[allow(clippy::too_many_arguments)]
 async fn answer(
     ctx: &WorkerCtx,
     client: &mut Client,
     status: u16,
     close: bool,
     http10_keep_alive: bool,
-    retry_after: u64,
+    fields: AnswerFields<'_>,
     deadline: &mut Deadline<'_>,
 ) -> std::io::Result<()> {
     let mut out = ctx.http.bufs.take_vec();
@@ -374,7 +389,7 @@ async fn answer(
             close,
             http10_keep_alive,
         },
-        retry_after,
+        fields,
     );
     deadline.set(Duration::from_secs(10));
     let r = if close {
@@ -384,6 +399,13 @@ async fn answer(
     };
     ctx.http.bufs.give_vec(out);
     r
+}
+
+/// Why fastlb answers a request itself rather than a backend.
+enum Refusal {
+    Status(u16),
+    /// A redirect route matched; the plan's output holds the `Location`.
+    Redirect(u16),
 }
 
 /// Where a request goes, decided synchronously from its head.
@@ -399,6 +421,10 @@ struct Plan {
     keep_alive: bool,
     expect_continue: bool,
     upgrade: bool,
+    /// TLS pools: the name sent to and verified against the backend (the pool's `sni`, else
+    /// the request's host), and its hash, which keeps parked connections apart by name.
+    sni: Option<Box<ServerName<'static>>>,
+    sni_tag: u64,
 }
 
 /// Body bytes still to come from a peer, and how to tell where the body ends.
@@ -456,8 +482,8 @@ enum CopyError {
 #[allow(clippy::too_many_arguments)]
 async fn copy_body(
     relay: &forward::RelayBuffers,
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut Conn,
+    dst: &mut Conn,
     buf: &mut Buf,
     left: &mut BodyLeft,
     read_timeout: Duration,
@@ -471,7 +497,9 @@ async fn copy_body(
             BodyLeft::UntilClose => true,
             BodyLeft::Chunked(_) => false,
         };
-        if bulk && buf.is_empty() {
+        if let (true, true, Conn::Plain(src), Conn::Plain(dst)) =
+            (bulk, buf.is_empty(), &*src, &*dst)
+        {
             let limit = match left {
                 BodyLeft::Length(n) => *n,
                 _ => u64::MAX,
@@ -586,13 +614,15 @@ fn plan(
     http: &HttpListener,
     buf: &[u8],
     head: &RequestHead,
-    peer: SocketAddr,
+    client: &Client,
     out: &mut Vec<u8>,
-) -> Result<Plan, u16> {
+) -> Result<Plan, Refusal> {
+    let peer = client.peer;
+    let tls = client.tls.as_deref();
     let headers = ctx.http.headers.borrow();
     let via = &ctx.shared.via_token;
     if rewrite::has_looped(buf, &headers, via) {
-        return Err(508);
+        return Err(Refusal::Status(508));
     }
     let view = View {
         buf,
@@ -601,7 +631,11 @@ fn plan(
         peer,
     };
     let (route, pool) = match http.routes.select(&view) {
-        Some((i, pool)) => (Some(i), pool.clone()),
+        Some((i, Target::Pool(pool))) => (Some(i), pool.clone()),
+        Some((_, Target::Redirect(r))) => {
+            rewrite::redirect_location(out, r, &view, tls.is_some());
+            return Err(Refusal::Redirect(r.code));
+        }
         None => (None, listener.pool.clone()),
     };
     let key = request_key(&pool.hash_key, &view);
@@ -612,7 +646,13 @@ fn plan(
         None => None,
     };
     let upgrade = head.conn_upgrade && head.upgrade.is_some();
-    rewrite::request_head(out, buf, head, &headers, peer, via, upgrade);
+    let sni = pool
+        .tls
+        .as_ref()
+        .and_then(|t| t.sni.clone().or_else(|| view.host().and_then(host_name)))
+        .map(Box::new);
+    let sni_tag = sni.as_ref().map_or(0, |n| hash_key(n.to_str().as_bytes()));
+    rewrite::request_head(out, buf, head, &headers, peer, via, upgrade, tls);
     Ok(Plan {
         key,
         pinned,
@@ -624,7 +664,14 @@ fn plan(
         upgrade,
         pool,
         route,
+        sni,
+        sni_tag,
     })
+}
+
+/// A Host value (`name[:port]`) as a TLS server name.
+fn host_name(host: &[u8]) -> Option<ServerName<'static>> {
+    crate::net::server_name(std::str::from_utf8(host).ok()?)
 }
 
 /// The hash a hashing algorithm uses for this request; a request without the configured
@@ -864,7 +911,7 @@ async fn exchange(
     drop(m);
     if outcome.log.is_some() {
         if let Some(log) = ctx.shared.access_log.load().as_ref() {
-            log.send(access_line(listener, client.peer, &outcome, key.code, took));
+            log.send(access_line(listener, client, &outcome, key.code, took));
         }
     }
     next
@@ -873,14 +920,14 @@ async fn exchange(
 /// One access log line for an http request.
 fn access_line(
     listener: &ListenerEntry,
-    peer: SocketAddr,
+    client: &Client,
     o: &Outcome,
     status: u16,
     took_us: u64,
 ) -> Vec<u8> {
     let mut line = Line::new();
     line.time()
-        .quoted("client", peer)
+        .quoted("client", client.peer)
         .str("listener", listener.cfg.name.as_bytes());
     let req = o.log.as_deref();
     match req.and_then(|r| r.route) {
@@ -902,6 +949,16 @@ fn access_line(
         .ms("ttfb_ms", measured(o.ttfb_us))
         .opt_str("request_id", req.map(|r| r.request_id.as_slice()))
         .display("retries", o.retries);
+    if let Some(tls) = client.tls.as_deref() {
+        line.str("tls_version", tls.version.as_bytes())
+            .str("tls_cipher", tls.cipher.as_bytes())
+            .opt_str("sni", tls.sni.as_deref().map(str::as_bytes))
+            .opt_str("alpn", tls.alpn.as_deref().map(str::as_bytes))
+            .opt_str(
+                "client_cert_subject",
+                tls.client_subject.as_deref().map(str::as_bytes),
+            );
+    }
     line.finish()
 }
 
@@ -924,24 +981,29 @@ async fn exchange_counted(
         if let Err(after) = limiter.check(client.peer.ip(), crate::balance::now_ns()) {
             ctx.metrics.borrow_mut().record_rate_limited(listener.id);
             outcome.status = 429;
-            return refuse(ctx, client, req, &head, 429, after, deadline).await;
+            let fields = AnswerFields {
+                retry_after: after,
+                ..AnswerFields::default()
+            };
+            return refuse(ctx, client, req, &head, 429, fields, deadline).await;
         }
     }
     let mut out = ctx.http.bufs.take_vec();
-    let plan = match plan(
-        ctx,
-        listener,
-        http,
-        req.filled(),
-        &head,
-        client.peer,
-        &mut out,
-    ) {
+    let plan = match plan(ctx, listener, http, req.filled(), &head, client, &mut out) {
         Ok(p) => p,
-        Err(status) => {
-            ctx.http.bufs.give_vec(out);
+        Err(refusal) => {
+            let (status, location) = match refusal {
+                Refusal::Status(status) => (status, &[][..]),
+                Refusal::Redirect(status) => (status, &out[..]),
+            };
             outcome.status = status;
-            return refuse(ctx, client, req, &head, status, 0, deadline).await;
+            let fields = AnswerFields {
+                location,
+                ..AnswerFields::default()
+            };
+            let next = refuse(ctx, client, req, &head, status, fields, deadline).await;
+            ctx.http.bufs.give_vec(out);
+            return next;
         }
     };
     outcome.pool = plan.pool.id;
@@ -1064,7 +1126,7 @@ async fn refuse(
     req: &mut Buf,
     head: &RequestHead,
     status: u16,
-    retry_after: u64,
+    fields: AnswerFields<'_>,
     deadline: &mut Deadline<'_>,
 ) -> Next {
     let mut keep = head.keep_alive();
@@ -1076,7 +1138,7 @@ async fn refuse(
         _ => keep = false,
     }
     let http10 = keep && head.version == Version::Http10;
-    match answer(ctx, client, status, !keep, http10, retry_after, deadline).await {
+    match answer(ctx, client, status, !keep, http10, fields, deadline).await {
         Ok(()) if keep => Next::KeepAlive,
         Ok(()) => {
             lingering_close(ctx, &mut client.stream, deadline).await;
@@ -1185,7 +1247,7 @@ impl Exchange<'_, '_> {
             status,
             !keep,
             http10,
-            0,
+            AnswerFields::default(),
             self.deadline,
         )
         .await
@@ -1209,9 +1271,9 @@ impl Exchange<'_, '_> {
             .ctx
             .http
             .upstream
-            .take(addr)
+            .take(addr, self.plan.sni_tag)
             .filter(|_| !self.plan.upgrade && !self.fresh_connection);
-        let (upstream, reused) = match pooled {
+        let (mut upstream, reused) = match pooled {
             Some(s) => {
                 self.outcome.connect_us = NOT_MEASURED;
                 (s, true)
@@ -1221,7 +1283,20 @@ impl Exchange<'_, '_> {
                 let t0 = Instant::now();
                 let mut timer = self.deadline.timer();
                 timer.as_mut().reset((t0 + connect_timeout).into());
-                let connected = crate::l4::connect(addr, timer).await;
+                let tcp = crate::net::connect(addr, timer.as_mut()).await;
+                let connected = match (tcp, &self.plan.pool.tls) {
+                    (Ok(tcp), Some(tls)) => {
+                        let name = self.plan.sni.as_deref().cloned();
+                        match name.or_else(|| crate::net::server_name(&backend.address)) {
+                            // Boxed: only TLS pools pay for the handshake's future.
+                            Some(name) => {
+                                Box::pin(crate::net::tls_handshake(tls, name, tcp, timer)).await
+                            }
+                            None => Err(ErrorKind::InvalidInput.into()),
+                        }
+                    }
+                    (tcp, _) => tcp.map(Conn::Plain),
+                };
                 self.outcome.connect_us = micros(t0.elapsed());
                 match connected {
                     Ok(s) => {
@@ -1248,8 +1323,7 @@ impl Exchange<'_, '_> {
         };
         // Registered for as long as this attempt holds it, so a drain that times out can close
         // it (crate::track).
-        let _tracked =
-            crate::track::upstream(upstream.as_raw_fd(), self.client.stream.fd(), backend);
+        let _tracked = crate::track::upstream(upstream.fd(), self.client.stream.fd(), backend);
         let failed = |retryable: bool| Attempt::Failed {
             status: 502,
             retryable,
@@ -1270,7 +1344,7 @@ impl Exchange<'_, '_> {
         }
         self.deadline.set(send_timeout);
         let mut sent = self.out.len() as u64;
-        if write_all(&upstream, &self.out, self.deadline)
+        if write_all(&mut upstream, &self.out, self.deadline)
             .await
             .is_err()
         {
@@ -1287,7 +1361,7 @@ impl Exchange<'_, '_> {
             let copied = copy_body(
                 &self.ctx.relay,
                 client_stream,
-                &upstream,
+                &mut upstream,
                 self.req,
                 &mut self.body,
                 client_timeout,
@@ -1324,7 +1398,7 @@ impl Exchange<'_, '_> {
     async fn response(
         &mut self,
         i: usize,
-        upstream: TcpStream,
+        mut upstream: Conn,
         reused: bool,
         resp: &mut Buf,
     ) -> Attempt {
@@ -1373,7 +1447,13 @@ impl Exchange<'_, '_> {
                 }
             }
             let stale = reused && resp.is_empty() && !forwarded_interim;
-            match read_some(&upstream, resp.spare(MAX_RESPONSE_HEAD + 1), self.deadline).await {
+            match read_some(
+                &mut upstream,
+                resp.spare(MAX_RESPONSE_HEAD + 1),
+                self.deadline,
+            )
+            .await
+            {
                 Ok(0) if stale => return Attempt::Stale,
                 Ok(0) => {
                     // Closed without answering (or mid-head).
@@ -1483,7 +1563,7 @@ impl Exchange<'_, '_> {
             };
             let copied = copy_body(
                 &ctx.relay,
-                &upstream,
+                &mut upstream,
                 client_stream,
                 resp,
                 &mut left,
@@ -1504,9 +1584,13 @@ impl Exchange<'_, '_> {
             && (head.version == Version::Http11 || head.conn_keep_alive);
         if reusable {
             let idle = Duration::from_millis(t.idle_ms);
-            ctx.http
-                .upstream
-                .put(pool.settings[i].addr, upstream, pool.keepalive, idle);
+            ctx.http.upstream.put(
+                pool.settings[i].addr,
+                self.plan.sni_tag,
+                upstream,
+                pool.keepalive,
+                idle,
+            );
         }
         Attempt::Done(if close_after {
             Next::Close
@@ -1516,7 +1600,7 @@ impl Exchange<'_, '_> {
     }
 
     /// After a 101: the head goes to the client, then bytes flow both ways until both close.
-    async fn tunnel(&mut self, upstream: TcpStream, resp: &mut Buf) -> Attempt {
+    async fn tunnel(&mut self, mut upstream: Conn, resp: &mut Buf) -> Attempt {
         let idle = Duration::from_millis(self.listener.cfg.client_idle_ms);
         self.deadline.set(idle);
         // The 101 head is forwarded as the backend wrote it (Upgrade and Connection included),
@@ -1531,7 +1615,7 @@ impl Exchange<'_, '_> {
         }
         resp.clear();
         if !self.req.is_empty() {
-            if write_all(&upstream, self.req.filled(), self.deadline)
+            if write_all(&mut upstream, self.req.filled(), self.deadline)
                 .await
                 .is_err()
             {
@@ -1543,7 +1627,8 @@ impl Exchange<'_, '_> {
             return Attempt::Broken;
         };
         let relay = &self.ctx.relay;
-        let _ = forward::relay(relay, client_stream, &upstream, idle, self.deadline.timer()).await;
+        let timer = self.deadline.timer();
+        let _ = crate::net::relay::relay(relay, client_stream, &mut upstream, idle, timer).await;
         Attempt::Done(Next::Close)
     }
 }
@@ -1593,6 +1678,7 @@ mod tests {
             max_headers: 100,
             rate_limit: None,
             routes: vec![],
+            tls: None,
         };
         let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",
@@ -1605,6 +1691,8 @@ mod tests {
             cfg: listener,
             pool,
             id: 0,
+            tls: None,
+            sni: None,
             closing: Default::default(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1612,11 +1700,11 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let ctx = WorkerCtx::new(Arc::new(Shared::new(0)));
+            let ctx = WorkerCtx::new(Arc::new(Shared::new(0).unwrap()));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let stream = TcpStream::connect(addr).await.unwrap().into_std().unwrap();
-            let fut = serve(&ctx, stream, addr, &entry);
+            let fut = serve(&ctx, ClientSocket::new(stream), None, addr, &entry);
             let size = std::mem::size_of_val(&fut);
             // 2304 before per-request counting and the access log's fields (issue 5): +184.
             assert!(size <= 2496, "serve future: {size} bytes");

@@ -52,6 +52,9 @@ pub enum HeaderKind {
     Via,
     Cookie,
     SetCookie,
+    /// `X-Client-Cert-Subject` / `-Fingerprint`: only fastlb may set them (from an https
+    /// client's certificate), so a client's own copies are always removed.
+    XClientCert,
     Other,
 }
 
@@ -78,6 +81,8 @@ impl HeaderKind {
             16 if is(b"proxy-connection") => HeaderKind::ProxyConnection,
             17 if is(b"transfer-encoding") => HeaderKind::TransferEncoding,
             17 if is(b"x-forwarded-proto") => HeaderKind::XForwardedProto,
+            21 if is(b"x-client-cert-subject") => HeaderKind::XClientCert,
+            25 if is(b"x-client-cert-fingerprint") => HeaderKind::XClientCert,
             _ => HeaderKind::Other,
         }
     }

@@ -7,6 +7,8 @@
 
 use super::parse::{named_in_connection, HeaderKind, HeaderSpan, RequestHead, Span, Version};
 use super::route::{find_cookie, RequestView};
+use crate::config::RedirectConfig;
+use crate::tls::SessionInfo;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
@@ -77,6 +79,7 @@ pub fn request_head(
     peer: SocketAddr,
     via_token: &str,
     upgrade: bool,
+    tls: Option<&SessionInfo>,
 ) {
     out.extend_from_slice(head.line().get(buf));
     let has_connection = connection_lists_fields(buf, headers);
@@ -92,7 +95,8 @@ pub fn request_head(
             | HeaderKind::Trailer
             | HeaderKind::Upgrade
             | HeaderKind::Expect
-            | HeaderKind::XForwardedProto => continue,
+            | HeaderKind::XForwardedProto
+            | HeaderKind::XClientCert => continue,
             HeaderKind::XForwardedFor => {
                 several_xff |= forwarded_for.is_some();
                 forwarded_for = Some(h.value);
@@ -123,7 +127,10 @@ pub fn request_head(
         out.extend_from_slice(b", ");
     }
     push_ip(out, ip);
-    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nForwarded: for=");
+    let proto: &[u8] = if tls.is_some() { b"https" } else { b"http" };
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
+    out.extend_from_slice(proto);
+    out.extend_from_slice(b"\r\nForwarded: for=");
     match ip {
         IpAddr::V4(_) => push_ip(out, ip),
         IpAddr::V6(_) => {
@@ -132,7 +139,20 @@ pub fn request_head(
             out.extend_from_slice(b"]\"");
         }
     }
-    out.extend_from_slice(b";proto=http\r\n");
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto);
+    out.extend_from_slice(b"\r\n");
+    if let Some(s) = tls {
+        if let (Some(subject), Some(fingerprint)) = (&s.client_subject, &s.client_fingerprint) {
+            // A subject is printable text (RFC 4514); anything that could end the field is
+            // left out rather than forwarded.
+            out.extend_from_slice(b"X-Client-Cert-Subject: ");
+            out.extend(subject.bytes().filter(|&b| b >= 0x20 && b != 0x7f));
+            out.extend_from_slice(b"\r\nX-Client-Cert-Fingerprint: ");
+            out.extend_from_slice(fingerprint.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     if !has_request_id {
         out.extend_from_slice(b"X-Request-Id: ");
         push_hex(out, fastrand::u64(..));
@@ -275,6 +295,11 @@ fn reason(status: u16) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         508 => "Loop Detected",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         _ => "Error",
     }
 }
@@ -290,12 +315,63 @@ fn explanation(status: u16) -> &'static str {
         503 => "no backend available",
         504 => "backend did not answer in time",
         508 => "request loop detected",
+        300..=399 => "redirected",
         _ => "error",
     }
 }
 
+/// A redirect route's `Location`: the configured scheme, host and path, the request's for
+/// what is not configured (its query too, when the path is the request's). A changed scheme or
+/// host drops the request's port, as nginx's `$host` does.
+pub fn redirect_location(out: &mut Vec<u8>, r: &RedirectConfig, view: &View<'_>, https: bool) {
+    let scheme = r
+        .scheme
+        .as_deref()
+        .unwrap_or(if https { "https" } else { "http" });
+    out.extend_from_slice(scheme.as_bytes());
+    out.extend_from_slice(b"://");
+    match &r.host {
+        Some(host) => out.extend_from_slice(host.as_bytes()),
+        None => {
+            let host = view.host().unwrap_or_default();
+            let keep_port = r.scheme.is_none();
+            let host = match host.iter().rposition(|&b| b == b':') {
+                // `[v6]` ends with `]`: only a colon after the last `]` starts a port.
+                Some(i) if !keep_port && !host[i..].contains(&b']') => &host[..i],
+                _ => host,
+            };
+            out.extend_from_slice(host);
+        }
+    }
+    match &r.path {
+        Some(path) => out.extend_from_slice(path.as_bytes()),
+        None => {
+            out.extend_from_slice(view.path());
+            if let Some(q) = view.query() {
+                out.push(b'?');
+                out.extend_from_slice(q);
+            }
+        }
+    }
+}
+
+/// The optional fields of an answer fastlb gives itself.
+#[derive(Default, Clone, Copy)]
+pub struct AnswerFields<'a> {
+    /// Seconds; 0: none.
+    pub retry_after: u64,
+    /// A redirect's target; empty: none.
+    pub location: &'a [u8],
+}
+
 /// An answer fastlb gives itself (never a backend's).
-pub fn error_response(out: &mut Vec<u8>, status: u16, conn: ClientConnection, retry_after: u64) {
+pub fn error_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    conn: ClientConnection,
+    fields: AnswerFields<'_>,
+) {
+    let retry_after = fields.retry_after;
     let text = explanation(status);
     let _ = write!(
         out,
@@ -305,6 +381,11 @@ pub fn error_response(out: &mut Vec<u8>, status: u16, conn: ClientConnection, re
     );
     if retry_after > 0 {
         let _ = write!(out, "Retry-After: {retry_after}\r\n");
+    }
+    if !fields.location.is_empty() {
+        out.extend_from_slice(b"Location: ");
+        out.extend_from_slice(fields.location);
+        out.extend_from_slice(b"\r\n");
     }
     if conn.close {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -328,7 +409,7 @@ mod tests {
         let head = parse_request(req, &limits, &mut hs).unwrap().unwrap();
         let mut out = Vec::new();
         let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
-        request_head(&mut out, req, &head, &hs, peer, "fastlb-t", false);
+        request_head(&mut out, req, &head, &hs, peer, "fastlb-t", false, None);
         out
     }
 

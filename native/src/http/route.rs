@@ -11,7 +11,7 @@
 
 use crate::balance::round_robin::smooth_sequence;
 use crate::balance::Pool;
-use crate::config::RouteConfig;
+use crate::config::{RedirectConfig, RouteConfig};
 use crossbeam_utils::CachePadded;
 use regex::bytes::{Regex, RegexBuilder};
 use std::collections::HashMap;
@@ -206,7 +206,29 @@ struct Route {
     cookies: Pairs,
     query: Pairs,
     path_regex: Option<Regex>,
-    split: Split,
+    action: Action,
+}
+
+/// What a matching route does.
+enum Action {
+    Split(Split),
+    Redirect(RedirectConfig),
+}
+
+/// Where a request goes.
+pub enum Target<'a> {
+    Pool(&'a Arc<Pool>),
+    /// fastlb answers with a redirect.
+    Redirect(&'a RedirectConfig),
+}
+
+impl Target<'_> {
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        match self {
+            Target::Pool(p) => Some(p),
+            Target::Redirect(_) => None,
+        }
+    }
 }
 
 impl Route {
@@ -315,6 +337,26 @@ impl RouteTable {
             .iter()
             .map(|c| Cidr::parse(c).map_err(|e| format!("source_cidr {e}")))
             .collect::<Result<_, _>>()?;
+        let action = match &r.redirect {
+            Some(redirect) => Action::Redirect(redirect.clone()),
+            None => Action::Split(Self::build_split(r, pools)?),
+        };
+        Ok(Route {
+            host,
+            path_prefix: r.path_prefix.as_ref().map(|p| p.as_bytes().into()),
+            path_exact: r.path_exact.as_ref().map(|p| p.as_bytes().into()),
+            cidrs,
+            // Names are lower-cased by the control plane; again here so a hand-written
+            // config cannot silently never match.
+            headers: pairs(&r.headers, |n| n.to_ascii_lowercase().into_bytes(), true),
+            cookies: pairs(&r.cookies, |n| n.as_bytes().to_vec(), false),
+            query: pairs(&r.query, |n| n.as_bytes().to_vec(), false),
+            path_regex,
+            action,
+        })
+    }
+
+    fn build_split(r: &RouteConfig, pools: &HashMap<String, Arc<Pool>>) -> Result<Split, String> {
         let split_pools = r
             .split
             .iter()
@@ -330,33 +372,24 @@ impl RouteTable {
         if sequence.is_empty() {
             return Err("split: no pool with a weight above 0".into());
         }
-        Ok(Route {
-            host,
-            path_prefix: r.path_prefix.as_ref().map(|p| p.as_bytes().into()),
-            path_exact: r.path_exact.as_ref().map(|p| p.as_bytes().into()),
-            cidrs,
-            // Names are lower-cased by the control plane; again here so a hand-written
-            // config cannot silently never match.
-            headers: pairs(&r.headers, |n| n.to_ascii_lowercase().into_bytes(), true),
-            cookies: pairs(&r.cookies, |n| n.as_bytes().to_vec(), false),
-            query: pairs(&r.query, |n| n.as_bytes().to_vec(), false),
-            path_regex,
-            split: Split {
-                pools: split_pools,
-                sequence,
-                next: CachePadded::new(AtomicUsize::new(0)),
-            },
+        Ok(Split {
+            pools: split_pools,
+            sequence,
+            next: CachePadded::new(AtomicUsize::new(0)),
         })
     }
 
     /// The first matching route's index and the pool it sends this request to; None when no
     /// route matches (the listener's default pool applies).
-    pub fn select(&self, req: &impl RequestView) -> Option<(usize, &Arc<Pool>)> {
+    pub fn select(&self, req: &impl RequestView) -> Option<(usize, Target<'_>)> {
         self.routes
             .iter()
             .enumerate()
             .find(|(_, r)| r.matches(req))
-            .map(|(i, r)| (i, r.split.pick()))
+            .map(|(i, r)| match &r.action {
+                Action::Split(split) => (i, Target::Pool(split.pick())),
+                Action::Redirect(redirect) => (i, Target::Redirect(redirect)),
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -839,7 +872,8 @@ mod tests {
                 path,
                 ..Default::default()
             };
-            t.select(&req).map(|(i, p)| (i, p.name.clone()))
+            t.select(&req)
+                .map(|(i, p)| (i, p.pool().unwrap().name.clone()))
         };
         assert_eq!(pick("/api/admin/x"), Some((0, "b".into())));
         assert_eq!(pick("/api/other"), Some((1, "a".into())));
@@ -869,7 +903,8 @@ mod tests {
         let mut counts = HashMap::new();
         let req = Req::default();
         for _ in 0..n {
-            let (_, p) = t.select(&req).unwrap();
+            let (_, target) = t.select(&req).unwrap();
+            let p = target.pool().unwrap();
             *counts.entry(p.name.clone()).or_insert(0) += 1;
         }
         counts
@@ -913,7 +948,7 @@ mod tests {
         )
         .unwrap();
         let picks: Vec<bool> = (0..200)
-            .map(|_| t.select(&Req::default()).unwrap().1.name == "b")
+            .map(|_| t.select(&Req::default()).unwrap().1.pool().unwrap().name == "b")
             .collect();
         let b_at: Vec<usize> = (0..picks.len()).filter(|&i| picks[i]).collect();
         assert_eq!(b_at.len(), 10);
@@ -953,7 +988,9 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         (0..1000)
-                            .filter(|_| t.select(&Req::default()).unwrap().1.name == "a")
+                            .filter(|_| {
+                                t.select(&Req::default()).unwrap().1.pool().unwrap().name == "a"
+                            })
                             .count()
                     })
                 })

@@ -5,15 +5,17 @@
 //! and checked before reuse: a backend that closed an idle connection has made it readable,
 //! which tokio has already recorded, so the check costs a syscall only for those.
 
+use crate::net::Conn;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 struct IdleConn {
-    stream: TcpStream,
+    stream: Conn,
+    /// Which TLS server name it was opened with (0: plain, or no name).
+    tag: u64,
     since: Instant,
     /// The pool's `timeouts.idle` when the connection was parked.
     max_idle: Duration,
@@ -43,19 +45,20 @@ impl Default for UpstreamPool {
 
 /// Whether a parked connection still looks usable: nothing to read (a backend sends nothing
 /// unasked; EOF or stray bytes both mean it is unusable).
-fn alive(stream: &TcpStream) -> bool {
+fn alive(stream: &mut Conn) -> bool {
     let mut probe = [0u8; 1];
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == ErrorKind::WouldBlock)
 }
 
 impl UpstreamPool {
-    /// An idle connection to `addr`, if one is parked and alive.
-    pub fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// An idle connection to `addr` opened with `tag`, if one is parked and alive.
+    pub fn take(&self, addr: SocketAddr, tag: u64) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         let conns = idle.get_mut(&addr)?;
         let now = self.now.get();
-        while let Some(c) = conns.pop() {
-            if !c.expired(now) && alive(&c.stream) {
+        while let Some(i) = conns.iter().rposition(|c| c.tag == tag) {
+            let mut c = conns.remove(i);
+            if !c.expired(now) && alive(&mut c.stream) {
                 return Some(c.stream);
             }
         }
@@ -63,7 +66,7 @@ impl UpstreamPool {
     }
 
     /// Parks a connection after a complete exchange; beyond `max` per backend the oldest goes.
-    pub fn put(&self, addr: SocketAddr, stream: TcpStream, max: usize, max_idle: Duration) {
+    pub fn put(&self, addr: SocketAddr, tag: u64, stream: Conn, max: usize, max_idle: Duration) {
         if max == 0 || max_idle.is_zero() {
             return;
         }
@@ -74,6 +77,7 @@ impl UpstreamPool {
         }
         conns.push(IdleConn {
             stream,
+            tag,
             since: self.now.get(),
             max_idle,
         });
@@ -85,7 +89,7 @@ impl UpstreamPool {
         self.now.set(now);
         let mut idle = self.idle.borrow_mut();
         for conns in idle.values_mut() {
-            conns.retain(|c| !c.expired(now) && alive(&c.stream));
+            conns.retain_mut(|c| !c.expired(now) && alive(&mut c.stream));
         }
         idle.retain(|_, conns| !conns.is_empty());
     }

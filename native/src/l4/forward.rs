@@ -40,7 +40,7 @@ pub const SPLICE_THRESHOLD: usize = 64 * 1024;
 /// of its own while a write to a slow peer is pending.
 pub struct RelayBuffers {
     /// As long as the splice threshold: a read that fills it switches to splice.
-    scratch: RefCell<Box<[u8]>>,
+    pub(crate) scratch: RefCell<Box<[u8]>>,
     pub(crate) pipes: PipePool,
 }
 

@@ -1,50 +1,78 @@
 //! L4 (TCP) proxying: pick a backend, connect (retrying on the next backend), relay both ways.
 
 pub mod forward;
+pub mod passthrough;
 pub mod pipe;
 
 use crate::accesslog::Line;
 use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::{HashKey, MAX_TRIES};
 use crate::metrics::ResponseKey;
+use crate::net::relay::copy_relay;
+use crate::net::{connect, server_name, tls_handshake, Conn};
 use crate::tables::ListenerEntry;
 use crate::worker::WorkerCtx;
 use forward::RelayEnd;
-use socket2::{Domain, Protocol, Socket, Type};
-use std::future::{poll_fn, Future};
+use passthrough::Chosen;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 /// Serves one accepted client connection to the end.
-pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listener: &ListenerEntry) {
+pub async fn serve(ctx: &WorkerCtx, mut client: Conn, peer: SocketAddr, listener: &ListenerEntry) {
     let started = Instant::now();
     // TCP_NODELAY is inherited from the listening socket: no setsockopt per connection.
-    let pool = &listener.pool;
+    // SNI passthrough: the pool named by the ClientHello, whose bytes go to the backend first.
+    let mut hello = Vec::new();
+    let mut chosen = None;
+    if let Some(routes) = &listener.sni {
+        let limit = Duration::from_millis(listener.cfg.header_read_ms);
+        match Box::pin(passthrough::choose(&mut client, routes, limit)).await {
+            Chosen::Pool(pool, bytes) => (chosen, hello) = (pool, bytes),
+            Chosen::Refused => {
+                ctx.metrics.borrow_mut().record_bad_request(listener.id);
+                return;
+            }
+        }
+    }
+    let pool = chosen.as_ref().unwrap_or(&listener.pool);
     // The connection's one timer: connect timeout first, then the idle timeout.
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
-    let Some((backend, upstream, connect_us)) =
+    let Some((backend, mut upstream, connect_us)) =
         connect_backend(ctx, pool, peer, timer.as_mut()).await
     else {
         ctx.metrics.borrow_mut().record_no_backend(listener.id);
         return;
     };
+    if !hello.is_empty() {
+        // A new socket's send buffer takes a ClientHello whole: no wait to bound.
+        if upstream.write_all_flushed(&hello).await.is_err() {
+            backend.fail_reset();
+            backend.release();
+            return;
+        }
+    }
+    drop(hello);
     let idle = Duration::from_millis(listener.cfg.client_idle_ms);
-    let _tracked = crate::track::upstream(upstream.as_raw_fd(), client.as_raw_fd(), backend);
-    let moved = match forward::relay(&ctx.relay, &client, &upstream, idle, timer).await {
+    let _tracked = crate::track::upstream(upstream.fd(), client.fd(), backend);
+    // Matched here rather than through net::relay::relay, so that the plain relay's future is
+    // this task's only large state (idle RSS per connection is a target).
+    let relayed = match (&mut client, &mut upstream) {
+        (Conn::Plain(c), Conn::Plain(u)) => forward::relay(&ctx.relay, c, u, idle, timer).await,
+        (c, u) => Box::pin(copy_relay(&ctx.relay, c, u, idle, timer)).await,
+    };
+    let moved = match relayed {
         Ok(moved) => {
             backend.record_success();
             moved
         }
         Err((end, moved)) => {
             match &end {
-                RelayEnd::Error(_) if peer_failed(&upstream) => backend.fail_reset(),
+                RelayEnd::Error(_) if peer_failed(upstream.fd()) => backend.fail_reset(),
                 _ => backend.record_success(),
             }
             moved
@@ -69,13 +97,26 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
         line.time()
             .quoted("client", peer)
             .str("listener", listener.cfg.name.as_bytes())
-            .str("protocol", b"tcp")
+            .str("protocol", listener.cfg.protocol.name().as_bytes())
             .str("pool", pool.name.as_bytes())
             .str("backend", backend.address.as_bytes())
             .display("bytes_in", moved.upstream)
             .display("bytes_out", moved.downstream)
             .ms("duration_ms", Some(lifetime))
             .ms("connect_ms", Some(connect_us));
+        if let Conn::Tls(tls) = &client {
+            if let tokio_rustls::TlsStream::Server(t) = &**tls {
+                let info = crate::tls::SessionInfo::of(t.get_ref().1);
+                line.str("tls_version", info.version.as_bytes())
+                    .str("tls_cipher", info.cipher.as_bytes())
+                    .opt_str("sni", info.sni.as_deref().map(str::as_bytes))
+                    .opt_str("alpn", info.alpn.as_deref().map(str::as_bytes))
+                    .opt_str(
+                        "client_cert_subject",
+                        info.client_subject.as_deref().map(str::as_bytes),
+                    );
+            }
+        }
         log.send(line.finish());
     }
 }
@@ -83,12 +124,12 @@ pub async fn serve(ctx: &WorkerCtx, client: TcpStream, peer: SocketAddr, listene
 /// After a relay error, whether the backend's side is the one that failed (a reset or closed
 /// socket) rather than the client's: only then does it count toward passive ejection. One peek,
 /// on the error path only.
-fn peer_failed(upstream: &TcpStream) -> bool {
+fn peer_failed(upstream: RawFd) -> bool {
     let mut probe = [0u8; 1];
     // SAFETY: probe is valid for 1 byte; MSG_PEEK leaves the socket's data as it is.
     let n = unsafe {
         libc::recv(
-            upstream.as_raw_fd(),
+            upstream,
             probe.as_mut_ptr().cast(),
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -115,7 +156,7 @@ async fn connect_backend<'p>(
     pool: &'p Pool,
     peer: SocketAddr,
     mut timer: Pin<&mut Sleep>,
-) -> Option<(&'p Arc<BackendState>, TcpStream, u64)> {
+) -> Option<(&'p Arc<BackendState>, Conn, u64)> {
     let key = connection_key(pool, peer);
     let connect_timeout = Duration::from_millis(pool.timeouts.connect_ms.max(1));
     let mut tried = [usize::MAX; MAX_TRIES];
@@ -127,7 +168,18 @@ async fn connect_backend<'p>(
         backend.acquire();
         let t0 = Instant::now();
         timer.as_mut().reset((t0 + connect_timeout).into());
-        match connect(pool.settings[i].addr, timer.as_mut()).await {
+        let connected = match (
+            connect(pool.settings[i].addr, timer.as_mut()).await,
+            &pool.tls,
+        ) {
+            (Ok(tcp), Some(tls)) => match tls.sni.clone().or_else(|| server_name(&backend.address))
+            {
+                Some(name) => tls_handshake(tls, name, tcp, timer.as_mut()).await,
+                None => Err(io::ErrorKind::InvalidInput.into()),
+            },
+            (connected, _) => connected.map(Conn::Plain),
+        };
+        match connected {
             Ok(stream) => {
                 let took = t0.elapsed();
                 backend.observe_latency(took.as_nanos() as u64);
@@ -144,39 +196,12 @@ async fn connect_backend<'p>(
     None
 }
 
-/// A non-blocking connect that completes when the socket turns writable or fails with
-/// `TimedOut` when `timer` fires first. Written against `poll_write_ready` rather than tokio's
-/// `TcpSocket::connect` to keep the connection's future small (its own timer would double it).
-pub(crate) async fn connect(addr: SocketAddr, mut timer: Pin<&mut Sleep>) -> io::Result<TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    poll_fn(|cx| {
-        if timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-        }
-        stream.poll_write_ready(cx)
-    })
-    .await?;
-    match stream.take_error()? {
-        Some(e) => Err(e),
-        None => Ok(stream),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::l4::forward::RelayBuffers;
+    use std::future::Future;
+    use tokio::net::TcpStream;
 
     fn size_of_future<F: Future>(_: &F) -> usize {
         std::mem::size_of::<F>()

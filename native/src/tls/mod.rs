@@ -1,0 +1,144 @@
+//! TLS with rustls: listener (server) configs with certificates by SNI, client-certificate
+//! verification and shared ticket keys; pool (client) configs for re-encryption; the ClientHello
+//! peek for SNI passthrough.
+
+pub mod client;
+pub mod client_hello;
+pub mod server;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::{Arc, OnceLock};
+
+/// The crypto provider: ring (bench/tls_provider/README.md has the handshake figures it was
+/// chosen by).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// Every certificate of a PEM text, in order.
+pub fn pem_chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(chain)
+}
+
+/// The private key of a PEM text (PKCS#8, SEC1 or PKCS#1).
+pub fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("bad PEM key: {e}"))
+}
+
+/// How a handshake ended: `fastlb_tls_handshakes_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    /// A full handshake.
+    Ok,
+    /// Resumed from a ticket or a session id.
+    Resumed,
+    /// Not finished within `timeouts.header_read`.
+    Timeout,
+    /// Client certificate missing or refused.
+    ClientCert,
+    /// No version, cipher or ALPN protocol in common.
+    Protocol,
+    /// Not TLS, a closed or reset connection, or anything else.
+    Error,
+}
+
+impl HandshakeResult {
+    pub const ALL: [HandshakeResult; 6] = [
+        HandshakeResult::Ok,
+        HandshakeResult::Resumed,
+        HandshakeResult::Timeout,
+        HandshakeResult::ClientCert,
+        HandshakeResult::Protocol,
+        HandshakeResult::Error,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::Resumed => "resumed",
+            HandshakeResult::Timeout => "timeout",
+            HandshakeResult::ClientCert => "client_cert",
+            HandshakeResult::Protocol => "protocol",
+            HandshakeResult::Error => "error",
+        }
+    }
+
+    /// Classifies a failed handshake by its error.
+    pub fn of_error(e: &std::io::Error) -> Self {
+        use rustls::Error as E;
+        let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+            return HandshakeResult::Error;
+        };
+        match tls {
+            E::NoCertificatesPresented | E::InvalidCertificate(_) => HandshakeResult::ClientCert,
+            E::PeerIncompatible(_) | E::NoApplicationProtocol => HandshakeResult::Protocol,
+            _ => HandshakeResult::Error,
+        }
+    }
+}
+
+/// TLS versions as the metric's `version` label has them; index 0: none negotiated.
+pub const VERSIONS: [&str; 3] = ["unknown", "1.2", "1.3"];
+
+pub fn version_index(v: Option<rustls::ProtocolVersion>) -> usize {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_2) => 1,
+        Some(rustls::ProtocolVersion::TLSv1_3) => 2,
+        _ => 0,
+    }
+}
+
+/// What a request's TLS session says, for headers and the access log.
+#[derive(Debug, Default)]
+pub struct SessionInfo {
+    pub version: &'static str,
+    pub cipher: &'static str,
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    /// The client certificate's subject (RFC 4514) and SHA-256 fingerprint (hex).
+    pub client_subject: Option<String>,
+    pub client_fingerprint: Option<String>,
+}
+
+impl SessionInfo {
+    pub fn of(conn: &rustls::ServerConnection) -> Self {
+        let leaf = conn.peer_certificates().and_then(|c| c.first());
+        SessionInfo {
+            version: VERSIONS[version_index(conn.protocol_version())],
+            cipher: conn
+                .negotiated_cipher_suite()
+                .and_then(|s| s.suite().as_str())
+                .unwrap_or(""),
+            sni: conn.server_name().map(str::to_string),
+            alpn: conn
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            client_subject: leaf.map(|c| subject(c.as_ref())),
+            client_fingerprint: leaf
+                .map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref())),
+        }
+    }
+}
+
+/// A certificate's subject as RFC 4514 text (`CN=client,O=Example`).
+fn subject(der: &[u8]) -> String {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => cert.subject().to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
