@@ -120,6 +120,8 @@ def run_ctl(args: argparse.Namespace) -> int:
         print_status(console, answer)
     elif args.action == "reload":
         console.print(f"reloaded: {answer['listeners']} listeners, {answer['pools']} pools")
+        for line in answer.get("warnings", []):
+            print(f"warning: {line}", file=sys.stderr)
     elif args.action == "weight":
         console.print(f"{answer['backend']}: weight {answer['weight']}")
     else:
