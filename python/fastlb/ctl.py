@@ -173,7 +173,7 @@ def status_view(status: dict[str, Any]) -> Group:
             li["pool"],
             str(li["connections_active"]),
             str(li["connections_total"]),
-            str(li["requests_total"]) if li["protocol"] == "http" else "-",
+            str(li["requests_total"]) if li["protocol"] in ("http", "https") else "-",
         )
     parts.append(listeners)
     for pool in status["pools"]:
