@@ -880,3 +880,38 @@ def test_config_equality_follows_file_contents(folder: Folder) -> None:
     assert parse_config(data, folder.root) == first
     folder.leaf("a", "a.example")  # a new certificate in the same files
     assert parse_config(data, folder.root) != first
+
+
+# --- docs/tls.md ---------------------------------------------------------------------------------
+
+
+def test_the_docs_example_is_valid(tmp_path: Path, ca: trustme.CA) -> None:
+    """docs/tls.md's full example, with the certificate files it names made here."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "tls.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    folder = Folder(tmp_path, ca)
+    for site in ("example.com", "other.org", "partners.example.com", "db.example.com"):
+        folder.leaf(site, site, f"*.{site}")
+    folder.leaf("lb", "lb.internal")
+    folder.ca_file("partners-ca")
+    folder.ca_file("backend-ca")
+    path = folder.put("fastlb.toml", example)
+    cfg = load_config(folder.root / path)
+    assert cfg.warnings == []
+    engine = cfg.to_engine()
+    protocols = {x["name"]: (x["protocol"], x["tls"] is not None) for x in engine["listeners"]}
+    assert protocols == {
+        "https": ("https", True),
+        "http": ("http", False),
+        "partners": ("https", True),
+        "postgres": ("tls", True),
+        "tenants": ("tcp", False),
+    }
+    assert engine["listeners"][1]["routes"][0]["redirect"] == {
+        "scheme": "https",
+        "code": 301,
+        "host": None,
+        "path": None,
+    }
+    assert [r["sni"] for r in engine["listeners"][4]["routes"]] == ["legacy.example.net", "*.example.net"]
+    assert engine["pools"][1]["tls"]["sni"] == "api.internal"
