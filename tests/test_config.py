@@ -112,6 +112,7 @@ LISTENER_KEYS = {
     "name",
     "bind",
     "protocol",
+    "tls",
     "pool",
     "client_idle_ms",
     "header_read_ms",
@@ -129,6 +130,8 @@ ROUTE_KEYS = {
     "cookies",
     "query",
     "source_cidr",
+    "sni",
+    "redirect",
     "split",
 }
 POOL_KEYS = {
@@ -143,6 +146,7 @@ POOL_KEYS = {
     "affinity",
     "keepalive",
     "queue",
+    "tls",
 }
 BACKEND_KEYS = {"address", "addr", "weight", "max_connections", "backup"}
 TIMEOUT_KEYS = {"connect_ms", "read_ms", "send_ms", "idle_ms"}
@@ -241,6 +245,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "name": "web",
         "bind": "127.0.0.1:8080",
         "protocol": "http",
+        "tls": None,
         "pool": "app",
         "client_idle_ms": 60_000,
         "header_read_ms": 10_000,
@@ -257,6 +262,8 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
                 "cookies": {"ab-test": "group-a"},
                 "query": {"beta": "1"},
                 "source_cidr": ["10.0.0.0/8", "::1/128"],
+                "sni": None,
+                "redirect": None,
                 "split": [{"pool": "v1", "weight": 1}],
             },
             {
@@ -268,6 +275,8 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
                 "cookies": {},
                 "query": {},
                 "source_cidr": [],
+                "sni": None,
+                "redirect": None,
                 "split": [{"pool": "v1", "weight": 95}, {"pool": "v2", "weight": 5}],
             },
         ],
@@ -570,7 +579,7 @@ def test_unknown_pool_in_route() -> None:
     data = minimal()
     data["listeners"][0]["routes"] = [{"path_prefix": "/a"}, {"path_prefix": "/b", "pool": "nope"}]
     errors = errors_of(data)
-    assert "listeners[0].routes[0].pool: required (or split)" in errors
+    assert "listeners[0].routes[0].pool: required (or split, or redirect)" in errors
     assert "listeners[0].routes[1].pool: unknown pool 'nope'" in errors
 
 
@@ -736,20 +745,23 @@ def _a_local_non_loopback_ip() -> str | None:
 
 
 def test_tcp_listener_with_routes() -> None:
+    """A tcp listener's routes match the TLS SNI (tests/test_tls_config.py): `sni` is required."""
     data = minimal()
     data["listeners"][0]["protocol"] = "tcp"
     data["listeners"][0]["routes"] = [{"pool": "app"}]
-    assert errors_of(data) == ['listeners[0].routes: only for protocol = "http"']
+    assert errors_of(data) == [
+        "listeners[0].routes[0].sni: required on a tcp listener (its routes match the TLS SNI)"
+    ]
 
 
 def test_tcp_listener_with_rate_limit() -> None:
     data = minimal()
     data["listeners"][0]["protocol"] = "tcp"
     data["listeners"][0]["rate_limit"] = {"requests_per_second": 10}
-    assert errors_of(data) == ['listeners[0].rate_limit: only for protocol = "http"']
+    assert errors_of(data) == ['listeners[0].rate_limit: only for protocol = "http" or "https"']
 
 
-@pytest.mark.parametrize("protocol", ["udp", "tls"])
+@pytest.mark.parametrize("protocol", ["udp"])
 def test_reserved_protocol(protocol: str) -> None:
     data = minimal()
     data["listeners"][0]["protocol"] = protocol
@@ -759,7 +771,7 @@ def test_reserved_protocol(protocol: str) -> None:
 def test_unknown_protocol() -> None:
     data = minimal()
     data["listeners"][0]["protocol"] = "smtp"
-    assert errors_of(data) == ['listeners[0].protocol: must be "tcp" or "http"']
+    assert errors_of(data) == ['listeners[0].protocol: must be "tcp", "http", "https" or "tls"']
 
 
 def test_unknown_algorithm() -> None:
@@ -840,6 +852,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "name": "web",
         "bind": "127.0.0.1:8080",
         "protocol": "http",
+        "tls": None,
         "pool": "app",
         "client_idle_ms": 60_000,
         "header_read_ms": 2500,
@@ -856,6 +869,8 @@ def test_listener_l7_keys_to_engine() -> None:
                 "cookies": {"AB-Test": "group-A"},
                 "query": {"Beta": "1"},
                 "source_cidr": ["10.0.0.0/8", "192.168.1.1/32", "2001:db8::/32", "::1/128"],
+                "sni": None,
+                "redirect": None,
                 "split": [{"pool": "v1", "weight": 1}],
             },
             {
@@ -867,6 +882,8 @@ def test_listener_l7_keys_to_engine() -> None:
                 "cookies": {},
                 "query": {},
                 "source_cidr": [],
+                "sni": None,
+                "redirect": None,
                 "split": [{"pool": "app", "weight": 1}],
             },
             {
@@ -878,6 +895,8 @@ def test_listener_l7_keys_to_engine() -> None:
                 "cookies": {},
                 "query": {},
                 "source_cidr": [],
+                "sni": None,
+                "redirect": None,
                 "split": [{"pool": "v1", "weight": 0}, {"pool": "v2", "weight": 1}],
             },
         ],
@@ -981,7 +1000,7 @@ def test_bad_pool_l7_value(key: str, value: object, path: str, message: str) -> 
 def test_tcp_listener_with_header_limits(key: str, value: int) -> None:
     data = minimal()
     data["listeners"][0].update({"protocol": "tcp", key: value})
-    assert errors_of(data) == [f'listeners[0].{key}: only for protocol = "http"']
+    assert errors_of(data) == [f'listeners[0].{key}: only for protocol = "http" or "https"']
 
 
 @pytest.mark.parametrize(("key", "value"), [("keepalive", 0), ("queue", {"size": 10})])
@@ -1140,7 +1159,7 @@ def test_health_rules() -> None:
     del data["pools"][0]["health"]["rise"]
     errors = errors_of(data)
     assert "pools[0].health.timeout: must not exceed interval (1s)" in errors
-    assert 'pools[0].health.path: only for type = "http"' in errors
+    assert 'pools[0].health.path: only for type = "http" or "https"' in errors
 
 
 def test_health_bad_type_and_status() -> None:

@@ -117,7 +117,14 @@ async def reload(request: web.Request) -> web.Response:
         for line in err.errors:
             log.error("reload refused, keeping the running config: %s", line)
         return _error(400, "reload refused; the running config is unchanged", errors=err.errors)
-    return _json({"ok": True, "listeners": len(config.listeners), "pools": len(config.pools)})
+    return _json(
+        {
+            "ok": True,
+            "listeners": len(config.listeners),
+            "pools": len(config.pools),
+            "warnings": config.warnings,
+        }
+    )
 
 
 def build_app(control: ControlPlane) -> web.Application:

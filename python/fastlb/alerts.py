@@ -208,7 +208,7 @@ class Alerts:
         }
 
     def _sample(self, status: dict[str, Any], now: float) -> Sample:
-        http = {li["name"] for li in status["listeners"] if li["protocol"] == "http"}
+        http = {li["name"] for li in status["listeners"] if li["protocol"] in ("http", "https")}
         responses = sum(r["count"] for r in status["responses"])
         errors = sum(r["count"] for r in status["responses"] if r["code"] >= 500)
         buckets = [0] * len(status["buckets_s"])

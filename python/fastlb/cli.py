@@ -63,11 +63,14 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_check(path: Path) -> int:
+    """Errors: exit 2; warnings (`warning: ...` on stderr) do not change the verdict `ok`."""
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as err:
         _print_errors(err)
         return EXIT_USAGE
+    for line in config.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     print("ok")
     return EXIT_OK
 
@@ -79,6 +82,8 @@ def cmd_serve(path: Path) -> int:
         _print_errors(err)
         return EXIT_USAGE
     _setup_logging(config.log.level)
+    for line in config.warnings:
+        logging.getLogger("fastlb").warning("config: %s", line)
 
     def reload() -> Config:
         return load_config(path)

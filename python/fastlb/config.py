@@ -2,7 +2,10 @@
 
 `load_config(path)` reads and validates a file; `parse_config(data)` validates a dict; both raise
 `ConfigError`, whose `.errors` are one line each, `field.path: message`, e.g.
-`pools[0].backends[1].address: not host:port`. `Config.to_engine()` resolves what the data plane
+`pools[0].backends[1].address: not host:port`; what is accepted but looks wrong (an expired
+certificate) is in `Config.warnings`. Both also read the certificate, key and CA files the
+config names (fastlb.certs; paths relative to the config file's folder), so a bad file fails
+`fastlb check` and a reload alike. `Config.to_engine()` resolves what the data plane
 must not do itself (host names, "auto" worker counts, CPU lists) and returns exactly the JSON that
 `native/src/config.rs` (`EngineConfig`) accepts. Validation is pure; only `to_engine()` touches
 the machine (DNS, the CPU mask, local addresses). This schema is the one source of defaults: the
@@ -13,11 +16,14 @@ Defaults (a key left out means this):
               cpu_affinity = "auto", max_connections = 50000 (0 = unlimited)
     admin     bind = "127.0.0.1:9901" ("off" disables)
     log       level = "info" (trace | debug | info | warn | warning | error), access_log = "off"
-    listeners timeouts.client_idle = "60s" for http, "10m" for tcp (nginx stream's proxy_timeout;
-              "0s" = never), timeouts.header_read = "10s" (http only);
+    listeners timeouts.client_idle = "60s" for http/https, "10m" for tcp/tls (nginx stream's
+              proxy_timeout; "0s" = never), timeouts.header_read = "10s" (http/https only);
               rate_limit.burst = requests_per_second rounded up (at least 1);
               max_header_bytes = 65536 (1024..=1048576; a bigger request head gets 431, like
-              HAProxy's tune.bufsize), max_headers = 100 (1..=1000; HAProxy's limit is 101)
+              HAProxy's tune.bufsize), max_headers = 100 (1..=1000; HAProxy's limit is 101);
+              tls (https/tls only, required there): min_version = "1.2", alpn = ["h2",
+              "http/1.1"] for https and none for tls, client_auth = "off", session_tickets = true;
+              routes: redirect.code = 301
     pools     algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
               backend weight = 1, max_connections = 0 (unlimited), backup = false,
               retries = 2 (at most MAX_RETRIES = 10, the data plane's limit),
@@ -30,7 +36,9 @@ Defaults (a key left out means this):
               thread, as nginx `keepalive 32`; 0 = a new upstream connection per request);
               queue = {size = 1000, timeout = "5s"} (HAProxy maxqueue / timeout queue: a request
               finding every backend at max_connections waits up to `timeout`, then 503; size
-              0..=1000000, 0 = no queue: 503 at once)
+              0..=1000000, 0 = no queue: 503 at once);
+              tls = none (plain TCP to the backends); with it verify = true, ca = the system's
+              roots, sni = none (the data plane then uses the request's Host for http)
     alerts    when the key is absent: DEFAULT_ALERTS; `alerts = []` means none; for = "0s"
 
 Choices where the contract is silent:
@@ -55,6 +63,18 @@ Choices where the contract is silent:
       case-insensitive); header names too, so a route may not name the same header twice.
     - max_header_bytes, max_headers (listeners) and keepalive, queue (pools) are http-only: a
       non-default value on a tcp listener, or on a pool a tcp listener uses, is an error.
+    - https behaves as http and tls as tcp in every check above. A tls listener has no routes;
+      a tcp listener's routes are SNI routes (`sni` and `pool`, nothing else), and `sni` is
+      refused elsewhere (http/https route by `host`). `redirect` is http/https only, has no
+      pool or split, needs one of scheme/host/path, and may not point at the listener itself
+      (its own scheme with nothing else changed). Its host and path go into a Location header
+      as written, so they must be printable ASCII.
+    - An https listener's alpn may list only "h2" and "http/1.1" (what it speaks); a tls
+      listener's any protocol names. client_ca with client_auth = "off", and pools.tls.ca with
+      verify = false, are warnings (the file is read and checked, then unused).
+    - pools.tls.verify is true/false; "required"/"none" (CONTRACT.md's spelling) mean the same.
+      health type "https" may be used with or without [pools.tls] (without: verify against the
+      system's roots).
 """
 
 from __future__ import annotations
@@ -67,7 +87,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -76,12 +96,14 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     PlainValidator,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
 from pydantic_core import CoreSchema, core_schema
 
 from fastlb._native import MAX_RETRIES
+from fastlb.certs import CertKeyPem, Files
 
 __all__ = [
     "ALERT_METRICS",
@@ -95,6 +117,11 @@ __all__ = [
 ]
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+Protocol = Literal["tcp", "http", "https", "tls"]
+HTTP_PROTOCOLS = ("http", "https")  # requests: routes by content, rate limits, header limits
+STREAM_PROTOCOLS = ("tcp", "tls")  # bytes to the pool
+TLS_PROTOCOLS = ("https", "tls")  # TLS terminated here: [listeners.tls] required
+HTTPS_ALPN = ("h2", "http/1.1")  # what an https listener speaks, and offers by default
 HASH_ALGORITHMS = ("ip_hash", "consistent_hash", "maglev")
 ALERT_METRICS = ("healthy_backends", "draining_backends", "error_rate", "latency_p99")
 LOOPBACKS: frozenset[IPAddr] = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
@@ -288,12 +315,13 @@ def _cpu_affinity(value: object) -> Literal["auto", "off"] | list[int]:
     return list(value)
 
 
-def _protocol(value: object) -> Literal["tcp", "http"]:
-    if value == "tcp" or value == "http":
-        return "tcp" if value == "tcp" else "http"
-    if value in ("udp", "tls", "https"):
+def _protocol(value: object) -> Protocol:
+    for protocol in get_args(Protocol):
+        if value == protocol:
+            return cast(Protocol, protocol)
+    if value == "udp":
         raise ValueError("not supported yet (reserved)")
-    raise ValueError('must be "tcp" or "http"')
+    raise ValueError('must be "tcp", "http", "https" or "tls"')
 
 
 def _path(text: str) -> str:
@@ -336,6 +364,68 @@ def _route_host(text: str) -> str:
     return text
 
 
+def _is_dns_name(text: str) -> bool:
+    """A host name that is not an IP address (TLS server names are never addresses)."""
+    return _HOSTNAME.fullmatch(text) is not None and _ip(text.rstrip(".")) is None
+
+
+def _sni(text: str) -> str:
+    if not _is_dns_name(text[2:] if text.startswith("*.") else text):
+        raise ValueError('must be a host name, or "*.domain" (never an IP address)')
+    return text
+
+
+def _server_name(text: str) -> str:
+    if not _is_dns_name(text):
+        raise ValueError("must be a host name (never an IP address)")
+    return text
+
+
+def _location_part(text: str) -> str:
+    """Printable ASCII without spaces: it goes into a Location header as written."""
+    if not text or any(not 0x21 <= ord(c) <= 0x7E for c in text):
+        raise ValueError("must be printable ASCII without spaces (percent-encode the rest)")
+    return text
+
+
+def _redirect_host(text: str) -> str:
+    _location_part(text)
+    if _HOSTNAME.fullmatch(text) or _ip(text):
+        return text
+    try:
+        split_host_port(text)
+    except ValueError:
+        raise ValueError('must be a host name or address, optionally with ":PORT"') from None
+    return text
+
+
+def _redirect_path(text: str) -> str:
+    return _location_part(_path(text))
+
+
+def _file(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    if "\0" in text:
+        raise ValueError("must not contain a NUL byte")
+    return text
+
+
+def _alpn(text: str) -> str:
+    if not 1 <= len(text.encode()) <= 255 or not text.isascii() or not text.isprintable():
+        raise ValueError("must be a protocol name of 1..255 printable ASCII characters")
+    return text
+
+
+def _verify(value: object) -> bool:
+    """true / false; the contract's spelling "required" / "none" is accepted too."""
+    if isinstance(value, bool):
+        return value
+    if value == "required" or value == "none":
+        return value == "required"
+    raise ValueError('must be true or false ("required" or "none" also work)')
+
+
 def _balance_factor(value: int) -> int:
     if value != 0 and value < 100:
         raise ValueError("must be 0 (off) or >= 100")
@@ -349,6 +439,7 @@ def _status_code(value: int) -> int:
 
 
 Name = Annotated[str, AfterValidator(_name)]
+FilePath = Annotated[str, AfterValidator(_file)]  # relative to the config file's folder
 Token = Annotated[str, AfterValidator(_token)]
 Weight = Annotated[int, Field(ge=0, le=1000)]
 
@@ -406,6 +497,15 @@ class SplitEntry(_Model):
     weight: Weight = 1
 
 
+class Redirect(_Model):
+    """`redirect = { scheme, code, host, path }`: what is not given is kept from the request."""
+
+    scheme: Literal["http", "https"] | None = None
+    code: Literal[301, 302, 303, 307, 308] = 301
+    host: Annotated[str, AfterValidator(_redirect_host)] | None = None
+    path: Annotated[str, AfterValidator(_redirect_path)] | None = None
+
+
 class Route(_Model):
     """One `[[listeners.routes]]` entry: all given conditions must hold; first match wins."""
 
@@ -417,28 +517,64 @@ class Route(_Model):
     cookies: dict[Token, str] = {}
     query: dict[Annotated[str, Field(min_length=1)], str] = {}
     source_cidr: list[Annotated[str, AfterValidator(_cidr)]] = []
+    sni: Annotated[str, AfterValidator(_sni)] | None = None  # tcp listeners: TLS passthrough by SNI
+    redirect: Redirect | None = None  # http/https: answer with a redirect instead of a pool
     pool: str | None = None
     split: list[SplitEntry] | None = None
+
+
+class CertKey(_Model):
+    """One `{ cert, key }` of `[listeners.tls].certificates`: the chain (leaf first) and its key."""
+
+    cert: FilePath
+    key: FilePath
+    _pem: CertKeyPem | None = PrivateAttr(default=None)  # read by parse_config
+
+
+class ListenerTls(_Model):
+    """`[listeners.tls]`: TLS termination on https and tls listeners."""
+
+    certificates: list[CertKey] = Field(min_length=1)
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # the default depends on the protocol: https HTTPS_ALPN, tls none (Listener fills it in)
+    alpn: list[Annotated[str, AfterValidator(_alpn)]] = []
+    client_ca: FilePath | None = None
+    client_auth: Literal["off", "optional", "required"] = "off"
+    session_tickets: bool = True
+    _client_ca_pem: str | None = PrivateAttr(default=None)
 
 
 class Listener(_Model):
     name: Name
     bind: Annotated[str, AfterValidator(_bind_address)]
-    protocol: Annotated[Literal["tcp", "http"], PlainValidator(_protocol)]
+    protocol: Annotated[Protocol, PlainValidator(_protocol)]
     pool: str
     timeouts: ListenerTimeouts = Field(default_factory=ListenerTimeouts)
     max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 65_536
     max_headers: Annotated[int, Field(ge=1, le=1000)] = 100
     rate_limit: RateLimit | None = None
+    tls: ListenerTls | None = None
     routes: list[Route] = []
+
+    @property
+    def is_http(self) -> bool:
+        """Speaks HTTP to its clients (http, https)."""
+        return self.protocol in HTTP_PROTOCOLS
 
     @model_validator(mode="before")
     @classmethod
-    def _tcp_idle_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("protocol") == "tcp":
-            timeouts = data.get("timeouts", {})
-            if isinstance(timeouts, dict) and "client_idle" not in timeouts:
-                return {**data, "timeouts": {**timeouts, "client_idle": "10m"}}
+    def _protocol_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on the protocol: client_idle 10m on tcp/tls (nginx stream),
+        ALPN h2 and http/1.1 on https."""
+        if not isinstance(data, dict):
+            return data
+        protocol = data.get("protocol")
+        timeouts = data.get("timeouts", {})
+        if protocol in STREAM_PROTOCOLS and isinstance(timeouts, dict) and "client_idle" not in timeouts:
+            data = {**data, "timeouts": {**timeouts, "client_idle": "10m"}}
+        tls = data.get("tls")
+        if protocol == "https" and isinstance(tls, dict) and "alpn" not in tls:
+            data = {**data, "tls": {**tls, "alpn": list(HTTPS_ALPN)}}
         return data
 
 
@@ -459,7 +595,7 @@ class PoolTimeouts(_Model):
 class Health(_Model):
     """Active health checks; `expect_status` None means any 2xx or 3xx."""
 
-    type: Literal["tcp", "http", "none"] = "tcp"
+    type: Literal["tcp", "http", "https", "none"] = "tcp"
     path: Annotated[str, AfterValidator(_path)] = "/"
     expect_status: (
         Annotated[list[Annotated[int, AfterValidator(_status_code)]], Field(min_length=1)] | None
@@ -499,6 +635,26 @@ class Queue(_Model):
     timeout: PositiveDuration = Duration.parse("5s")
 
 
+class PoolTls(_Model):
+    """`[pools.tls]`: connect to the backends over TLS (re-encrypt)."""
+
+    verify: Annotated[bool, PlainValidator(_verify)] = True
+    ca: FilePath | None = None  # None: the system's roots
+    sni: Annotated[str, AfterValidator(_server_name)] | None = None
+    cert: FilePath | None = None  # client certificate (mTLS to the backends), with key
+    key: FilePath | None = None
+    _ca_pem: str | None = PrivateAttr(default=None)  # read by parse_config
+    _pem: CertKeyPem | None = PrivateAttr(default=None)
+
+    @property
+    def ca_pem(self) -> str | None:
+        return self._ca_pem
+
+    @property
+    def cert_pem(self) -> CertKeyPem | None:
+        return self._pem
+
+
 class Pool(_Model):
     name: Name
     algorithm: Literal[
@@ -514,6 +670,7 @@ class Pool(_Model):
     retries: Annotated[int, Field(ge=0, le=MAX_RETRIES)] = 2
     health: Health = Field(default_factory=Health)
     passive: Passive | None = None
+    tls: PoolTls | None = None
     slow_start: Duration = Duration.parse("0s")
     drain_timeout: Duration = Duration.parse("30s")
 
@@ -576,6 +733,13 @@ class Config(_Model):
     listeners: list[Listener] = Field(min_length=1)
     pools: list[Pool] = []
     alerts: list[Alert] = Field(default_factory=_default_alerts)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What is accepted but looks wrong (an expired certificate...), one line each,
+        `field.path: message`; `fastlb check` prints them, `fastlb serve` logs them."""
+        return list(self._warnings)
 
     def pool(self, name: str) -> Pool | None:
         return next((p for p in self.pools if p.name == name), None)
@@ -708,26 +872,19 @@ def _duplicates(section: str, names: list[str], what: str) -> list[str]:
     return errors
 
 
-def _route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]:
+HTTP_ONLY = 'only for protocol = "http" or "https"'
+
+
+def _route_errors(at: str, route: Route, pools: dict[str, int], protocol: Protocol) -> list[str]:
+    if protocol == "tcp":
+        return _sni_route_errors(at, route, pools)
     errors: list[str] = []
-    if route.pool is not None and route.split is not None:
-        errors.append(f"{at}.split: give either pool or split, not both")
-    elif route.pool is None and route.split is None:
-        errors.append(f"{at}.pool: required (or split)")
-    if route.pool is not None and route.pool not in pools:
-        errors.append(f"{at}.pool: unknown pool {route.pool!r}")
-    if route.split is not None:
-        if not route.split:
-            errors.append(f"{at}.split: must not be empty")
-        elif sum(e.weight for e in route.split) == 0:
-            errors.append(f"{at}.split: weights must sum to more than 0")
-        seen: set[str] = set()
-        for k, entry in enumerate(route.split):
-            if entry.pool not in pools:
-                errors.append(f"{at}.split[{k}].pool: unknown pool {entry.pool!r}")
-            elif entry.pool in seen:
-                errors.append(f"{at}.split[{k}].pool: pool {entry.pool!r} listed twice")
-            seen.add(entry.pool)
+    if route.sni is not None:
+        errors.append(f'{at}.sni: only on protocol = "tcp" listeners (TLS passthrough); use host here')
+    if route.redirect is not None:
+        errors += _redirect_errors(at, route, protocol)
+    else:
+        errors += _target_errors(at, route, pools)
     matchers = [m for m in ("path_prefix", "path_exact", "path_regex") if getattr(route, m)]
     if len(matchers) > 1:
         errors.append(f"{at}.{matchers[1]}: only one of path_prefix, path_exact, path_regex")
@@ -742,34 +899,123 @@ def _route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]:
     return errors
 
 
+def _target_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]:
+    """Where a route sends its traffic: `pool`, or a weighted `split`."""
+    errors: list[str] = []
+    if route.pool is not None and route.split is not None:
+        errors.append(f"{at}.split: give either pool or split, not both")
+    elif route.pool is None and route.split is None:
+        errors.append(f"{at}.pool: required (or split, or redirect)")
+    if route.pool is not None and route.pool not in pools:
+        errors.append(f"{at}.pool: unknown pool {route.pool!r}")
+    if route.split is not None:
+        if not route.split:
+            errors.append(f"{at}.split: must not be empty")
+        elif sum(e.weight for e in route.split) == 0:
+            errors.append(f"{at}.split: weights must sum to more than 0")
+        seen: set[str] = set()
+        for k, entry in enumerate(route.split):
+            if entry.pool not in pools:
+                errors.append(f"{at}.split[{k}].pool: unknown pool {entry.pool!r}")
+            elif entry.pool in seen:
+                errors.append(f"{at}.split[{k}].pool: pool {entry.pool!r} listed twice")
+            seen.add(entry.pool)
+    return errors
+
+
+def _redirect_errors(at: str, route: Route, protocol: Protocol) -> list[str]:
+    redirect = route.redirect
+    assert redirect is not None
+    errors = [
+        f"{at}.{key}: a redirect route has no {key}" for key in ("pool", "split") if getattr(route, key)
+    ]
+    if redirect.scheme is None and redirect.host is None and redirect.path is None:
+        errors.append(f"{at}.redirect: give at least one of scheme, host, path")
+    elif redirect.host is None and redirect.path is None and redirect.scheme == protocol:
+        errors.append(f'{at}.redirect.scheme: "{protocol}" on an {protocol} listener redirects to itself')
+    return errors
+
+
+def _sni_route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]:
+    """A route on a tcp listener: `sni` (read from the ClientHello, not decrypted) and `pool`."""
+    errors: list[str] = []
+    if route.sni is None:
+        errors.append(f"{at}.sni: required on a tcp listener (its routes match the TLS SNI)")
+    for key in Route.model_fields:
+        if key in route.model_fields_set and key not in ("sni", "pool"):
+            errors.append(f"{at}.{key}: not on a tcp listener (a route there has only sni and pool)")
+    if route.pool is None:
+        if "split" not in route.model_fields_set:
+            errors.append(f"{at}.pool: required")
+    elif route.pool not in pools:
+        errors.append(f"{at}.pool: unknown pool {route.pool!r}")
+    return errors
+
+
 def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
-    at, http_only = f"listeners[{i}]", 'only for protocol = "http"'
+    at = f"listeners[{i}]"
     errors: list[str] = []
     if lst.pool not in pools:
         errors.append(f"{at}.pool: unknown pool {lst.pool!r}")
-    if lst.protocol == "tcp":
-        if lst.routes:
-            errors.append(f"{at}.routes: {http_only}")
-        if lst.rate_limit is not None:
-            errors.append(f"{at}.rate_limit: {http_only}")
-        if lst.timeouts.header_read != ListenerTimeouts().header_read:
-            errors.append(f"{at}.timeouts.header_read: {http_only}")
-        for key in ("max_header_bytes", "max_headers"):
-            if getattr(lst, key) != Listener.model_fields[key].default:
-                errors.append(f"{at}.{key}: {http_only}")
-        if lst.pool in pools:
-            p, pool = pools[lst.pool], cfg.pools[pools[lst.pool]]
-            uses = f"tcp listener {lst.name!r} uses this pool"
-            if pool.hash_key != "source_ip" and pool.algorithm in HASH_ALGORITHMS:
-                errors.append(f'pools[{p}].hash_key: {uses}; only "source_ip" works for tcp')
-            if pool.affinity is not None:
-                errors.append(f"pools[{p}].affinity: http only, but {uses}")
-            if pool.keepalive != Pool.model_fields["keepalive"].default:
-                errors.append(f"pools[{p}].keepalive: http only, but {uses}")
-            if pool.queue != Queue():
-                errors.append(f"pools[{p}].queue: http only, but {uses}")
+    if lst.protocol in TLS_PROTOCOLS and lst.tls is None:
+        errors.append(
+            f'{at}.tls: required for protocol = "{lst.protocol}" ([listeners.tls] with certificates)'
+        )
+    elif lst.protocol not in TLS_PROTOCOLS and lst.tls is not None:
+        errors.append(f'{at}.tls: only for protocol = "https" or "tls"')
+    elif lst.tls is not None:
+        errors += _listener_tls_errors(f"{at}.tls", lst.protocol, lst.tls)
+    if not lst.is_http:
+        errors += _stream_listener_errors(at, lst, cfg, pools)
+    if lst.protocol == "tls" and lst.routes:
+        errors.append(
+            f'{at}.routes: not for protocol = "tls" (SNI routes are for "tcp" listeners, content routes'
+            ' for "http" and "https")'
+        )
+        return errors
     for j, route in enumerate(lst.routes):
-        errors += _route_errors(f"{at}.routes[{j}]", route, pools)
+        errors += _route_errors(f"{at}.routes[{j}]", route, pools, lst.protocol)
+    return errors
+
+
+def _listener_tls_errors(at: str, protocol: Protocol, tls: ListenerTls) -> list[str]:
+    errors: list[str] = []
+    if tls.client_auth != "off" and tls.client_ca is None:
+        errors.append(
+            f'{at}.client_auth: "{tls.client_auth}" needs client_ca (the CA of the client certificates)'
+        )
+    for k, name in enumerate(tls.alpn):
+        if name in tls.alpn[:k]:
+            errors.append(f"{at}.alpn[{k}]: {json.dumps(name)} listed twice")
+        elif protocol == "https" and name not in HTTPS_ALPN:
+            errors.append(f'{at}.alpn[{k}]: an https listener speaks "h2" and "http/1.1" only')
+    return errors
+
+
+def _stream_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
+    """tcp and tls listeners relay bytes: the HTTP keys do not apply, to them or their pools."""
+    errors: list[str] = []
+    if lst.rate_limit is not None:
+        errors.append(f"{at}.rate_limit: {HTTP_ONLY}")
+    if lst.timeouts.header_read != ListenerTimeouts().header_read:
+        errors.append(f"{at}.timeouts.header_read: {HTTP_ONLY}")
+    for key in ("max_header_bytes", "max_headers"):
+        if getattr(lst, key) != Listener.model_fields[key].default:
+            errors.append(f"{at}.{key}: {HTTP_ONLY}")
+    used = [lst.pool, *(r.pool for r in lst.routes if r.pool is not None)]
+    for name in dict.fromkeys(used):
+        if name not in pools:
+            continue
+        p, pool = pools[name], cfg.pools[pools[name]]
+        uses = f"{lst.protocol} listener {lst.name!r} uses this pool"
+        if pool.hash_key != "source_ip" and pool.algorithm in HASH_ALGORITHMS:
+            errors.append(f'pools[{p}].hash_key: {uses}; only "source_ip" works for {lst.protocol}')
+        if pool.affinity is not None:
+            errors.append(f"pools[{p}].affinity: http only, but {uses}")
+        if pool.keepalive != Pool.model_fields["keepalive"].default:
+            errors.append(f"pools[{p}].keepalive: http only, but {uses}")
+        if pool.queue != Queue():
+            errors.append(f"pools[{p}].queue: http only, but {uses}")
     return errors
 
 
@@ -798,11 +1044,15 @@ def _pool_errors(i: int, pool: Pool) -> list[str]:
     health = pool.health
     if health.timeout > health.interval:
         errors.append(f"{at}.health.timeout: must not exceed interval ({health.interval.text})")
-    if health.type != "http":
+    if health.type not in ("http", "https"):
         http_default = Health()
         for name in ("path", "expect_status", "expect_body", "host"):
             if getattr(health, name) != getattr(http_default, name):
-                errors.append(f'{at}.health.{name}: only for type = "http"')
+                errors.append(f'{at}.health.{name}: only for type = "http" or "https"')
+    tls = pool.tls
+    if tls is not None and (tls.cert is None) != (tls.key is None):
+        given, missing = ("cert", "key") if tls.key is None else ("key", "cert")
+        errors.append(f"{at}.tls.{missing}: required with {given}")
     return errors
 
 
@@ -926,15 +1176,52 @@ def _pydantic_errors(exc: ValidationError) -> list[str]:
 # --- entry points -----------------------------------------------------------------------------
 
 
-def parse_config(data: dict[str, Any]) -> Config:
-    """Validates a parsed TOML document; raises ConfigError with every problem found."""
+def _read_files(cfg: Config, base: Path) -> tuple[list[str], list[str]]:
+    """Reads and checks every certificate, key and CA file (fastlb.certs), keeping their text
+    on the models for `to_engine()`; returns (errors, warnings)."""
+    files = Files(base)
+    for i, lst in enumerate(cfg.listeners):
+        tls = lst.tls
+        if tls is None:
+            continue
+        at = f"listeners[{i}].tls"
+        for k, pair in enumerate(tls.certificates):
+            pair._pem = files.cert_and_key(f"{at}.certificates[{k}]", pair.cert, pair.key, server=True)
+        if tls.client_ca is not None:
+            tls._client_ca_pem = files.ca_bundle(f"{at}.client_ca", tls.client_ca)
+            if tls.client_auth == "off":
+                files.warnings.append(
+                    f'{at}.client_ca: not used with client_auth = "off"'
+                    " (clients are not asked for a certificate)"
+                )
+    for i, pool in enumerate(cfg.pools):
+        ptls = pool.tls
+        if ptls is None:
+            continue
+        at = f"pools[{i}].tls"
+        if ptls.ca is not None:
+            ptls._ca_pem = files.ca_bundle(f"{at}.ca", ptls.ca)
+            if not ptls.verify:
+                files.warnings.append(f"{at}.ca: not used with verify = false")
+        if ptls.cert is not None and ptls.key is not None:
+            ptls._pem = files.cert_and_key(at, ptls.cert, ptls.key, server=False)
+    return files.errors, files.warnings
+
+
+def parse_config(data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Validates a parsed TOML document and reads the files it names (paths relative to
+    `base_dir`, default the current directory); raises ConfigError with every problem found.
+    What is accepted but looks wrong is in `Config.warnings`."""
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_pydantic_errors(exc)) from None
     errors = _semantic_errors(cfg)
+    file_errors, warnings = _read_files(cfg, Path.cwd() if base_dir is None else Path(base_dir))
+    errors = list(dict.fromkeys(errors + file_errors))
     if errors:
         raise ConfigError(errors)
+    cfg._warnings = warnings
     return cfg
 
 
@@ -942,7 +1229,8 @@ _TOML_AT = re.compile(r"(.*) \(at line (\d+), column (\d+)\)", re.DOTALL)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Reads and validates a TOML config file; raises ConfigError (file, syntax or fields)."""
+    """Reads and validates a TOML config file and the files it names (relative to the config
+    file's folder); raises ConfigError (file, syntax, fields, certificates)."""
     file = Path(path)
     try:
         text = file.read_bytes().decode("utf-8")
@@ -964,7 +1252,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             where = f"line {text.count(chr(10)) + 1} (end of file)"
             message = str(exc).replace(" (at end of document)", "")
         raise ConfigError(f"{file}: {where}: TOML syntax error: {message}") from None
-    return parse_config(data)
+    return parse_config(data, file.absolute().parent)
 
 
 # --- the engine's JSON ------------------------------------------------------------------------
@@ -1032,23 +1320,25 @@ class _Engine:
         if self.errors:
             raise ConfigError(self.errors)
         listeners = [
-            self.listener(x, _socket_addr(next(iter(ep[0])), ep[1]))
-            for x, ep in zip(cfg.listeners, binds, strict=True)
+            self.listener(i, x, _socket_addr(next(iter(ep[0])), ep[1]))
+            for i, (x, ep) in enumerate(zip(cfg.listeners, binds, strict=True))
             if ep is not None
         ]
         pools = [self.pool(i, p, backends) for i, p in enumerate(cfg.pools)]
+        if self.errors:
+            raise ConfigError(self.errors)
         log = self.cfg.log.access_log
         access_log = None if log == "off" else log
         return {"runtime": runtime, "access_log": access_log, "listeners": listeners, "pools": pools}
 
-    @staticmethod
-    def listener(x: Listener, bind: str) -> dict[str, Any]:
+    def listener(self, i: int, x: Listener, bind: str) -> dict[str, Any]:
         """`ListenerConfig`; tcp listeners carry the http keys too (defaults, no routes)."""
         rate = x.rate_limit
         return {
             "name": x.name,
             "bind": bind,
             "protocol": x.protocol,
+            "tls": None if x.tls is None else self.listener_tls(f"listeners[{i}].tls", x.tls),
             "pool": x.pool,
             "client_idle_ms": x.timeouts.client_idle.ms,
             "header_read_ms": x.timeouts.header_read.ms,
@@ -1062,14 +1352,62 @@ class _Engine:
             "routes": [_Engine.route(r) for r in x.routes],
         }
 
+    def unread(self, at: str) -> None:
+        self.errors.append(f"{at}: file not read (build the Config with load_config or parse_config)")
+
+    def listener_tls(self, at: str, tls: ListenerTls) -> dict[str, Any]:
+        """`[listeners.tls]` with the files' PEM text (read by parse_config)."""
+        certificates = []
+        for k, pair in enumerate(tls.certificates):
+            if pair._pem is None:
+                self.unread(f"{at}.certificates[{k}].cert")
+                continue
+            pem = pair._pem
+            certificates.append(
+                {
+                    "cert": pair.cert,
+                    "chain_pem": pem.chain_pem,
+                    "key_pem": pem.key_pem,
+                    "names": list(pem.names),
+                }
+            )
+        if tls.client_ca is not None and tls._client_ca_pem is None:
+            self.unread(f"{at}.client_ca")
+        return {
+            "certificates": certificates,
+            "min_version": tls.min_version,
+            "alpn": list(tls.alpn),
+            "client_ca_pem": tls._client_ca_pem,
+            "client_auth": tls.client_auth,
+            "session_tickets": tls.session_tickets,
+        }
+
+    def pool_tls(self, at: str, tls: PoolTls) -> dict[str, Any]:
+        if tls.ca is not None and tls._ca_pem is None:
+            self.unread(f"{at}.ca")
+        if tls.cert is not None and tls._pem is None:
+            self.unread(f"{at}.cert")
+        pem = tls._pem
+        return {
+            "verify": tls.verify,
+            "ca_pem": tls._ca_pem,
+            "sni": None if tls.sni is None else tls.sni.lower().rstrip("."),
+            "cert_pem": None if pem is None else pem.chain_pem,
+            "key_pem": None if pem is None else pem.key_pem,
+        }
+
     @staticmethod
     def route(r: Route) -> dict[str, Any]:
-        """`RouteConfig`: host lower-case without a trailing dot, header names lower-case,
-        networks with host bits cleared, `pool = "x"` as a one-entry split."""
-        if r.split is None:
+        """`RouteConfig`: host and sni lower-case without a trailing dot, header names
+        lower-case, networks with host bits cleared, `pool = "x"` as a one-entry split, a
+        redirect with no split."""
+        if r.redirect is not None:
+            split = []
+        elif r.split is None:
             split = [{"pool": r.pool, "weight": 1}]
         else:
             split = [{"pool": e.pool, "weight": e.weight} for e in r.split]
+        redirect = r.redirect
         return {
             "host": None if r.host is None else r.host.lower().rstrip("."),
             "path_prefix": r.path_prefix,
@@ -1079,11 +1417,21 @@ class _Engine:
             "cookies": dict(r.cookies),
             "query": dict(r.query),
             "source_cidr": [str(ipaddress.ip_network(c, strict=False)) for c in r.source_cidr],
+            "sni": None if r.sni is None else r.sni.lower().rstrip("."),
+            "redirect": (
+                None
+                if redirect is None
+                else {
+                    "scheme": redirect.scheme,
+                    "code": redirect.code,
+                    "host": redirect.host,
+                    "path": redirect.path,
+                }
+            ),
             "split": split,
         }
 
-    @staticmethod
-    def pool(i: int, pool: Pool, resolved: dict[tuple[int, int], Endpoint]) -> dict[str, Any]:
+    def pool(self, i: int, pool: Pool, resolved: dict[tuple[int, int], Endpoint]) -> dict[str, Any]:
         backends = []
         for j, b in enumerate(pool.backends):
             ips, port = resolved[i, j]
@@ -1120,4 +1468,5 @@ class _Engine:
             "passive": (
                 None if pool.passive is None else {"consecutive_failures": pool.passive.consecutive_failures}
             ),
+            "tls": None if pool.tls is None else self.pool_tls(f"pools[{i}].tls", pool.tls),
         }

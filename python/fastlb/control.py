@@ -178,6 +178,8 @@ class ControlPlane:
                 raise ReloadError([str(err)]) from None
             self._after_reload(old_ids)
         log.info("reloaded: %d listeners, %d pools", len(new.listeners), len(new.pools))
+        for line in new.warnings:
+            log.warning("config: %s", line)
         return new
 
     def _after_reload(self, old_ids: set[str]) -> None:

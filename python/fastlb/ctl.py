@@ -120,6 +120,8 @@ def run_ctl(args: argparse.Namespace) -> int:
         print_status(console, answer)
     elif args.action == "reload":
         console.print(f"reloaded: {answer['listeners']} listeners, {answer['pools']} pools")
+        for line in answer.get("warnings", []):
+            print(f"warning: {line}", file=sys.stderr)
     elif args.action == "weight":
         console.print(f"{answer['backend']}: weight {answer['weight']}")
     else:
@@ -171,7 +173,7 @@ def status_view(status: dict[str, Any]) -> Group:
             li["pool"],
             str(li["connections_active"]),
             str(li["connections_total"]),
-            str(li["requests_total"]) if li["protocol"] == "http" else "-",
+            str(li["requests_total"]) if li["protocol"] in ("http", "https") else "-",
         )
     parts.append(listeners)
     for pool in status["pools"]:

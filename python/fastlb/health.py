@@ -1,6 +1,7 @@
-"""Active health checks, HAProxy style: every `interval` (jittered) a TCP connect or an HTTP GET
-per backend; `fall` consecutive failures mark it down, `rise` consecutive successes mark it up
-again. A flip is pushed to the data plane at once (`Engine.set_backend_up`) and logged.
+"""Active health checks, HAProxy style: every `interval` (jittered) a TCP connect, or an HTTP GET
+over plain TCP or over TLS (`https`), per backend; `fall` consecutive failures mark it down,
+`rise` consecutive successes mark it up again. A flip is pushed to the data plane at once
+(`Engine.set_backend_up`) and logged.
 
 Checks run on the control plane's event loop; nothing here touches a worker thread. A backend
 starts up (as in HAProxy) and its first check comes at a random point of the first interval, so
@@ -9,6 +10,12 @@ thousands of backends do not check in lockstep.
 A backend that passive detection ejected (`eject`) is held down: checks keep running, but
 successes count only once its `eject` time has passed (the control plane owns that deadline:
 `held`), and then `rise` of them bring it back.
+
+An `https` check speaks TLS as the pool's `[pools.tls]` says (without it: verify against the
+system's roots): `ca` or the system's roots when `verify` is true, `sni` or else the backend's
+host as the server name, the client certificate if given. The TLS context is built once per
+pool settings, in a thread (loading the system's roots reads a file), and shared by the pool's
+checks.
 
 The verdict itself is the engine's (one owner of backend state): a check entry created for a
 backend that already runs, because a reload changed its check or added checks to its pool,
@@ -20,17 +27,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import ssl
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastlb.config import Health, split_host_port
+from fastlb.config import Health, PoolTls, split_host_port
 from fastlb.engine import Engine
 
 log = logging.getLogger("fastlb.health")
 
 # Most of a check response read for `expect_body`; HAProxy's check buffer is 16 KiB.
 MAX_CHECK_BODY = 64 * 1024
+
+
+class TlsClient:
+    """The client side of an `https` check for one pool: its settings and, once the first
+    check needs it, the `ssl.SSLContext` built from them (the PEM texts read at load)."""
+
+    def __init__(self, tls: PoolTls | None) -> None:
+        self.tls = tls if tls is not None else PoolTls()
+        self._context: ssl.SSLContext | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TlsClient) and other.tls == self.tls
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def server_name(self, host: str) -> str:
+        """The SNI and the name the certificate must carry: `sni`, else the backend's host."""
+        return self.tls.sni or host
+
+    async def context(self) -> ssl.SSLContext:
+        if self._context is None:
+            self._context = await asyncio.to_thread(client_context, self.tls)
+        return self._context
+
+
+def client_context(tls: PoolTls) -> ssl.SSLContext:
+    """An SSLContext for connecting to backends as `tls` says; blocks (file reads)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif tls.ca_pem is not None:
+        ctx.load_verify_locations(cadata=tls.ca_pem)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    pem = tls.cert_pem
+    if pem is not None:
+        # ssl loads a certificate and key only from a file: a private one, removed at once
+        fd, name = tempfile.mkstemp(prefix="fastlb-health-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(pem.chain_pem.rstrip("\n") + "\n" + pem.key_pem)
+            ctx.load_cert_chain(name)
+        finally:
+            os.unlink(name)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 @dataclass
@@ -42,6 +100,7 @@ class BackendHealth:
     addr: str  # resolved host:port the data plane connects to
     check: Health
     host_header: str
+    tls: TlsClient | None = None  # https checks
     up: bool = True
     successes: int = 0
     failures: int = 0
@@ -53,9 +112,9 @@ class BackendHealth:
     def id(self) -> str:
         return f"{self.pool}/{self.address}"
 
-    def key(self) -> tuple[str, Health, str]:
+    def key(self) -> tuple[str, Health, str, TlsClient | None]:
         """What a check depends on: a reload that changes none of it keeps the state."""
-        return self.addr, self.check, self.host_header
+        return self.addr, self.check, self.host_header, self.tls
 
     def record(self, ok: bool, error: str = "", held: bool = False) -> bool | None:
         """Counts one result; returns the new state when it flips, else None. `held`: the
@@ -95,11 +154,15 @@ async def probe(b: BackendHealth) -> str:
     """One check; "" when healthy, else why not."""
     host, port = split_host_port(b.addr)
     timeout = b.check.timeout.seconds
+    context, name = None, None
     try:
+        if b.check.type == "https":  # built once, outside the check's timeout
+            tls = b.tls or TlsClient(None)
+            context, name = await tls.context(), tls.server_name(split_host_port(b.address)[0])
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=name)
             try:
-                if b.check.type == "http":
+                if b.check.type in ("http", "https"):
                     return await _http_probe(b, reader, writer)
                 return ""
             finally:
@@ -108,6 +171,10 @@ async def probe(b: BackendHealth) -> str:
                     await writer.wait_closed()
     except TimeoutError:
         return f"no answer within {b.check.timeout.text}"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: certificate not accepted: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS: {exc.reason or exc}"
     except OSError as exc:
         return exc.strerror or str(exc)
 
@@ -165,9 +232,12 @@ class HealthChecker:
             if pool.health.type == "none":
                 continue
             resolved = {b["address"]: b["addr"] for b in spec[pool.name]["backends"]}
+            tls = TlsClient(pool.tls) if pool.health.type == "https" else None
             for backend in pool.backends:
                 host = pool.health.host or split_host_port(backend.address)[0]
-                b = BackendHealth(pool.name, backend.address, resolved[backend.address], pool.health, host)
+                b = BackendHealth(
+                    pool.name, backend.address, resolved[backend.address], pool.health, host, tls
+                )
                 wanted[b.id] = b
         for key, new in list(wanted.items()):
             old = self.backends.get(key)
