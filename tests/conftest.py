@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -58,9 +59,13 @@ def hb() -> Iterator[Callable[..., HttpBackend]]:
     started: list[HttpBackend] = []
 
     def start(
-        name: str = "", mode: str = "normal", status_override: int | None = None, port: int = 0
+        name: str = "",
+        mode: str = "normal",
+        status_override: int | None = None,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> HttpBackend:
-        b = HttpBackend(name, mode, status_override, port=port)
+        b = HttpBackend(name, mode, status_override, port=port, tls=tls)
         started.append(b)
         return b
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -111,8 +112,14 @@ class HttpBackend:
     """An HTTP/1.1 server on 127.0.0.1 (ephemeral port), one thread per connection."""
 
     def __init__(
-        self, name: str = "", mode: str = "normal", status_override: int | None = None, port: int = 0
+        self,
+        name: str = "",
+        mode: str = "normal",
+        status_override: int | None = None,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls  # serve HTTPS: each accepted socket is wrapped (its handshake in its thread)
         if mode not in ("normal", "reset", "one-shot"):
             raise ValueError(f"mode must be 'normal', 'reset' or 'one-shot', not {mode!r}")
         self.mode = mode
@@ -200,8 +207,15 @@ class HttpBackend:
 
     def _run(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(sock)
+        raw = sock
         try:
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError):
+                    sock.close()  # a client that refused our certificate: not a handler error
+                    return
+            conn = _Conn(sock)
             while not self._stop.is_set():
                 # one-shot: close after each answer without saying so (a keep-alive timeout
                 # racing the proxy's next request on the connection)
@@ -224,7 +238,7 @@ class HttpBackend:
                 self.errors.append(repr(exc))
         finally:
             with self.lock:
-                self._conns.discard(sock)
+                self._conns.discard(raw)
             if self._stop.is_set():
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

@@ -55,8 +55,16 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
         "http: request head to last response byte; tcp: connection lifetime.",
         labels=["listener", "pool"],
     )
+    handshakes = CounterMetricFamily(
+        "fastlb_tls_handshakes_total",
+        "https/tls listeners: TLS handshakes by result (ok, resumed, timeout, client_cert, protocol, error)"
+        " and version.",
+        labels=["listener", "result", "version"],
+    )
     bounds = [_le(b) for b in status["buckets_s"]]
     for li in listeners:
+        for h in li.get("tls_handshakes", []):
+            handshakes.add_metric([li["name"], h["result"], h["version"]], h["count"])
         name = li["name"]
         conns.add_metric([name], li["connections_total"])
         active.add_metric([name], li["connections_active"])
@@ -107,7 +115,7 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     )
     log_dropped.add_metric([], status["log_dropped"])
     yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
-    yield from (healthy, bytes_total, log_dropped)
+    yield from (healthy, bytes_total, log_dropped, handshakes)
 
 
 def _le(seconds: float) -> str:

@@ -131,11 +131,50 @@ impl SessionInfo {
     }
 }
 
-/// A certificate's subject as RFC 4514 text (`CN=client,O=Example`).
+/// A certificate's subject as RFC 4514 text (`CN=alice,O=Example`: the last RDN first, as
+/// OpenSSL's RFC 2253 form and nginx's `$ssl_client_s_dn` have it).
 fn subject(der: &[u8]) -> String {
-    match x509_parser::parse_x509_certificate(der) {
-        Ok((_, cert)) => cert.subject().to_string(),
-        Err(_) => String::new(),
+    use x509_parser::objects::{oid2abbrev, oid_registry};
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let rdns: Vec<_> = cert.subject().iter_rdn().collect();
+    for rdn in rdns.into_iter().rev() {
+        for (k, attr) in rdn.iter().enumerate() {
+            out.push_str(match (k, out.is_empty()) {
+                (0, true) => "",
+                (0, false) => ",",
+                _ => "+",
+            });
+            match oid2abbrev(attr.attr_type(), oid_registry()) {
+                Ok(name) => out.push_str(name),
+                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+            }
+            out.push('=');
+            match attr.as_str() {
+                Ok(v) => escape_rfc4514(&mut out, v),
+                // Not a string type: the DER as `#hex` (RFC 4514 2.4).
+                Err(_) => {
+                    out.push('#');
+                    out.push_str(&hex(attr.attr_value().data));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn escape_rfc4514(out: &mut String, value: &str) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && matches!(c, '#' | ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
     }
 }
 
