@@ -13,6 +13,7 @@ pub mod microbench;
 pub mod ring;
 pub mod stats;
 pub mod tables;
+pub mod tls;
 pub mod track;
 pub mod worker;
 
