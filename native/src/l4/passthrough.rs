@@ -83,8 +83,9 @@ pub async fn choose(client: &mut Conn, routes: &SniRoutes, timeout: Duration) ->
             }
             let pool = match peek_sni(&hello, MAX_HELLO) {
                 Peek::NeedMore => continue,
-                Peek::Sni(name) => routes.find(name).cloned(),
-                Peek::NotTls | Peek::NoSni => None,
+                Peek::Sni(name) => routes.find(name.as_str()).cloned(),
+                // A name no route can match is as good as none.
+                Peek::NotTls | Peek::NoSni | Peek::InvalidSni => None,
                 Peek::TooLarge | Peek::Malformed => return None,
             };
             return Some(pool);
