@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -283,6 +284,7 @@ def test_resumption_by_ticket_across_workers(https_lb, tmp_path):
         port,
         "-servername",
         "site.test",
+        "-ign_eof",
         "-sess_out",
         str(sess),
         data=b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
@@ -295,6 +297,7 @@ def test_resumption_by_ticket_across_workers(https_lb, tmp_path):
             port,
             "-servername",
             "site.test",
+            "-ign_eof",
             "-sess_in",
             str(sess),
             data=b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
@@ -564,12 +567,13 @@ def test_reencryption_verifies_the_backend(fastlb, hb, certs):
         ),
     )
     fastlb(cfg, port)
+    # One client connection, so one worker (each keeps its own backend connections).
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     for _ in range(3):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/", headers={"Host": "app.test"})
         resp = conn.getresponse()
         assert (resp.status, resp.read()) == (200, b"secure")
-        conn.close()
+    conn.close()
     # Kept alive: three requests, one TLS connection to the backend.
     assert good.connections == 1
     t0 = time.monotonic()
@@ -694,3 +698,37 @@ def test_handshake_metric_by_result_and_version(https_lb, certs):
     st = status(admin)
     web = next(li for li in st["listeners"] if li["name"] == "web")
     assert web["protocol"] == "https"
+
+
+def test_sslyze_finds_no_old_protocol_weak_cipher_or_renegotiation(https_lb, tmp_path):
+    port, _ = https_lb()
+    out = tmp_path / "scan.json"
+    scan = ["--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2", "--tlsv1_3", "--reneg"]
+    cmd = [sys.executable, "-m", "sslyze", *scan, f"--json_out={out}", f"site.test:{port}{{127.0.0.1}}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.exists(), done.stdout + done.stderr
+    result = json.loads(out.read_text())["server_scan_results"][0]
+    assert result["scan_status"] == "COMPLETED", result
+    scans = result["scan_result"]
+
+    def accepted(scan: str) -> list[str]:
+        return [s["cipher_suite"]["name"] for s in scans[scan]["result"]["accepted_cipher_suites"]]
+
+    for old in (
+        "ssl_2_0_cipher_suites",
+        "ssl_3_0_cipher_suites",
+        "tls_1_0_cipher_suites",
+        "tls_1_1_cipher_suites",
+    ):
+        assert accepted(old) == [], old
+    tls12, tls13 = accepted("tls_1_2_cipher_suites"), accepted("tls_1_3_cipher_suites")
+    assert tls12 and tls13
+    for name in tls12:
+        # Forward secrecy and an AEAD: ECDHE with GCM or ChaCha20-Poly1305, nothing else.
+        assert name.startswith("TLS_ECDHE_") and ("_GCM_" in name or "CHACHA20_POLY1305" in name), name
+    reneg = scans["session_renegotiation"]["result"]
+    assert not reneg["is_vulnerable_to_client_renegotiation_dos"]
+    assert (
+        not reneg["supports_secure_renegotiation"]
+        or reneg.get("is_vulnerable_to_insecure_renegotiation") is not True
+    )

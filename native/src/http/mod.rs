@@ -652,7 +652,12 @@ fn plan(
         .and_then(|t| t.sni.clone().or_else(|| view.host().and_then(host_name)))
         .map(Box::new);
     let sni_tag = sni.as_ref().map_or(0, |n| hash_key(n.to_str().as_bytes()));
-    rewrite::request_head(out, buf, head, &headers, peer, via, upgrade, tls);
+    let origin = rewrite::Origin {
+        peer,
+        via_token: via,
+        tls,
+    };
+    rewrite::request_head(out, buf, head, &headers, origin, upgrade);
     Ok(Plan {
         key,
         pinned,

@@ -70,17 +70,30 @@ fn push_header(out: &mut Vec<u8>, buf: &[u8], h: &HeaderSpan) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Where a request came from, as the backend is told.
+#[derive(Clone, Copy)]
+pub struct Origin<'a> {
+    pub peer: SocketAddr,
+    /// This process's `Via` pseudonym.
+    pub via_token: &'a str,
+    /// The client's TLS session (https listeners).
+    pub tls: Option<&'a SessionInfo>,
+}
+
 /// Writes the head fastlb sends the backend for `head` (read from `buf`) into `out`.
 pub fn request_head(
     out: &mut Vec<u8>,
     buf: &[u8],
     head: &RequestHead,
     headers: &[HeaderSpan],
-    peer: SocketAddr,
-    via_token: &str,
+    origin: Origin<'_>,
     upgrade: bool,
-    tls: Option<&SessionInfo>,
 ) {
+    let Origin {
+        peer,
+        via_token,
+        tls,
+    } = origin;
     out.extend_from_slice(head.line().get(buf));
     let has_connection = connection_lists_fields(buf, headers);
     let mut forwarded_for: Option<Span> = None;
@@ -409,7 +422,12 @@ mod tests {
         let head = parse_request(req, &limits, &mut hs).unwrap().unwrap();
         let mut out = Vec::new();
         let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
-        request_head(&mut out, req, &head, &hs, peer, "fastlb-t", false, None);
+        let origin = Origin {
+            peer,
+            via_token: "fastlb-t",
+            tls: None,
+        };
+        request_head(&mut out, req, &head, &hs, origin, false);
         out
     }
 

@@ -21,7 +21,6 @@
 //! zero-length handshake fragments, no other record type in between), §4.1.2 (ClientHello),
 //! RFC 6066 §3 (server_name).
 
-
 use std::fmt;
 
 /// The longest host name accepted: 253 characters, the DNS limit for a name in text form.
