@@ -6,8 +6,9 @@ every TLS endpoint. Backend: one nginx (one worker) answering "ok" and a 256 MiB
 in plain HTTP on BACKEND and over TLS on BACKEND_TLS, keep-alive on both. Each target (haproxy,
 nginx, fastlb) runs as one process group pinned to --proxy-cpus with one worker, serving two
 listeners at once: an https one in front of the plain backend and an http one in front of the
-TLS backend (re-encryption). The clients (this script's own Python clients, wrk, curl, openssl)
-and the backend run on --client-cpus.
+TLS backend (re-encryption). All targets run from the start and each figure is measured for
+every target in turn, so that what is compared was measured within a minute. The clients
+(this script's own Python clients, wrk, curl, openssl) and the backend run on --client-cpus.
 
 Figures, each the target's CPU time (utime + stime of all its processes, from /proc) over what
 went through it:
@@ -19,9 +20,10 @@ went through it:
   fastlb_tls_handshakes_total; HAProxy: `show info`). OpenSSL 3.0 spends ~2 ms of client CPU per
   handshake here, so the client, not the target, sets the rate (a few hundred a second).
 - keepalive_cpu_us: per keep-alive HTTPS request, wrk -c64 (one thread).
-- bulk_cpu_s_per_GB: a 256 MiB HTTPS download (curl --http1.1 -k).
+- bulk_cpu_s_per_GB: a 256 MiB HTTPS download (curl --http1.1 -k), --bulk-times times in a row.
 - idle_bytes_per_conn: RSS growth per idle TLS connection (--idle-conns connections that finished
-  the handshake and sent nothing); the first and last of them are then checked still open.
+  the handshake and sent nothing, opened by --hs-procs processes); the first and last of each
+  process's share are then checked still open.
 - reencrypt_cpu_us: per keep-alive request at c64 (wrk, plain http to the target) that the
   target sends over TLS to the backend, on connections it keeps alive.
 The two wrk steps also give backend_conns_opened (from the backend's stub_status): 64 when the
@@ -74,7 +76,7 @@ PORTS = {  # target: (https listener, http listener re-encrypting to BACKEND_TLS
     "nginx": (18272, 18273),
     "fastlb": (18290, 18291),
 }
-FASTLB_ADMIN = 18299
+ADMIN = {"fastlb": 18299}  # fastlb targets: their admin API, for the handshake counters
 ANCHORS = ("haproxy", "nginx")
 FIGURES = ("handshake", "keepalive", "reencrypt", "bulk", "idle")
 KEYS = {
@@ -183,9 +185,11 @@ def nginx_conf(d: Path) -> Path:
     return conf
 
 
-def fastlb_conf(d: Path, proxy_cpus: str, keepalive: int | None, name: str = "fastlb") -> Path:
-    """keepalive: the pools' idle connections kept per backend; None: fastlb's default (32)."""
-    https, reenc = PORTS["fastlb"]
+def fastlb_conf(d: Path, name: str, proxy_cpus: str, keepalive: int | None) -> Path:
+    """keepalive: the pools' idle connections kept per backend; None: fastlb's default (32).
+    header_read is 60 s, as nginx's client_header_timeout (HAProxy: timeout client 50s), so that
+    the idle connections stay open while they are counted."""
+    https, reenc = PORTS[name]
     cpus = ", ".join(proxy_cpus.split(","))
     keep = "" if keepalive is None else f"keepalive = {keepalive}\n"
     conf = d / f"{name}.toml"
@@ -196,13 +200,14 @@ cpu_affinity = [{cpus}]
 max_connections = 100000
 
 [admin]
-bind = "127.0.0.1:{FASTLB_ADMIN}"
+bind = "127.0.0.1:{ADMIN[name]}"
 
 [[listeners]]
 name = "web"
 bind = "127.0.0.1:{https}"
 protocol = "https"
 pool = "app"
+timeouts = {{ header_read = "60s" }}
   [listeners.tls]
   certificates = [{{ cert = "site.pem", key = "site.key" }}]
 
@@ -323,7 +328,7 @@ def server_handshake_counts(target: str, d: Path) -> dict[str, Any]:
     """The target's own view of its handshakes, where it has one (read outside CPU windows)."""
     try:
         if target.startswith("fastlb"):
-            url = f"http://127.0.0.1:{FASTLB_ADMIN}/metrics"
+            url = f"http://127.0.0.1:{ADMIN[target]}/metrics"
             text = urllib.request.urlopen(url, timeout=5).read().decode()
             found = re.findall(r"^fastlb_tls_handshakes_total\{([^}]*)\} (\S+)", text, re.M)
             return {labels: float(v) for labels, v in found if float(v)}
@@ -339,52 +344,80 @@ def server_handshake_counts(target: str, d: Path) -> dict[str, Any]:
     return {}
 
 
-def idle(port: int, pids: list[int], n: int) -> dict[str, Any]:
-    """RSS growth per TLS connection that finished its handshake and sent nothing."""
+def _idle_holder(port: int, n: int, out: Any, measured: Any) -> None:
+    """One client process: opens `n` TLS connections and sends nothing until `measured` is set;
+    then checks that its first and last are still open (a request on each) and closes all."""
     ctx = client_context()
-    before = rss_bytes(pids)
     socks: list[ssl.SSLSocket] = []
-    t0 = time.monotonic()
     try:
         for _ in range(n):
             raw = socket.create_connection(("127.0.0.1", port))
             socks.append(ctx.wrap_socket(raw, server_hostname="localhost"))
-        opened = time.monotonic() - t0
-        time.sleep(1.0)
-        after = rss_bytes(pids)
+        out.put(("open", n))
+        measured.wait(120)
         alive = 0
-        for s in (socks[0], socks[-1]):  # still open, not closed by a timeout meanwhile
+        for s in (socks[0], socks[-1]):
             with contextlib.suppress(OSError):
                 s.settimeout(5)
                 s.sendall(REQUEST)
                 alive += s.recv(65536).startswith(b"HTTP/1.1 200")
-        return {
-            "idle_conns": n,
-            "open_s": round(opened, 2),
-            "first_and_last_alive": alive == 2,
-            "idle_bytes_per_conn": round((after - before) / n),
-        }
+        out.put(("alive", alive))
+    except OSError as e:
+        out.put(("error", repr(e)))
     finally:
         for s in socks:
             s.close()
 
 
-def bulk(port: int, pids: list[int]) -> dict[str, Any]:
-    c0, t0 = cpu_seconds(pids), time.monotonic()
-    out = subprocess.run(
-        [
-            *("curl", "--http1.1", "-k", "-s", "-o", "/dev/null", "-w", "%{size_download}"),
-            f"https://127.0.0.1:{port}/big",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    took = time.monotonic() - t0
-    assert int(out) == BIG, out
+def idle(port: int, pids: list[int], n: int, procs: int) -> dict[str, Any]:
+    """RSS growth per TLS connection that finished its handshake and sent nothing, opened by
+    `procs` client processes at once."""
+    ctx = multiprocessing.get_context("fork")
+    q, measured = ctx.Queue(), ctx.Event()
+    shares = [n // procs + (i < n % procs) for i in range(procs)]
+    before = rss_bytes(pids)
+    t0 = time.monotonic()
+    holders = [ctx.Process(target=_idle_holder, args=(port, k, q, measured)) for k in shares]
+    for h in holders:
+        h.start()
+    try:
+        opened = [q.get(timeout=120) for _ in holders]
+        assert all(kind == "open" for kind, _ in opened), opened
+        took = time.monotonic() - t0
+        time.sleep(1.0)
+        after = rss_bytes(pids)
+    finally:
+        measured.set()
+    alive = [q.get(timeout=60) for _ in holders]
+    for h in holders:
+        h.join()
     return {
-        "bulk_MBps": round(int(out) / took / 1e6, 1),
-        "bulk_cpu_s_per_GB": round((cpu_seconds(pids) - c0) / (BIG / 1e9), 3),
+        "idle_conns": n,
+        "open_s": round(took, 2),
+        "first_and_last_alive": all(kind == "alive" and v == 2 for kind, v in alive),
+        "idle_bytes_per_conn": round((after - before) / n),
+    }
+
+
+def bulk(port: int, pids: list[int], times: int) -> dict[str, Any]:
+    """The 256 MiB file downloaded `times` times in a row (one figure over them all)."""
+    c0, t0 = cpu_seconds(pids), time.monotonic()
+    for _ in range(times):
+        out = subprocess.run(
+            [
+                *("curl", "--http1.1", "-k", "-s", "-o", "/dev/null", "-w", "%{size_download}"),
+                f"https://127.0.0.1:{port}/big",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert int(out) == BIG, out
+    took = time.monotonic() - t0
+    return {
+        "downloads": times,
+        "bulk_MBps": round(times * BIG / took / 1e6, 1),
+        "bulk_cpu_s_per_GB": round((cpu_seconds(pids) - c0) / (times * BIG / 1e9), 3),
     }
 
 
@@ -425,30 +458,28 @@ def profiled(perf_dir: Path | None, name: str, pid: int) -> Iterator[None]:
 
 
 def measure(
-    name: str, pids: list[int], args: argparse.Namespace, cert: bytes, d: Path, figures: set[str]
+    fig: str, name: str, pids: list[int], args: argparse.Namespace, cert: bytes, d: Path
 ) -> dict[str, Any]:
+    """One figure of one target."""
     https, reenc = PORTS[name]
     perf_dir = Path(args.perf) / name if args.perf and name.startswith("fastlb") else None
     if perf_dir:
         perf_dir.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"name": name, "s_client": s_client_probe(https)}
     main = pids[-1] if name == "nginx" else pids[0]  # nginx: the worker; else the process itself
-    if "handshake" in figures:
-        with profiled(perf_dir, "handshake", main):
-            res["handshake"] = handshakes(https, pids, args.secs, args.hs_procs, cert)
-        res["handshake"]["server_counters"] = server_handshake_counts(name, d)
     cpus = args.client_cpus
-    if "keepalive" in figures:
-        with profiled(perf_dir, "keepalive", main):
-            res["keepalive"] = per_request(https, pids, args.secs, cpus, "https", KEYS["keepalive"])
-    if "reencrypt" in figures:
-        with profiled(perf_dir, "reencrypt", main):
-            res["reencrypt"] = per_request(reenc, pids, args.secs, cpus, "http", KEYS["reencrypt"])
-    if "bulk" in figures:
-        with profiled(perf_dir, "bulk", main):
-            res["bulk"] = bulk(https, pids)
-    if "idle" in figures:
-        res["idle"] = idle(https, pids, args.idle_conns)
+    with profiled(perf_dir if fig != "idle" else None, fig, main):
+        if fig == "handshake":
+            res = handshakes(https, pids, args.secs, args.hs_procs, cert)
+        elif fig == "keepalive":
+            res = per_request(https, pids, args.secs, cpus, "https", KEYS[fig])
+        elif fig == "reencrypt":
+            res = per_request(reenc, pids, args.secs, cpus, "http", KEYS[fig])
+        elif fig == "bulk":
+            res = bulk(https, pids, args.bulk_times)
+        else:
+            res = idle(https, pids, args.idle_conns, args.hs_procs)
+    if fig == "handshake":
+        res["server_counters"] = server_handshake_counts(name, d)
     return res
 
 
@@ -517,7 +548,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated targets: haproxy,nginx,fastlb")
     ap.add_argument("--figures", default=",".join(FIGURES))
     ap.add_argument("--hs-procs", type=int, default=4, help="handshake client processes")
-    ap.add_argument("--idle-conns", type=int, default=2000)
+    ap.add_argument("--idle-conns", type=int, default=1000)
+    ap.add_argument("--bulk-times", type=int, default=3, help="downloads of the 256 MiB file")
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1", help="clients and the backend")
     ap.add_argument(
@@ -530,12 +562,13 @@ def main() -> None:
     args = ap.parse_args()
     variant = f"fastlb-keepalive-{args.fastlb_keepalive}"
     if args.fastlb_keepalive is not None:
-        PORTS[variant] = PORTS["fastlb"]  # started after fastlb has stopped
+        PORTS[variant] = (18292, 18293)
+        ADMIN[variant] = 18298
     only = [t for t in PORTS if not args.only or t in args.only.split(",")]
     figures = set(args.figures.split(","))
     if args.perf:
         Path(args.perf).mkdir(parents=True, exist_ok=True)
-    for port in {BACKEND, BACKEND_TLS, FASTLB_ADMIN, *(p for t in only for p in PORTS[t])}:
+    for port in {BACKEND, BACKEND_TLS, *ADMIN.values(), *(p for t in only for p in PORTS[t])}:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 sys.exit(f"port {port} is in use: is another benchmark running?")
@@ -560,18 +593,23 @@ def main() -> None:
         commands = {
             "haproxy": ["haproxy", "-f", str(haproxy_conf(d))],
             "nginx": ["nginx", "-c", str(nginx_conf(d))],
-            "fastlb": [*fastlb, str(fastlb_conf(d, args.proxy_cpus, None))],
-            variant: [*fastlb, str(fastlb_conf(d, args.proxy_cpus, args.fastlb_keepalive, variant))],
+            "fastlb": [*fastlb, str(fastlb_conf(d, "fastlb", args.proxy_cpus, None))],
         }
+        if args.fastlb_keepalive is not None:
+            conf = fastlb_conf(d, variant, args.proxy_cpus, args.fastlb_keepalive)
+            commands[variant] = [*fastlb, str(conf)]
         results: dict[str, Any] = {
             "machine": {"nproc": os.cpu_count()},
             "versions": versions(),
             "secs": args.secs,
             "perturbed_by_perf": bool(args.perf),
-            "targets": {},
+            "targets": {name: {"name": name} for name in only},
         }
+        # Every target runs from the start (idle, each costs next to nothing), and each figure is
+        # measured for all targets one after the other: on a noisy machine the figures compared
+        # are then taken within a minute of each other.
+        pids: dict[str, list[int]] = {}
         for name in only:
-            print(f"  {name} ...", file=sys.stderr, flush=True)
             log = (d / f"{name}.log").open("w")
             running = subprocess.Popen(
                 ["taskset", "-c", args.proxy_cpus, *commands[name]], stdout=subprocess.DEVNULL, stderr=log
@@ -580,14 +618,14 @@ def main() -> None:
             for port in PORTS[name]:
                 wait_port(port, timeout=30)
             time.sleep(0.5)
-            try:
-                res = measure(name, process_tree(running.pid), args, cert, d, figures)
-            finally:
-                running.send_signal(signal.SIGTERM)
-                running.wait(15)
-            results["targets"][name] = res
-            done = {k: res[f][KEYS[f]] for f in FIGURES if f in res for k in [KEYS[f]]}
-            print(f"    {done}", file=sys.stderr, flush=True)
+            pids[name] = process_tree(running.pid)
+            results["targets"][name]["s_client"] = s_client_probe(PORTS[name][0])
+        for fig in [f for f in FIGURES if f in figures]:
+            for name in only:
+                print(f"  {fig} {name} ...", file=sys.stderr, flush=True)
+                res = measure(fig, name, pids[name], args, cert, d)
+                results["targets"][name][fig] = res
+                print(f"    {KEYS[fig]} {res[KEYS[fig]]}", file=sys.stderr, flush=True)
         results["figures"] = summary(results["targets"])
         print(table(results["figures"]), file=sys.stderr)
         print(json.dumps(results, indent=1))
