@@ -432,14 +432,15 @@ def per_request(port: int, pids: list[int], secs: int, cpus: str, scheme: str, k
 
 
 @contextlib.contextmanager
-def profiled(perf_dir: Path | None, name: str, pid: int) -> Iterator[None]:
-    """perf record -g on `pid` while the block runs; the report's head goes to perf_dir."""
+def profiled(perf_dir: Path | None, name: str, pid: int, call_graph: str = "fp") -> Iterator[None]:
+    """perf record on `pid` (stacks by `call_graph`: fp, dwarf) while the block runs; the
+    report's head goes to perf_dir."""
     if perf_dir is None:
         yield
         return
     data = perf_dir / f"{name}.data"
     rec = subprocess.Popen(
-        ["perf", "record", "-g", "-p", str(pid), "-o", str(data)],
+        ["perf", "record", "--call-graph", call_graph, "-p", str(pid), "-o", str(data)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -467,7 +468,7 @@ def measure(
         perf_dir.mkdir(parents=True, exist_ok=True)
     main = pids[-1] if name == "nginx" else pids[0]  # nginx: the worker; else the process itself
     cpus = args.client_cpus
-    with profiled(perf_dir if fig != "idle" else None, fig, main):
+    with profiled(perf_dir if fig != "idle" else None, fig, main, args.perf_call_graph):
         if fig == "handshake":
             res = handshakes(https, pids, args.secs, args.hs_procs, cert)
         elif fig == "keepalive":
@@ -559,6 +560,7 @@ def main() -> None:
         help="also measure fastlb with this pools' keepalive (its default is 32), as fastlb-keepalive-N",
     )
     ap.add_argument("--perf", default="", help="folder for perf profiles of fastlb's load steps")
+    ap.add_argument("--perf-call-graph", default="fp", help="perf record --call-graph: fp or dwarf")
     args = ap.parse_args()
     variant = f"fastlb-keepalive-{args.fastlb_keepalive}"
     if args.fastlb_keepalive is not None:
