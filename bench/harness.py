@@ -46,16 +46,23 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def wrk(
-    port: int, conns: int, secs: int, path: str = "/", cpu: str = "1", close: bool = False
+    port: int,
+    conns: int,
+    secs: int,
+    path: str = "/",
+    cpu: str = "1",
+    close: bool = False,
+    scheme: str = "http",
 ) -> dict[str, Any]:
     """Runs wrk pinned to `cpu` (one thread per CPU given); returns requests, rps and latency
-    percentiles (ms). `close`: a new connection per request."""
+    percentiles (ms). `close`: a new connection per request. `scheme`: "https" for TLS (wrk does
+    not verify the certificate)."""
     threads = max(1, min(conns, len(cpu.split(","))))
     cmd = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{conns}", f"-d{secs}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
     text = subprocess.run(
-        [*cmd, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True
+        [*cmd, f"{scheme}://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True
     ).stdout
 
     def ms(v: str) -> float:
