@@ -294,7 +294,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
     app, v1, v2 = engine["pools"]
     assert app["hash_key"] == "source_ip" and app["retries"] == 2
     assert app["affinity"] == {"cookie": "FASTLB_SRV", "ttl_ms": 3_600_000}
-    assert (app["keepalive"], app["queue"]) == (32, {"size": 1000, "timeout_ms": 5000})
+    assert (app["keepalive"], app["queue"]) == (256, {"size": 1000, "timeout_ms": 5000})
     assert v1["affinity"] is None
     assert app["timeouts"] == {"connect_ms": 2000, "read_ms": 30_000, "send_ms": 30_000, "idle_ms": 60_000}
     assert app["backends"][1] == {
@@ -333,7 +333,7 @@ def test_defaults() -> None:
     assert pool.slow_start == 0 and pool.drain_timeout == 30_000
     assert {a.name for a in cfg.alerts} >= {"UnhealthyBackends"}
     assert (listener.max_header_bytes, listener.max_headers) == (65_536, 100)
-    assert pool.keepalive == 32 and (pool.queue.size, pool.queue.timeout) == (1000, 5000)
+    assert pool.keepalive == 256 and (pool.queue.size, pool.queue.timeout) == (1000, 5000)
 
 
 def test_l7_defaults_match_the_engine() -> None:
@@ -342,7 +342,7 @@ def test_l7_defaults_match_the_engine() -> None:
     listener, pool = engine["listeners"][0], engine["pools"][0]
     assert (listener["max_header_bytes"], listener["max_headers"]) == (64 * 1024, 100)
     assert (listener["header_read_ms"], listener["rate_limit"], listener["routes"]) == (10_000, None, [])
-    assert (pool["affinity"], pool["keepalive"]) == (None, 32)
+    assert (pool["affinity"], pool["keepalive"]) == (None, 256)
     assert pool["queue"] == {"size": 1000, "timeout_ms": 5000}
 
 

@@ -32,8 +32,11 @@ Defaults (a key left out means this):
               http health: path = "/", expect_status = any 2xx or 3xx (HAProxy httpchk), host =
               the backend's host; passive = off; slow_start = "0s"; drain_timeout = "30s";
               affinity.ttl = none (a session cookie, like HAProxy `cookie ... insert`);
-              keepalive = 32 (0..=10000 idle upstream connections kept per backend per worker
-              thread, as nginx `keepalive 32`; 0 = a new upstream connection per request);
+              keepalive = 256 (0..=10000 idle upstream connections kept per backend per worker
+              thread; 0 = a new upstream connection per request). Not nginx's usual 32: a worker
+              with more requests in flight to one backend than idle slots closes and reopens
+              connections all the time (bench/README.md: 64 clients, 32 slots, 2.3x the CPU
+              per re-encrypted request);
               queue = {size = 1000, timeout = "5s"} (HAProxy maxqueue / timeout queue: a request
               finding every backend at max_connections waits up to `timeout`, then 503; size
               0..=1000000, 0 = no queue: 503 at once);
@@ -663,7 +666,7 @@ class Pool(_Model):
     hash_key: Annotated[str, AfterValidator(_hash_key)] = "source_ip"
     hash_balance_factor: Annotated[int, AfterValidator(_balance_factor)] = 0
     affinity: Affinity | None = None
-    keepalive: Annotated[int, Field(ge=0, le=10_000)] = 32
+    keepalive: Annotated[int, Field(ge=0, le=10_000)] = 256
     queue: Queue = Field(default_factory=Queue)
     backends: list[Backend] = Field(min_length=1)
     timeouts: PoolTimeouts = Field(default_factory=PoolTimeouts)

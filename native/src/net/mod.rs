@@ -43,10 +43,6 @@ impl Conn {
         self.tcp().as_raw_fd()
     }
 
-    pub fn is_plain(&self) -> bool {
-        matches!(self, Conn::Plain(_))
-    }
-
     /// Reads what is there now: Ok(0) is EOF, WouldBlock when nothing is (readiness cleared,
     /// so `poll_read_ready` waits for new bytes).
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -55,18 +51,6 @@ impl Conn {
             Conn::Tls(_) => match self.poll_read(&mut Context::from_waker(Waker::noop()), buf) {
                 Poll::Ready(r) => r,
                 Poll::Pending => Err(ErrorKind::WouldBlock.into()),
-            },
-        }
-    }
-
-    /// Writes as much of `buf` as goes now (possibly 0). TLS bytes accepted here may still sit
-    /// in the session's buffer: `flush` or `poll_flush` sends them.
-    pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Plain(s) => write_now(s, s.as_raw_fd(), buf),
-            Conn::Tls(_) => match self.poll_write(&mut Context::from_waker(Waker::noop()), buf) {
-                Poll::Ready(r) => r,
-                Poll::Pending => Ok(0),
             },
         }
     }
