@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """`make bench`: the L4 and L7 comparisons with HAProxy and nginx (bench/compare.py), the
-splice threshold, the micro benchmarks, the slow-backend scenario and the admin API's latency
-under load (bench/admin_latency.py); writes bench/RESULTS.md and the chart bench/results.png.
+splice threshold, the micro benchmarks, the slow-backend scenario, the admin API's latency
+under load (bench/admin_latency.py) and TLS termination beside HAProxy and nginx
+(bench/tls_compare.py, two runs); writes bench/RESULTS.md and the charts bench/results.png and
+bench/tls.png.
 
 Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl (`make bench` installs them
 with apt-get when it can). A bare C relay is shown as the floor when its source is found
 (--floor-source, and gcc). Every figure is a ratio within one run: the machine is shared and
 noisy. Pinning: the proxies on --proxy-cpus, wrk and the backend on --client-cpus.
 
-usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--parts compare,micro,slow,admin]
+usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--parts compare,micro,slow,admin,tls]
                            [--proxy-cpus 0] [--client-cpus 1]
 """
 
@@ -186,6 +188,63 @@ def micro_table() -> list[str]:
     return [*lines, ""]
 
 
+def tls_chart(runs: list[dict[str, Any]], path: Path) -> None:
+    """fastlb's ratio to the anchor each TLS goal names, per figure and run, with the goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(runs[0]["figures"])
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        ratios = [run["figures"][k].get("to_goal_anchor", {}).get("fastlb", 0.0) for k in keys]
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(keys))]
+        bars = ax.bar(xs, ratios, width, label=f"run {j + 1}")
+        ax.bar_label(bars, labels=[f"{r:.2f}" for r in ratios], fontsize=7, padding=1)
+    goals = [float(runs[0]["figures"][k].get("goal", "<= 0 x").split()[1]) for k in keys]
+    ax.scatter(range(len(keys)), goals, marker="_", s=900, color="black", label="goal", zorder=3)
+    ax.set_xticks(
+        range(len(keys)), [f"{k}\n/ {runs[0]['figures'][k].get('goal', '')[3:]}" for k in keys], fontsize=7
+    )
+    ax.set_ylim(0, 2.0)
+    ax.axhline(1.0, color="grey", linewidth=0.6)
+    ax.set_ylabel("fastlb / anchor (lower is better)")
+    ax.set_title("TLS: fastlb against the anchor each goal names")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def tls_part(runs: int) -> list[str]:
+    """Runs bench/tls_compare.py `runs` times; writes TLS.md, tls_results.json and tls.png."""
+    from tls_compare import table
+
+    results = []
+    for i in range(runs):
+        print(f"TLS comparison run {i + 1}/{runs} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(
+            [sys.executable, str(HERE / "tls_compare.py")], capture_output=True, text=True, check=True
+        )
+        results.append(json.loads(done.stdout))
+    (HERE / "tls_results.json").write_text(json.dumps(results, indent=1))
+    tls_chart(results, HERE / "tls.png")
+    lines = [
+        "## TLS beside HAProxy and nginx (bench/tls_compare.py)",
+        "",
+        "One ECDSA P-256 certificate; HAProxy and nginx with Debian's OpenSSL 3.0, fastlb with rustls"
+        " (ring); one worker each on CPU 0, clients and the nginx backend on CPU 1. Values per target,"
+        " then fastlb's ratio to the anchor the goal names (bench/README.md explains each figure).",
+        "",
+    ]
+    for i, run in enumerate(results):
+        lines += [f"Run {i + 1}:", "", table(run["figures"]), ""]
+    lines += ["![fastlb's TLS figures against the anchors](tls.png)", ""]
+    (HERE / "TLS.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -201,7 +260,9 @@ def main() -> None:
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument(
-        "--parts", default="compare,micro,slow,admin", help="comma-separated: compare, micro, slow, admin"
+        "--parts",
+        default="compare,micro,slow,admin,tls",
+        help="comma-separated: compare, micro, slow, admin, tls",
     )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -270,12 +331,16 @@ def main() -> None:
         )
         admin = (HERE / "ADMIN_LATENCY.md").read_text().replace("# Admin API latency", "## Admin API latency")
         lines += [admin]
+    if "tls" in parts:
+        lines += tls_part(2)
     if parts >= {"compare", "micro", "slow"}:
         (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
     else:  # a partial run leaves RESULTS.md as it is; MICRO.md, SLOW_BACKENDS.md and
-        # ADMIN_LATENCY.md are rewritten by the parts that ran
-        print("partial run: see bench/MICRO.md, SLOW_BACKENDS.md and ADMIN_LATENCY.md", file=sys.stderr)
+        # ADMIN_LATENCY.md and TLS.md are rewritten by the parts that ran
+        print(
+            "partial run: see bench/MICRO.md, SLOW_BACKENDS.md, ADMIN_LATENCY.md and TLS.md", file=sys.stderr
+        )
 
 
 if __name__ == "__main__":

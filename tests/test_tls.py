@@ -732,3 +732,46 @@ def test_sslyze_finds_no_old_protocol_weak_cipher_or_renegotiation(https_lb, tmp
         not reneg["supports_secure_renegotiation"]
         or reneg.get("is_vulnerable_to_insecure_renegotiation") is not True
     )
+
+
+def test_reencryption_with_a_client_certificate(fastlb, hb, certs, tmp_path):
+    """A backend that requires a client certificate gets fastlb's, and refuses without it."""
+    certs.issue("backend", "backend.test")
+    ctx = certs.server_context("backend")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(str(certs.ca_path))
+    strict = hb("strict", tls=ctx)
+    client = certs.issue("lb-client", "lb.test")
+    port = free_port()
+    tls = {"ca": "ca.pem", "sni": "backend.test"}
+    cfg = config(
+        listener("web", port, "http", "with", routes=[{"host": "without.test", "pool": "without"}]),
+        pool("with", strict.address, tls={**tls, **client}, health={"type": "none"}),
+        pool("without", strict.address, tls=tls, health={"type": "none"}, retries=0),
+    )
+    fastlb(cfg, port)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/", headers={"Host": "with.test"})
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b"strict")
+    conn.request("GET", "/", headers={"Host": "without.test"})
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 502
+    conn.close()
+
+
+def test_access_log_carries_the_tls_session(fastlb, hb, certs, tmp_path):
+    backend = hb("b1")
+    port = free_port()
+    log = tmp_path / "access.log"
+    tls = {"certificates": [certs.issue("site", "site.test")]}
+    cfg = config(listener("web", port, "https", "app", tls), pool("app", backend.address))
+    fastlb(f'[log]\naccess_log = "{log}"\n' + cfg, port)
+    assert https_get(port, certs.client_context())[0] == 200
+    assert wait_until(lambda: log.exists() and log.read_text().strip() != "")
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert line["tls_version"] == "1.3"
+    assert line["tls_cipher"].startswith("TLS13_")
+    assert line["sni"] == "site.test"
+    assert line["alpn"] is None  # Python's ssl offers no ALPN unless asked

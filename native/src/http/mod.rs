@@ -422,7 +422,8 @@ struct Plan {
     expect_continue: bool,
     upgrade: bool,
     /// TLS pools: the name sent to and verified against the backend (the pool's `sni`, else
-    /// the request's host), and its hash, which keeps parked connections apart by name.
+    /// the request's host), and a tag of the name and the pool's TLS config, which keeps parked
+    /// connections apart by both.
     sni: Option<Box<ServerName<'static>>>,
     sni_tag: u64,
 }
@@ -651,7 +652,11 @@ fn plan(
         .as_ref()
         .and_then(|t| t.sni.clone().or_else(|| view.host().and_then(host_name)))
         .map(Box::new);
-    let sni_tag = sni.as_ref().map_or(0, |n| hash_key(n.to_str().as_bytes()));
+    let sni_tag = match (&pool.tls, &sni) {
+        (Some(t), Some(n)) => t.id ^ hash_key(n.to_str().as_bytes()),
+        (Some(t), None) => t.id,
+        (None, _) => 0,
+    };
     let origin = rewrite::Origin {
         peer,
         via_token: via,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 struct IdleConn {
     stream: Conn,
-    /// Which TLS server name it was opened with (0: plain, or no name).
+    /// Which TLS pool config and server name it was opened with (0: plain TCP).
     tag: u64,
     since: Instant,
     /// The pool's `timeouts.idle` when the connection was parked.

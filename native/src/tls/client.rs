@@ -15,6 +15,9 @@ pub struct PoolTls {
     pub connector: tokio_rustls::TlsConnector,
     /// The name sent and verified when the config gives one.
     pub sni: Option<ServerName<'static>>,
+    /// Tells this config's connections apart from other pools' to the same address (another
+    /// client certificate, other roots): a parked connection is only reused by its own.
+    pub id: u64,
 }
 
 /// The system's trusted roots, read once (rustls-native-certs: /etc/ssl/certs and friends).
@@ -72,6 +75,7 @@ pub fn build(cfg: &PoolTlsConfig, alpn: &[&[u8]]) -> Result<PoolTls, String> {
     Ok(PoolTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         sni,
+        id: fastrand::u64(1..),
     })
 }
 
