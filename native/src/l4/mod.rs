@@ -174,7 +174,8 @@ async fn connect_backend<'p>(
         ) {
             (Ok(tcp), Some(tls)) => match tls.sni.clone().or_else(|| server_name(&backend.address))
             {
-                Some(name) => tls_handshake(tls, name, tcp, timer.as_mut()).await,
+                // Boxed: only TLS pools pay for the handshake's future.
+                Some(name) => Box::pin(tls_handshake(tls, name, tcp, timer.as_mut())).await,
                 None => Err(io::ErrorKind::InvalidInput.into()),
             },
             (connected, _) => connected.map(Conn::Plain),
