@@ -234,7 +234,7 @@ def tls_part(runs: int) -> list[str]:
         "## TLS beside HAProxy and nginx (bench/tls_compare.py)",
         "",
         "One ECDSA P-256 certificate; HAProxy and nginx with Debian's OpenSSL 3.0, fastlb with rustls"
-        " (ring); one worker each on CPU 0, clients and the nginx backend on CPU 1. Values per target,"
+        " (aws-lc-rs); one worker each on CPU 0, clients and the nginx backend on CPU 1. Values per target,"
         " then fastlb's ratio to the anchor the goal names (bench/README.md explains each figure).",
         "",
     ]

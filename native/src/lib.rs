@@ -307,7 +307,7 @@ fn build_facts() -> String {
         "release"
     };
     format!(
-        "{}, {profile}, features: {features}, TLS: rustls (ring), target: {}-{}",
+        "{}, {profile}, features: {features}, TLS: rustls (aws-lc-rs), target: {}-{}",
         env!("FASTLB_RUSTC"),
         std::env::consts::ARCH,
         std::env::consts::OS

@@ -30,7 +30,7 @@ pub struct TlsShared {
 
 impl TlsShared {
     pub fn new() -> Result<Self, String> {
-        let ticketer = rustls::crypto::ring::Ticketer::new()
+        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
             .map_err(|e| format!("cannot make TLS ticket keys: {e}"))?;
         Ok(TlsShared {
             ticketer,
