@@ -75,6 +75,15 @@ impl Buf {
         &mut self.data[self.end..]
     }
 
+    /// Makes an empty buffer at least `len` long, so one read can take that much (a buffer
+    /// grown beyond BUF_SIZE is freed, not pooled, when given back).
+    pub fn grow_empty_to(&mut self, len: usize) {
+        if self.is_empty() && self.data.len() < len {
+            self.data = vec![0u8; len].into_boxed_slice();
+            self.clear();
+        }
+    }
+
     /// Marks `n` bytes of `spare()` as filled.
     #[inline]
     pub fn advance(&mut self, n: usize) {
@@ -149,6 +158,24 @@ mod tests {
         assert_eq!(b.spare(8).len(), 0, "full at the limit");
         assert_eq!(b.spare(16).len(), 8, "grown");
         assert_eq!(b.filled(), b"defgh123");
+    }
+
+    #[test]
+    fn only_an_empty_buffer_grows_for_a_bulk_read() {
+        let pool = BufPool::default();
+        let mut b = pool.take();
+        b.extend_from_slice(b"x");
+        b.grow_empty_to(4 * BUF_SIZE);
+        assert_eq!(
+            b.spare(4 * BUF_SIZE).len(),
+            BUF_SIZE - 1,
+            "not empty: left as it is"
+        );
+        b.clear();
+        b.grow_empty_to(4 * BUF_SIZE);
+        assert_eq!(b.spare(4 * BUF_SIZE).len(), 4 * BUF_SIZE);
+        pool.give(b);
+        assert!(pool.free.borrow().is_empty(), "grown buffer freed");
     }
 
     #[test]

@@ -127,8 +127,9 @@ impl SessionInfo {
                 .alpn_protocol()
                 .map(|p| String::from_utf8_lossy(p).into_owned()),
             client_subject: leaf.map(|c| subject(c.as_ref())),
-            client_fingerprint: leaf
-                .map(|c| hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref())),
+            client_fingerprint: leaf.map(|c| {
+                hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c.as_ref()).as_ref())
+            }),
         }
     }
 }
