@@ -219,8 +219,6 @@ def tls_chart(runs: list[dict[str, Any]], path: Path) -> None:
 
 def tls_part(runs: int) -> list[str]:
     """Runs bench/tls_compare.py `runs` times; writes TLS.md, tls_results.json and tls.png."""
-    from tls_compare import table
-
     results = []
     for i in range(runs):
         print(f"TLS comparison run {i + 1}/{runs} ...", file=sys.stderr, flush=True)
@@ -229,6 +227,13 @@ def tls_part(runs: int) -> list[str]:
         )
         results.append(json.loads(done.stdout))
     (HERE / "tls_results.json").write_text(json.dumps(results, indent=1))
+    return tls_section(results)
+
+
+def tls_section(results: list[dict[str, Any]]) -> list[str]:
+    """TLS.md and tls.png from tls_compare.py's results (`--tls-from-json` redraws them)."""
+    from tls_compare import table
+
     tls_chart(results, HERE / "tls.png")
     lines = [
         "## TLS beside HAProxy and nginx (bench/tls_compare.py)",
@@ -257,6 +262,9 @@ def main() -> None:
         help="a bare C relay to show as the floor, if present",
     )
     ap.add_argument("--chart-only", action="store_true", help="redraw results.png from results.json")
+    ap.add_argument(
+        "--tls-from-json", action="store_true", help="rewrite TLS.md and tls.png from tls_results.json"
+    )
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument(
@@ -268,6 +276,9 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if args.chart_only:
         chart(json.loads((HERE / "results.json").read_text()), HERE / "results.png")
+        return
+    if args.tls_from_json:
+        tls_section(json.loads((HERE / "tls_results.json").read_text()))
         return
     if "compare" not in parts:
         args.layers = ""

@@ -120,6 +120,7 @@ class HttpBackend:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tls = tls  # serve HTTPS: each accepted socket is wrapped (its handshake in its thread)
+        self.tls_resumed: list[bool] = []  # per TLS connection: whether its session was resumed
         if mode not in ("normal", "reset", "one-shot"):
             raise ValueError(f"mode must be 'normal', 'reset' or 'one-shot', not {mode!r}")
         self.mode = mode
@@ -215,6 +216,8 @@ class HttpBackend:
                 except (ssl.SSLError, OSError):
                     sock.close()  # a client that refused our certificate: not a handler error
                     return
+                with self.lock:
+                    self.tls_resumed.append(sock.session_reused)
             conn = _Conn(sock)
             while not self._stop.is_set():
                 # one-shot: close after each answer without saying so (a keep-alive timeout

@@ -775,3 +775,25 @@ def test_access_log_carries_the_tls_session(fastlb, hb, certs, tmp_path):
     assert line["tls_cipher"].startswith("TLS13_")
     assert line["sni"] == "site.test"
     assert line["alpn"] is None  # Python's ssl offers no ALPN unless asked
+
+
+def test_reencryption_resumes_sessions_to_the_backend(fastlb, hb, certs):
+    """Without keep-alive every request opens a TLS connection to the backend: all but the
+    first resume the session (rustls' client cache, shared by the workers)."""
+    certs.issue("backend", "backend.test")
+    good = hb("secure", tls=certs.server_context("backend"))
+    port = free_port()
+    tls = {"ca": "ca.pem", "sni": "backend.test"}
+    cfg = config(
+        listener("web", port, "http", "app"),
+        pool("app", good.address, tls=tls, keepalive=0, health={"type": "none"}),
+    )
+    fastlb(cfg, port)
+    for _ in range(4):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/", headers={"Host": "app.test"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"secure")
+        conn.close()
+    assert wait_until(lambda: len(good.tls_resumed) == 4)
+    assert good.tls_resumed[0] is False and all(good.tls_resumed[1:]), good.tls_resumed

@@ -43,8 +43,9 @@ impl Conn {
         self.tcp().as_raw_fd()
     }
 
-    /// Reads what is there now: Ok(0) is EOF, WouldBlock when nothing is (readiness cleared,
-    /// so `poll_read_ready` waits for new bytes).
+    /// Reads what is there now: Ok(0) is EOF, WouldBlock when nothing is. WouldBlock clears the
+    /// socket's readiness, and a TLS session never holds undelivered plaintext after it, so the
+    /// caller then waits on `tcp().poll_read_ready` for new bytes.
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Conn::Plain(s) => read_clearing(s, s.as_raw_fd(), buf),
@@ -98,12 +99,6 @@ impl Conn {
             Conn::Plain(_) => Poll::Ready(Ok(())),
             Conn::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
-    }
-
-    /// Waits until `try_read` may find something (TLS: bytes on the socket; a TLS session
-    /// never holds undelivered plaintext after `try_read` said WouldBlock).
-    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tcp().poll_read_ready(cx)
     }
 
     /// Ends the sending direction: TLS sends its close_notify first (best effort, never
