@@ -968,14 +968,7 @@ fn access_line(
         .opt_str("request_id", req.map(|r| r.request_id.as_slice()))
         .display("retries", o.retries);
     if let Some(tls) = client.tls.as_deref() {
-        line.str("tls_version", tls.version.as_bytes())
-            .str("tls_cipher", tls.cipher.as_bytes())
-            .opt_str("sni", tls.sni.as_deref().map(str::as_bytes))
-            .opt_str("alpn", tls.alpn.as_deref().map(str::as_bytes))
-            .opt_str(
-                "client_cert_subject",
-                tls.client_subject.as_deref().map(str::as_bytes),
-            );
+        tls.log_fields(&mut line);
     }
     line.finish()
 }

@@ -106,15 +106,7 @@ pub async fn serve(ctx: &WorkerCtx, mut client: Conn, peer: SocketAddr, listener
             .ms("connect_ms", Some(connect_us));
         if let Conn::Tls(tls) = &client {
             if let tokio_rustls::TlsStream::Server(t) = &**tls {
-                let info = crate::tls::SessionInfo::of(t.get_ref().1);
-                line.str("tls_version", info.version.as_bytes())
-                    .str("tls_cipher", info.cipher.as_bytes())
-                    .opt_str("sni", info.sni.as_deref().map(str::as_bytes))
-                    .opt_str("alpn", info.alpn.as_deref().map(str::as_bytes))
-                    .opt_str(
-                        "client_cert_subject",
-                        info.client_subject.as_deref().map(str::as_bytes),
-                    );
+                crate::tls::SessionInfo::of(t.get_ref().1).log_fields(&mut line);
             }
         }
         log.send(line.finish());

@@ -132,6 +132,18 @@ impl SessionInfo {
             }),
         }
     }
+
+    /// The access log's TLS fields.
+    pub fn log_fields(&self, line: &mut crate::accesslog::Line) {
+        line.str("tls_version", self.version.as_bytes())
+            .str("tls_cipher", self.cipher.as_bytes())
+            .opt_str("sni", self.sni.as_deref().map(str::as_bytes))
+            .opt_str("alpn", self.alpn.as_deref().map(str::as_bytes))
+            .opt_str(
+                "client_cert_subject",
+                self.client_subject.as_deref().map(str::as_bytes),
+            );
+    }
 }
 
 /// A certificate's subject as RFC 4514 text (`CN=alice,O=Example`: the last RDN first, as
@@ -183,4 +195,24 @@ fn escape_rfc4514(out: &mut String, value: &str) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_values_are_escaped_as_rfc_4514_says() {
+        let escaped = |v: &str| {
+            let mut out = String::new();
+            escape_rfc4514(&mut out, v);
+            out
+        };
+        assert_eq!(escaped("alice"), "alice");
+        assert_eq!(escaped("Doe, John"), "Doe\\, John");
+        assert_eq!(escaped("a+b;c<d>e\"f\\g"), "a\\+b\\;c\\<d\\>e\\\"f\\\\g");
+        // '#' and a space only at the start; a space at the end too.
+        assert_eq!(escaped("#1 x #2 "), "\\#1 x #2\\ ");
+        assert_eq!(escaped(" lead"), "\\ lead");
+    }
 }
