@@ -797,3 +797,19 @@ def test_reencryption_resumes_sessions_to_the_backend(fastlb, hb, certs):
         conn.close()
     assert wait_until(lambda: len(good.tls_resumed) == 4)
     assert good.tls_resumed[0] is False and all(good.tls_resumed[1:]), good.tls_resumed
+
+
+def test_a_response_delimited_by_the_close_ends_with_close_notify(https_lb, certs):
+    """A body that runs until the connection closes is only known complete over TLS when a
+    close_notify precedes the close: curl treats a bare TCP close as truncation (exit 56)."""
+    port, _ = https_lb()
+    assert CURL
+    url = f"https://site.test:{port}/until-close"
+    resolve = f"site.test:{port}:127.0.0.1"
+    out = subprocess.run(
+        [CURL, "-sS", "--resolve", resolve, "--cacert", str(certs.ca_path), url],
+        capture_output=True,
+        timeout=20,
+        text=True,
+    )
+    assert (out.returncode, out.stdout) == (0, "until-close:b1"), out.stderr
