@@ -1014,7 +1014,7 @@ def test_tcp_listener_pool_with_http_only_key(key: str, value: object) -> None:
 def test_tcp_listener_pool_with_default_http_keys_written_out() -> None:
     data = minimal()
     data["listeners"][0].update(protocol="tcp", max_header_bytes=65_536, max_headers=100)
-    data["pools"][0].update(keepalive=32, queue={"size": 1000, "timeout": "5s"})
+    data["pools"][0].update(keepalive=256, queue={"size": 1000, "timeout": "5s"})
     parse_config(data)
 
 
