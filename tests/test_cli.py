@@ -118,4 +118,8 @@ def test_version_is_the_packages_one_and_names_the_build() -> None:
     line = out.stdout.strip()
     assert "\n" not in line, line
     assert line.startswith(f"fastlb {cargo} (data plane: rustc "), line
-    assert "release" in line and "TLS: rustls (aws-lc-rs)" in line and f"target: {platform.machine()}-linux" in line, line
+    assert (
+        "release" in line
+        and "TLS: rustls (aws-lc-rs)" in line
+        and f"target: {platform.machine()}-linux" in line
+    ), line
