@@ -121,21 +121,7 @@ pub async fn relay(
         if up.done && down.done {
             return Poll::Ready(Ok(()));
         }
-        if idle.is_zero() {
-            return Poll::Pending;
-        }
-        if active {
-            // Only stamped here; the timer is re-armed lazily, once per idle period.
-            last_activity = Instant::now();
-        }
-        while timer.as_mut().poll(cx).is_ready() {
-            let due = last_activity + idle;
-            if due <= Instant::now() {
-                return Poll::Ready(Err(RelayEnd::Idle));
-            }
-            timer.as_mut().reset(due);
-        }
-        Poll::Pending
+        idle_check(cx, timer.as_mut(), idle, &mut last_activity, active)
     })
     .await;
     let moved = Moved {
@@ -146,6 +132,32 @@ pub async fn relay(
         Ok(()) => Ok(moved),
         Err(end) => Err((end, moved)),
     }
+}
+
+/// A relay's idle timeout, after a round of both directions: Pending while something moved
+/// within `idle` (zero: no limit), Ready(Idle) once nothing has. `last_activity` is only stamped
+/// here; the timer is re-armed lazily, once per idle period.
+pub(crate) fn idle_check(
+    cx: &mut Context<'_>,
+    mut timer: Pin<&mut Sleep>,
+    idle: Duration,
+    last_activity: &mut Instant,
+    active: bool,
+) -> Poll<Result<(), RelayEnd>> {
+    if idle.is_zero() {
+        return Poll::Pending;
+    }
+    if active {
+        *last_activity = Instant::now();
+    }
+    while timer.as_mut().poll(cx).is_ready() {
+        let due = *last_activity + idle;
+        if due <= Instant::now() {
+            return Poll::Ready(Err(RelayEnd::Idle));
+        }
+        timer.as_mut().reset(due);
+    }
+    Poll::Pending
 }
 
 /// Drives one direction; on EOF forwards the half-close.

@@ -6,8 +6,8 @@
 //! idle TLS connection is a benchmark target).
 
 use super::Conn;
-use crate::l4::forward::{self, Moved, RelayBuffers, RelayEnd};
-use std::future::{poll_fn, Future};
+use crate::l4::forward::{self, idle_check, Moved, RelayBuffers, RelayEnd};
+use std::future::poll_fn;
 use std::io::{self, ErrorKind};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -67,20 +67,7 @@ pub async fn copy_relay(
         if up.done && down.done {
             return Poll::Ready(Ok(()));
         }
-        if idle.is_zero() {
-            return Poll::Pending;
-        }
-        if active {
-            last_activity = Instant::now();
-        }
-        while timer.as_mut().poll(cx).is_ready() {
-            let due = last_activity + idle;
-            if due <= Instant::now() {
-                return Poll::Ready(Err(RelayEnd::Idle));
-            }
-            timer.as_mut().reset(due);
-        }
-        Poll::Pending
+        idle_check(cx, timer.as_mut(), idle, &mut last_activity, active)
     })
     .await;
     let moved = Moved {
