@@ -103,14 +103,20 @@ class Files:
             self.errors.append(f"{at}: {path} is not a PEM file (binary: DER? `openssl x509 -inform der`)")
             return None
 
-    def certificates(self, at: str, path: str) -> tuple[str, list[x509.Certificate]] | None:
-        """The file's text and its certificates in order (at least one), or None with an error."""
+    def _pem(self, at: str, path: str) -> tuple[bytes, str] | None:
+        """A file's bytes and its text, or None with an error (unreadable, or not text)."""
         data = self.read(at, path)
         if data is None:
             return None
         text = self._text(at, path, data)
-        if text is None:
+        return None if text is None else (data, text)
+
+    def certificates(self, at: str, path: str) -> tuple[str, list[x509.Certificate]] | None:
+        """The file's text and its certificates in order (at least one), or None with an error."""
+        found = self._pem(at, path)
+        if found is None:
             return None
+        data, text = found
         certs = []
         for k, block in enumerate(_CERT_BLOCK.findall(data)):
             try:
@@ -129,12 +135,10 @@ class Files:
         return None if found is None else found[0]
 
     def private_key(self, at: str, path: str) -> tuple[str, PrivateKeyTypes] | None:
-        data = self.read(at, path)
-        if data is None:
+        found = self._pem(at, path)
+        if found is None:
             return None
-        text = self._text(at, path, data)
-        if text is None:
-            return None
+        data, text = found
         label = _KEY_BLOCK.search(data)
         if label is None:
             self.errors.append(f"{at}: no PEM private key in {path} (-----BEGIN PRIVATE KEY-----)")
