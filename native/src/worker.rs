@@ -269,8 +269,8 @@ async fn accept_tls(
         0 => TLS_HANDSHAKE_MAX,
         ms => Duration::from_millis(ms),
     };
-    // Boxed: the handshake's state is freed once it is done, rather than sizing the
-    // connection's task for its whole life (bench/README.md: ~4 KB of an idle TLS connection).
+    // Boxed: the handshake's state (the session, mid-handshake) is freed once it is done rather
+    // than held in the connection's task for its whole life.
     let handshake = Box::pin(acceptor.accept(stream));
     let (result, version, tls) = match tokio::time::timeout(limit, handshake).await {
         Ok(Ok(tls)) => {
