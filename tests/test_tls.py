@@ -316,16 +316,22 @@ def test_tls12_session_resumption(https_lb, tmp_path):
         assert "Reused," in s_client(port, "-servername", "site.test", "-tls1_2", "-sess_in", str(sess))
 
 
-def test_client_certificates_required(fastlb, hb, certs, tmp_path):
-    backend = hb("b1")
-    port, admin = free_port(), free_port()
+def mtls(certs: Certs, auth: str) -> tuple[trustme.CA, dict[str, Any]]:
+    """A CA for client certificates (clients.pem) and listener TLS settings that ask for them."""
     clients = trustme.CA()
-    (tmp_path / "clients.pem").write_bytes(clients.cert_pem.bytes())
+    (certs.folder / "clients.pem").write_bytes(clients.cert_pem.bytes())
     tls = {
         "certificates": [certs.issue("site", "site.test")],
         "client_ca": "clients.pem",
-        "client_auth": "required",
+        "client_auth": auth,
     }
+    return clients, tls
+
+
+def test_client_certificates_required(fastlb, hb, certs, tmp_path):
+    backend = hb("b1")
+    port, admin = free_port(), free_port()
+    clients, tls = mtls(certs, "required")
     fastlb(
         config(listener("web", port, "https", "app", tls), pool("app", backend.address), admin_port=admin),
         port,
@@ -351,13 +357,7 @@ def test_client_certificates_required(fastlb, hb, certs, tmp_path):
 def test_client_certificates_optional(fastlb, hb, certs, tmp_path):
     backend = hb("b1")
     port = free_port()
-    clients = trustme.CA()
-    (tmp_path / "clients.pem").write_bytes(clients.cert_pem.bytes())
-    tls = {
-        "certificates": [certs.issue("site", "site.test")],
-        "client_ca": "clients.pem",
-        "client_auth": "optional",
-    }
+    _, tls = mtls(certs, "optional")
     fastlb(config(listener("web", port, "https", "app", tls), pool("app", backend.address)), port)
     code, _, body = https_get(port, certs.client_context(), "/headers")
     assert code == 200
