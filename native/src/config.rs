@@ -63,6 +63,24 @@ pub struct ListenerConfig {
     /// https and tls: the server side of TLS.
     #[serde(deserialize_with = "required")]
     pub tls: Option<ListenerTlsConfig>,
+    /// udp: flows and sessions.
+    #[serde(deserialize_with = "required")]
+    pub udp: Option<UdpConfig>,
+}
+
+/// `udp = { responses, per_packet, max_sessions }` with `timeouts.session_idle`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UdpConfig {
+    /// A session ends after this long without a datagram either way.
+    pub session_idle_ms: u64,
+    /// A session ends once every datagram the client sent in it had this many replies
+    /// (nginx `proxy_responses`); 0 = only when idle.
+    pub responses: u32,
+    /// Balance every datagram; sessions are then per (client, backend).
+    pub per_packet: bool,
+    /// Sessions of this listener in the whole process; a new flow beyond it is dropped.
+    pub max_sessions: u32,
 }
 
 /// `[listeners.tls]`, the files already read by the control plane.
@@ -190,6 +208,8 @@ pub enum Protocol {
     Https,
     /// TLS terminated; the plaintext stream relayed to the pool.
     Tls,
+    /// Datagrams, relayed per flow (client address and port).
+    Udp,
 }
 
 impl Protocol {
@@ -200,6 +220,7 @@ impl Protocol {
             Protocol::Http => "http",
             Protocol::Https => "https",
             Protocol::Tls => "tls",
+            Protocol::Udp => "udp",
         }
     }
 
@@ -378,6 +399,12 @@ impl EngineConfig {
             if matches!(l.protocol, Protocol::Https | Protocol::Tls) != l.tls.is_some() {
                 return Err(format!(
                     "listener {}: tls settings wanted with https and tls only",
+                    l.name
+                ));
+            }
+            if (l.protocol == Protocol::Udp) != l.udp.is_some() {
+                return Err(format!(
+                    "listener {}: udp settings wanted with udp only",
                     l.name
                 ));
             }

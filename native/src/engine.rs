@@ -13,13 +13,14 @@ use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
 use crate::tables::{ListenerEntry, Shared, Tables};
-use crate::worker::{self, WorkerCmd};
+use crate::udp::UdpListener;
+use crate::worker::{self, ListenSocket, WorkerCmd};
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -119,6 +120,8 @@ pub struct Engine {
     backends: HashMap<String, KnownBackend>,
     /// Ids the workers count by, per listener, pool and backend name; kept across reloads.
     ids: Ids,
+    /// Each udp listener's session count, by name; kept across reloads.
+    udp_sessions: HashMap<String, Arc<AtomicUsize>>,
     /// Each worker's last metrics snapshot (used when one does not answer in time).
     last_metrics: Vec<WorkerMetrics>,
     window: LatencyWindow,
@@ -141,6 +144,7 @@ impl Engine {
             config: config.clone(),
             backends: HashMap::new(),
             ids: Ids::default(),
+            udp_sessions: HashMap::new(),
             last_metrics: vec![WorkerMetrics::default(); n],
             window: LatencyWindow::default(),
             stopped: false,
@@ -176,11 +180,7 @@ impl Engine {
         let n = self.workers.len();
         let mut new_sockets = Vec::new();
         for l in &config.listeners {
-            let same = self
-                .config
-                .listeners
-                .iter()
-                .any(|old| old.name == l.name && old.bind == l.bind);
+            let same = self.config.listeners.iter().any(|old| same_socket(old, l));
             if !same {
                 new_sockets.push((l.name.clone(), bind_listener(l, n)?));
             }
@@ -189,12 +189,7 @@ impl Engine {
             .config
             .listeners
             .iter()
-            .filter(|old| {
-                !config
-                    .listeners
-                    .iter()
-                    .any(|l| l.name == old.name && l.bind == old.bind)
-            })
+            .filter(|old| !config.listeners.iter().any(|l| same_socket(old, l)))
             .map(|old| old.name.clone())
             .collect();
         let before = self.shared.tables.load_full();
@@ -490,6 +485,10 @@ impl Engine {
                 .then(|| SniRoutes::build(&l.routes, pools))
                 .transpose()
                 .map_err(|e| EngineError::Config(format!("listener {}: {e}", l.name)))?;
+            let udp = l.udp.map(|cfg| UdpListener {
+                cfg,
+                sessions: self.udp_sessions.entry(l.name.clone()).or_default().clone(),
+            });
             let entry = ListenerEntry {
                 cfg: l.clone(),
                 pool: pools[&l.pool].clone(),
@@ -497,6 +496,7 @@ impl Engine {
                 http,
                 tls,
                 sni,
+                udp,
                 closing: AtomicBool::new(false),
             };
             listeners.insert(l.name.clone(), Arc::new(entry));
@@ -504,7 +504,7 @@ impl Engine {
         Ok(listeners)
     }
 
-    fn listen(&self, name: &str, per_worker: Vec<std::net::TcpListener>) {
+    fn listen(&self, name: &str, per_worker: Vec<ListenSocket>) {
         for (w, socket) in self.workers.iter().zip(per_worker) {
             let _ = w.commands.send(WorkerCmd::Listen {
                 name: name.to_string(),
@@ -520,31 +520,73 @@ impl Drop for Engine {
     }
 }
 
-/// One SO_REUSEPORT listening socket per worker: the kernel spreads new connections across
-/// them, so workers never contend on one accept queue.
-fn bind_listener(
-    l: &ListenerConfig,
-    workers: usize,
-) -> Result<Vec<std::net::TcpListener>, EngineError> {
+/// Whether a reload keeps a listener's sockets: same name, address and transport.
+fn same_socket(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    let udp = |l: &ListenerConfig| l.protocol == Protocol::Udp;
+    old.name == new.name && old.bind == new.bind && udp(old) == udp(new)
+}
+
+/// One SO_REUSEPORT listening socket per worker: the kernel spreads new connections (and udp
+/// flows, by their addresses' hash) across them, so workers never contend on one queue.
+fn bind_listener(l: &ListenerConfig, workers: usize) -> Result<Vec<ListenSocket>, EngineError> {
     let bind_error = |e| EngineError::Bind(l.name.clone(), l.bind, e);
+    let udp = l.protocol == Protocol::Udp;
     (0..workers)
         .map(|_| {
             let domain = socket2::Domain::for_address(l.bind);
-            let s =
-                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
-                    .map_err(bind_error)?;
+            let s = match udp {
+                true => socket2::Socket::new(domain, socket2::Type::DGRAM, None),
+                false => socket2::Socket::new(
+                    domain,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                ),
+            }
+            .map_err(bind_error)?;
             if l.bind.is_ipv6() {
                 s.set_only_v6(true).map_err(bind_error)?;
             }
             s.set_reuse_address(true).map_err(bind_error)?;
             s.set_reuse_port(true).map_err(bind_error)?;
             s.set_nonblocking(true).map_err(bind_error)?;
+            if udp {
+                if l.bind.ip().is_unspecified() {
+                    // Replies must leave from the address each flow reached.
+                    recv_packet_info(&s, l.bind.is_ipv6()).map_err(bind_error)?;
+                }
+                s.bind(&l.bind.into()).map_err(bind_error)?;
+                return Ok(ListenSocket::Udp(s.into()));
+            }
             s.set_tcp_nodelay(true).map_err(bind_error)?;
             s.bind(&l.bind.into()).map_err(bind_error)?;
             s.listen(LISTEN_BACKLOG).map_err(bind_error)?;
-            Ok(s.into())
+            Ok(ListenSocket::Tcp(s.into()))
         })
         .collect()
+}
+
+/// IP_PKTINFO / IPV6_RECVPKTINFO: each datagram comes with the address it was sent to.
+fn recv_packet_info(s: &socket2::Socket, v6: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name) = match v6 {
+        true => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+        false => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: a valid int option on a socket this process owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod stats;
 pub mod tables;
 pub mod tls;
 pub mod track;
+pub mod udp;
 pub mod worker;
 
 use balance::AdminState;

@@ -46,6 +46,54 @@ pub struct ListenerCounts {
     /// https/tls: handshakes by result (crate::tls::HandshakeResult) and version
     /// (crate::tls::VERSIONS).
     pub tls_handshakes: [[u64; 3]; 6],
+    /// udp listeners: datagrams, sessions and drops.
+    pub udp: UdpCounts,
+}
+
+/// Datagram directions, as `fastlb_udp_datagrams_total{direction}` names them.
+pub const UDP_DIRECTIONS: [&str; 4] = ["in", "out", "to_backend", "from_backend"];
+/// Why a datagram was dropped, as `fastlb_udp_dropped_total{reason}` names it.
+pub const UDP_DROPS: [&str; 4] = ["max_sessions", "no_backend", "send_error", "unreachable"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    In,
+    Out,
+    ToBackend,
+    FromBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    MaxSessions,
+    NoBackend,
+    SendError,
+    Unreachable,
+}
+
+/// Counters of one udp listener on one worker.
+#[derive(Debug, Clone, Default)]
+pub struct UdpCounts {
+    /// By `Direction`.
+    pub datagrams: [u64; 4],
+    pub sessions_opened: u64,
+    /// Sessions that ended: `opened - closed` are open.
+    pub sessions_closed: u64,
+    /// By `UdpDrop`.
+    pub dropped: [u64; 4],
+}
+
+impl UdpCounts {
+    fn merge(&mut self, other: &UdpCounts) {
+        for (a, b) in self.datagrams.iter_mut().zip(&other.datagrams) {
+            *a += b;
+        }
+        for (a, b) in self.dropped.iter_mut().zip(&other.dropped) {
+            *a += b;
+        }
+        self.sessions_opened += other.sessions_opened;
+        self.sessions_closed += other.sessions_closed;
+    }
 }
 
 /// Counters of one backend on one worker.
@@ -230,6 +278,51 @@ impl WorkerMetrics {
         }
     }
 
+    /// `n` datagrams of `bytes` in all went `direction` on udp listener `listener`; from and to
+    /// clients they count as the listener's bytes too.
+    #[inline]
+    pub fn record_datagrams(&mut self, listener: u16, direction: Direction, n: u64, bytes: u64) {
+        if COUNTING {
+            let l = self.listener(listener);
+            l.udp.datagrams[direction as usize] += n;
+            match direction {
+                Direction::In => l.bytes_in += bytes,
+                Direction::Out => l.bytes_out += bytes,
+                _ => {}
+            }
+        }
+    }
+
+    #[inline]
+    pub fn record_udp_drop(&mut self, listener: u16, reason: UdpDrop) {
+        if COUNTING {
+            self.listener(listener).udp.dropped[reason as usize] += 1;
+        }
+    }
+
+    /// A udp session began (`opened`) or ended.
+    #[inline]
+    pub fn record_session(&mut self, listener: u16, opened: bool) {
+        if COUNTING {
+            let u = &mut self.listener(listener).udp;
+            match opened {
+                true => u.sessions_opened += 1,
+                false => u.sessions_closed += 1,
+            }
+        }
+    }
+
+    /// Bytes a udp session moved to and from `backend` (the listener's side is counted per
+    /// batch by `record_datagrams`).
+    #[inline]
+    pub fn record_backend_bytes(&mut self, backend: u32, to_backend: u64, from_backend: u64) {
+        if COUNTING {
+            let b = self.backend(backend);
+            b.bytes_out += to_backend;
+            b.bytes_in += from_backend;
+        }
+    }
+
     /// A TLS handshake on an https or tls listener ended.
     pub fn record_tls_handshake(&mut self, listener: u16, result: usize, version: usize) {
         if COUNTING {
@@ -255,6 +348,7 @@ impl WorkerMetrics {
                     *a += b;
                 }
             }
+            m.udp.merge(&l.udp);
         }
         for (i, b) in other.backends.iter().enumerate() {
             let m = self.backend(i as u32);

@@ -3,10 +3,10 @@
 
 use crate::balance::{AdminState, BackendState};
 use crate::metrics::{cumulative_buckets, Durations, Hist, WorkerMetrics, BUCKETS_US};
-use crate::metrics::{NO_BACKEND, NO_POOL};
+use crate::metrics::{UdpCounts, NO_BACKEND, NO_POOL, UDP_DIRECTIONS, UDP_DROPS};
 use crate::tables::Tables;
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,30 @@ struct ListenerJson<'a> {
     durations: Vec<DurationsJson<'a>>,
     /// https/tls listeners: non-zero handshake counts.
     tls_handshakes: Vec<HandshakesJson>,
+    /// udp listeners: datagrams, sessions, drops; None for the others.
+    udp: Option<UdpJson>,
+}
+
+#[derive(Serialize)]
+struct UdpJson {
+    /// By direction (`in`, `out`, `to_backend`, `from_backend`).
+    datagrams: BTreeMap<&'static str, u64>,
+    sessions_active: u64,
+    sessions_total: u64,
+    /// By reason (`max_sessions`, `no_backend`, `send_error`, `unreachable`).
+    dropped: BTreeMap<&'static str, u64>,
+}
+
+fn udp_json(c: &UdpCounts) -> UdpJson {
+    let named = |names: [&'static str; 4], counts: &[u64; 4]| {
+        names.into_iter().zip(counts.iter().copied()).collect()
+    };
+    UdpJson {
+        datagrams: named(UDP_DIRECTIONS, &c.datagrams),
+        sessions_active: c.sessions_opened.saturating_sub(c.sessions_closed),
+        sessions_total: c.sessions_opened,
+        dropped: named(UDP_DROPS, &c.dropped),
+    }
 }
 
 #[derive(Serialize)]
@@ -294,6 +318,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                 requests_total: c.requests,
                 durations,
                 tls_handshakes: handshakes(&c.tls_handshakes),
+                udp: e.udp.as_ref().map(|_| udp_json(&c.udp)),
             }
         })
         .collect();

@@ -8,6 +8,7 @@ use crate::config::ListenerConfig;
 use crate::http::HttpListener;
 use crate::l4::passthrough::SniRoutes;
 use crate::tls::server::TlsShared;
+use crate::udp::UdpListener;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -70,6 +71,8 @@ pub struct ListenerEntry {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// tcp with routes: pools by the SNI of the ClientHello (passthrough).
     pub sni: Option<SniRoutes>,
+    /// udp: session settings and the process-wide session count.
+    pub udp: Option<UdpListener>,
     /// The listener was removed by a reload: its connections finish what they are doing and
     /// close.
     pub closing: AtomicBool,

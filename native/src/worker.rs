@@ -13,6 +13,7 @@ use crate::net::Conn;
 use crate::tables::{ListenerEntry, Shared};
 use crate::tls::{self, HandshakeResult, SessionInfo};
 use crate::track;
+use crate::udp::{self, UdpSlot};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
@@ -32,10 +33,7 @@ use tokio::task::{JoinHandle, LocalSet};
 pub enum WorkerCmd {
     /// Start accepting on this worker's socket of listener `name` (bound by the caller, so bind
     /// errors surface synchronously in Python).
-    Listen {
-        name: String,
-        socket: std::net::TcpListener,
-    },
+    Listen { name: String, socket: ListenSocket },
     /// Stop accepting on listener `name`; its open connections carry on, idle keep-alive ones
     /// are closed (its entries were marked `closing` first).
     Unlisten { name: String },
@@ -57,11 +55,19 @@ pub enum WorkerCmd {
     Stop { grace: Duration },
 }
 
+/// A listening socket bound by the engine for one worker.
+pub enum ListenSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
 /// State of one worker thread, shared by its tasks (never crosses threads).
 pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub relay: RelayBuffers,
     pub http: HttpWorker,
+    /// Sessions of udp listeners (started with the first).
+    pub udp: UdpSlot,
     /// This worker's counters and histograms; borrowed only between two awaits.
     pub metrics: RefCell<WorkerMetrics>,
     /// Client connections open on this worker.
@@ -77,6 +83,7 @@ impl WorkerCtx {
         WorkerCtx {
             relay: RelayBuffers::new(shared.splice_threshold),
             http: HttpWorker::default(),
+            udp: UdpSlot::default(),
             metrics: RefCell::default(),
             shared,
             open: Cell::new(0),
@@ -137,27 +144,44 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
         match cmd {
             // SAFETY: the AsyncFd owns the listening socket, so its fd stays open and the same
             // for the AsyncFd's whole life.
-            WorkerCmd::Listen { name, socket } => match unsafe {
-                AsyncFd::register_with_interest(socket, Interest::READABLE)
-            } {
-                Ok(listener) => {
-                    let task =
-                        tokio::task::spawn_local(accept_loop(ctx.clone(), name.clone(), listener));
-                    if let Some(old) = accepting.insert(name, task) {
-                        old.abort();
+            WorkerCmd::Listen { name, socket } => {
+                let task = match socket {
+                    ListenSocket::Tcp(socket) => {
+                        match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+                        {
+                            Ok(listener) => tokio::task::spawn_local(accept_loop(
+                                ctx.clone(),
+                                name.clone(),
+                                listener,
+                            )),
+                            Err(e) => {
+                                eprintln!("fastlb: listener {name}: {e}");
+                                continue;
+                            }
+                        }
                     }
+                    ListenSocket::Udp(socket) => tokio::task::spawn_local(udp::listen_loop(
+                        ctx.clone(),
+                        name.clone(),
+                        socket,
+                    )),
+                };
+                if let Some(old) = accepting.insert(name, task) {
+                    old.abort();
                 }
-                Err(e) => eprintln!("fastlb: listener {name}: {e}"),
-            },
+            }
             WorkerCmd::Unlisten { name } => {
                 if let Some(task) = accepting.remove(&name) {
                     task.abort();
                 }
                 track::close_idle_clients(|l| l.closing.load(Relaxed));
+                ctx.udp.close_where(&ctx, |s| s.entry.cfg.name == name);
             }
             WorkerCmd::CloseBackend { backend, addr } => {
                 ctx.http.upstream.drop_idle(addr);
                 track::close_backend(&backend);
+                ctx.udp
+                    .close_where(&ctx, |s| Arc::ptr_eq(&s.backend, &backend));
             }
             WorkerCmd::DropIdle { addr } => ctx.http.upstream.drop_idle(addr),
             WorkerCmd::Snapshot { index, reply } => {
@@ -169,6 +193,7 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                 }
                 ctx.stopping.set(true);
                 track::close_idle_clients(|_| true);
+                ctx.udp.close_where(&ctx, |_| true);
                 let drained = async {
                     while ctx.open.get() > 0 {
                         let notified = ctx.idle.notified();
@@ -205,6 +230,9 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
             continue;
         };
         drop(tables);
+        if entry.cfg.protocol == Protocol::Udp {
+            continue; // the engine rebinds a listener that changes to udp; until then, refuse
+        }
         let limit = ctx.shared.max_connections;
         let open_before = ctx.shared.connections.fetch_add(1, Relaxed);
         let refused = limit > 0 && open_before >= limit;
@@ -236,6 +264,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                 };
                 http::serve(&ctx, ClientSocket::new(stream), None, peer, &entry).await
             }),
+            Protocol::Udp => unreachable!("refused above"),
             Protocol::Https | Protocol::Tls => tokio::task::spawn_local(async move {
                 let _guard = ConnGuard {
                     ctx: &ctx,

@@ -1701,6 +1701,7 @@ mod tests {
             rate_limit: None,
             routes: vec![],
             tls: None,
+            udp: None,
         };
         let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",
@@ -1715,6 +1716,7 @@ mod tests {
             id: 0,
             tls: None,
             sni: None,
+            udp: None,
             closing: Default::default(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()

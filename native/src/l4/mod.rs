@@ -132,7 +132,7 @@ fn peer_failed(upstream: RawFd) -> bool {
 
 /// The key a hashing algorithm uses for a TCP connection: only the source IP exists at L4
 /// (the config refuses other hash keys on tcp listeners).
-fn connection_key(pool: &Pool, peer: SocketAddr) -> u64 {
+pub(crate) fn connection_key(pool: &Pool, peer: SocketAddr) -> u64 {
     match (&pool.hash_key, peer.ip()) {
         (HashKey::SourceIp, IpAddr::V4(ip)) => hash_key(&ip.octets()),
         (HashKey::SourceIp, IpAddr::V6(ip)) => hash_key(&ip.octets()),
