@@ -128,7 +128,15 @@ pub async fn listen_loop(ctx: Rc<WorkerCtx>, name: String, socket: std::net::Udp
         for _ in 0..BATCHES_PER_TURN {
             let mut batch = w.inbound.borrow_mut();
             match batch.recv(socket.raw(), 0, BATCH, true, wildcard) {
-                Ok(n) => forward(&ctx, &w, &socket, &name, &batch, n),
+                Ok(n) => {
+                    forward(&ctx, &w, &socket, &name, &batch, n);
+                    if n < BATCH {
+                        // A short batch emptied the queue: a datagram arriving from now on
+                        // raises a fresh readiness event, so no recvmmsg just to hear EAGAIN.
+                        ready.clear_ready();
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();
                     break;
@@ -353,16 +361,22 @@ async fn reply_loop(ctx: Rc<WorkerCtx>, w: Rc<UdpWorker>) {
             ready.clear_ready();
             continue;
         }
-        drop(ready);
-        relay_replies(&ctx, &w, &events[..n as usize]);
-        if n as usize == EVENTS {
+        let drained = relay_replies(&ctx, &w, &events[..n as usize]);
+        if drained && (n as usize) < EVENTS {
+            // Every ready socket was read empty and the ready list with them: a later reply
+            // wakes the set again, so no epoll_wait just to hear that nothing is left.
+            ready.clear_ready();
+        } else {
+            drop(ready);
             tokio::task::yield_now().await;
         }
     }
 }
 
 /// Reads the replies waiting on the sockets of `events` and sends them on, a batch at a time.
-fn relay_replies(ctx: &WorkerCtx, w: &UdpWorker, events: &[libc::epoll_event]) {
+/// Returns whether every socket was read empty.
+fn relay_replies(ctx: &WorkerCtx, w: &UdpWorker, events: &[libc::epoll_event]) -> bool {
+    let mut drained = true;
     let now = Instant::now();
     let mut batch = w.replies.borrow_mut();
     let mut ending = w.ending.borrow_mut();
@@ -400,6 +414,7 @@ fn relay_replies(ctx: &WorkerCtx, w: &UdpWorker, events: &[libc::epoll_event]) {
             batch.address(slot, s.key.client, s.local);
             *out = (s.socket.raw(), s.entry.id);
         }
+        drained &= got < room;
         filled += got;
         s.last = now;
         s.datagrams_out += got as u64;
@@ -424,6 +439,7 @@ fn relay_replies(ctx: &WorkerCtx, w: &UdpWorker, events: &[libc::epoll_event]) {
     for (index, why) in ending.drain(..) {
         end(ctx, &w.sessions, index, why, now);
     }
+    drained
 }
 
 /// Sends the first `filled` slots, each run through one listening socket in one sendmmsg; what
