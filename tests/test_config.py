@@ -120,6 +120,7 @@ LISTENER_KEYS = {
     "max_headers",
     "rate_limit",
     "routes",
+    "udp",
 }
 ROUTE_KEYS = {
     "host",
@@ -252,6 +253,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "max_header_bytes": 65_536,
         "max_headers": 100,
         "rate_limit": {"requests_per_second": 100.0, "burst": 200},
+        "udp": None,
         "routes": [
             {
                 "host": "api.example.com",
@@ -761,17 +763,10 @@ def test_tcp_listener_with_rate_limit() -> None:
     assert errors_of(data) == ['listeners[0].rate_limit: only for protocol = "http" or "https"']
 
 
-@pytest.mark.parametrize("protocol", ["udp"])
-def test_reserved_protocol(protocol: str) -> None:
-    data = minimal()
-    data["listeners"][0]["protocol"] = protocol
-    assert errors_of(data) == ["listeners[0].protocol: not supported yet (reserved)"]
-
-
 def test_unknown_protocol() -> None:
     data = minimal()
     data["listeners"][0]["protocol"] = "smtp"
-    assert errors_of(data) == ['listeners[0].protocol: must be "tcp", "http", "https" or "tls"']
+    assert errors_of(data) == ['listeners[0].protocol: must be "tcp", "http", "https", "tls" or "udp"']
 
 
 def test_unknown_algorithm() -> None:
@@ -859,6 +854,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "max_header_bytes": 8192,
         "max_headers": 50,
         "rate_limit": {"requests_per_second": 2.5, "burst": 3},
+        "udp": None,
         "routes": [
             {
                 "host": "api.example.com",
@@ -1270,7 +1266,7 @@ def test_cli_check_full_example_ok(tmp_path: Path) -> None:
         ('pool = "v2"\n\n[[pools]]', 'pool = "nope"\n\n[[pools]]', "listeners[1].pool"),
         ('address = "127.0.0.1:9003"', 'address = "127.0.0.1:8080"', "pools[0].backends[2].address"),
         ('connect = "2s"', "connect = 2", "pools[0].timeouts.connect"),
-        ('protocol = "tcp"', 'protocol = "udp"', "listeners[1].protocol"),
+        ('protocol = "tcp"', 'protocol = "sctp"', "listeners[1].protocol"),
         ("max_connections = 50000", "max_connections = ", ":"),
     ],
 )

@@ -626,7 +626,7 @@ def refusals(folder: Folder) -> list[tuple[dict[str, Any], str]]:
         (config({"protocol": "tls"}), 'listeners[0].tls: required for protocol = "tls"'),
         (config({"protocol": "http", "tls": tls}), 'listeners[0].tls: only for protocol = "https" or "tls"'),
         (config({"protocol": "tcp", "tls": tls}), 'listeners[0].tls: only for protocol = "https" or "tls"'),
-        (config({"protocol": "udp"}), "listeners[0].protocol: not supported yet (reserved)"),
+        (config({"protocol": "udp", "tls": tls}), 'listeners[0].tls: only for protocol = "https" or "tls"'),
         (
             config({"protocol": "https", "tls": {"certificates": []}}),
             "listeners[0].tls.certificates: must not be empty",
@@ -835,7 +835,7 @@ def refusals(folder: Folder) -> list[tuple[dict[str, Any], str]]:
                 {"protocol": "http"},
                 pools=[{"name": "b", "backends": [{"address": "127.0.0.1:9002"}], "health": {"type": "tls"}}],
             ),
-            'pools[1].health.type: must be "tcp", "http", "https" or "none"',
+            'pools[1].health.type: must be "tcp", "http", "https", "dns", "udp" or "none"',
         ),
     ]
 

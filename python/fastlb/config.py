@@ -23,14 +23,19 @@ Defaults (a key left out means this):
               HAProxy's tune.bufsize), max_headers = 100 (1..=1000; HAProxy's limit is 101);
               tls (https/tls only, required there): min_version = "1.2", alpn = ["h2",
               "http/1.1"] for https and none for tls, client_auth = "off", session_tickets = true;
-              routes: redirect.code = 301
+              routes: redirect.code = 301;
+              udp listeners: timeouts.session_idle = "30s", udp = {responses = 0 (a flow ends
+              only when idle), per_packet = false, max_sessions = 100000}
     pools     algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
               backend weight = 1, max_connections = 0 (unlimited), backup = false,
               retries = 2 (at most MAX_RETRIES = 10, the data plane's limit),
               timeouts = {connect = "2s", read = "30s", send = "30s", idle = "60s"},
               health = {type = "tcp", interval = "2s", timeout = "1s", rise = 2, fall = 3},
               http health: path = "/", expect_status = any 2xx or 3xx (HAProxy httpchk), host =
-              the backend's host; passive = off; slow_start = "0s"; drain_timeout = "30s";
+              the backend's host; dns health: query = "a.root-servers.net.", query_type = "A",
+              expect_rcode = any rcode but SERVFAIL (dnsdist); udp health: send (required),
+              expect = none (any reply); a pool only udp listeners use, without a health table:
+              type = "none", with a warning; passive = off; slow_start = "0s"; drain_timeout = "30s";
               affinity.ttl = none (a session cookie, like HAProxy `cookie ... insert`);
               keepalive = 256 (0..=10000 idle upstream connections kept per backend per worker
               thread; 0 = a new upstream connection per request). Not nginx's usual 32: a worker
@@ -75,6 +80,14 @@ Choices where the contract is silent:
     - An https listener's alpn may list only "h2" and "http/1.1" (what it speaks); a tls
       listener's any protocol names. client_ca with client_auth = "off", and pools.tls.ca with
       verify = false, are warnings (the file is read and checked, then unused).
+    - udp listeners take the tcp checks (no rate_limit, header keys, keepalive, queue,
+      affinity, non-source_ip hash_key) and more: no routes, no tls on the listener or its
+      pool, no timeouts.client_idle (session_idle ends a flow); `udp` and session_idle are
+      udp-only. A pool only udp listeners use may check with dns, udp or none (a tcp/http
+      check finds no TCP port); a pool shared with tcp listeners may use any type (DNS over
+      TCP and UDP on the same backends). dns names are made absolute ("x.example" ->
+      "x.example."), query types and rcodes upper-case, as dnspython spells them; query
+      types that are not asked for (AXFR, IXFR, OPT, TSIG...) are refused.
     - pools.tls.verify is true/false; "required"/"none" (CONTRACT.md's spelling) mean the same.
       health type "https" may be used with or without [pools.tls] (without: verify against the
       system's roots).
@@ -92,6 +105,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
+import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdatatype
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -120,10 +137,11 @@ __all__ = [
 ]
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-Protocol = Literal["tcp", "http", "https", "tls"]
+Protocol = Literal["tcp", "http", "https", "tls", "udp"]
 HTTP_PROTOCOLS = ("http", "https")  # requests: routes by content, rate limits, header limits
 STREAM_PROTOCOLS = ("tcp", "tls")  # bytes to the pool
 TLS_PROTOCOLS = ("https", "tls")  # TLS terminated here: [listeners.tls] required
+UDP_HEALTH = ("dns", "udp", "none")  # the health types of a pool only udp listeners use
 HTTPS_ALPN = ("h2", "http/1.1")  # what an https listener speaks, and offers by default
 HASH_ALGORITHMS = ("ip_hash", "consistent_hash", "maglev")
 ALERT_METRICS = ("healthy_backends", "draining_backends", "error_rate", "latency_p99")
@@ -322,9 +340,7 @@ def _protocol(value: object) -> Protocol:
     for protocol in get_args(Protocol):
         if value == protocol:
             return cast(Protocol, protocol)
-    if value == "udp":
-        raise ValueError("not supported yet (reserved)")
-    raise ValueError('must be "tcp", "http", "https" or "tls"')
+    raise ValueError('must be "tcp", "http", "https", "tls" or "udp"')
 
 
 def _path(text: str) -> str:
@@ -429,6 +445,45 @@ def _verify(value: object) -> bool:
     raise ValueError('must be true or false ("required" or "none" also work)')
 
 
+def _dns_name(text: str) -> str:
+    """A DNS name (dnspython's syntax), made absolute: "health.example" -> "health.example."."""
+    if not text:
+        raise ValueError('must be a DNS name, e.g. "health.example."')
+    try:
+        return dns.name.from_text(text).to_text()
+    except dns.exception.DNSException as exc:
+        raise ValueError(f"not a DNS name: {exc}") from None
+
+
+def _query_type(text: str) -> str:
+    """An RR type one can ask for over UDP: "A", "AAAA", "SOA", "TYPE65534", "ANY"; not AXFR,
+    IXFR, OPT, TSIG..."""
+    try:
+        rdtype = dns.rdatatype.from_text(text)
+    except dns.exception.DNSException:
+        raise ValueError(f'not a DNS record type: {json.dumps(text)} (e.g. "A", "AAAA", "SOA")') from None
+    if dns.rdatatype.is_metatype(rdtype) and rdtype != dns.rdatatype.ANY:
+        raise ValueError(f"{dns.rdatatype.to_text(rdtype)} cannot be asked for in a health check")
+    return dns.rdatatype.to_text(rdtype)
+
+
+def _rcode(text: str) -> str:
+    name = text.upper()
+    if name not in dns.rcode.Rcode.__members__:
+        known = ", ".join(list(dns.rcode.Rcode.__members__)[:6])
+        raise ValueError(f"unknown rcode {json.dumps(text)} (names such as {known}, ...)")
+    return name
+
+
+MAX_DATAGRAM = 65_507  # the largest UDP payload over IPv4
+
+
+def _datagram(text: str) -> str:
+    if len(text.encode()) > MAX_DATAGRAM:
+        raise ValueError(f"longer than one datagram ({MAX_DATAGRAM} bytes as UTF-8)")
+    return text
+
+
 def _balance_factor(value: int) -> int:
     if value != 0 and value < 100:
         raise ValueError("must be 0 (off) or >= 100")
@@ -477,6 +532,15 @@ class Log(_Model):
 class ListenerTimeouts(_Model):
     client_idle: Duration = Duration.parse("60s")
     header_read: PositiveDuration = Duration.parse("10s")
+    session_idle: PositiveDuration = Duration.parse("30s")  # udp: a flow ends after this long quiet
+
+
+class Udp(_Model):
+    """`udp = { responses, per_packet, max_sessions }` on a udp listener."""
+
+    responses: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0  # replies that end a session; 0 = idle only
+    per_packet: bool = False  # balance every datagram, not every flow
+    max_sessions: Annotated[int, Field(ge=1, le=2**32 - 1)] = 100_000  # per listener, whole process
 
 
 class RateLimit(_Model):
@@ -558,6 +622,7 @@ class Listener(_Model):
     rate_limit: RateLimit | None = None
     tls: ListenerTls | None = None
     routes: list[Route] = []
+    udp: Udp | None = None  # udp listeners: always set (the defaults when the table is absent)
 
     @property
     def is_http(self) -> bool:
@@ -568,7 +633,7 @@ class Listener(_Model):
     @classmethod
     def _protocol_defaults(cls, data: Any) -> Any:
         """Defaults that depend on the protocol: client_idle 10m on tcp/tls (nginx stream),
-        ALPN h2 and http/1.1 on https."""
+        ALPN h2 and http/1.1 on https, the `udp` table's defaults on udp."""
         if not isinstance(data, dict):
             return data
         protocol = data.get("protocol")
@@ -578,6 +643,8 @@ class Listener(_Model):
         tls = data.get("tls")
         if protocol == "https" and isinstance(tls, dict) and "alpn" not in tls:
             data = {**data, "tls": {**tls, "alpn": list(HTTPS_ALPN)}}
+        if protocol == "udp" and "udp" not in data:
+            data = {**data, "udp": {}}
         return data
 
 
@@ -596,15 +663,23 @@ class PoolTimeouts(_Model):
 
 
 class Health(_Model):
-    """Active health checks; `expect_status` None means any 2xx or 3xx."""
+    """Active health checks; `expect_status` None means any 2xx or 3xx, `expect_rcode` None
+    any rcode but SERVFAIL (dnsdist's default)."""
 
-    type: Literal["tcp", "http", "https", "none"] = "tcp"
+    type: Literal["tcp", "http", "https", "dns", "udp", "none"] = "tcp"
     path: Annotated[str, AfterValidator(_path)] = "/"
     expect_status: (
         Annotated[list[Annotated[int, AfterValidator(_status_code)]], Field(min_length=1)] | None
     ) = None
     expect_body: str | None = None
     host: str | None = None
+    # dns: the question sent (names absolute, types and rcodes upper-case, as dnspython spells them)
+    query: Annotated[str, AfterValidator(_dns_name)] = "a.root-servers.net."
+    query_type: Annotated[str, AfterValidator(_query_type)] = "A"
+    expect_rcode: Annotated[list[Annotated[str, AfterValidator(_rcode)]], Field(min_length=1)] | None = None
+    # udp: the payload sent (UTF-8; required for type = "udp") and a substring the reply must hold
+    send: Annotated[str, AfterValidator(_datagram)] = ""
+    expect: Annotated[str, Field(min_length=1)] | None = None
     interval: PositiveDuration = Duration.parse("2s")
     timeout: PositiveDuration = Duration.parse("1s")
     rise: Annotated[int, Field(ge=1)] = 2
@@ -615,6 +690,20 @@ class Health(_Model):
         if self.expect_status is None:
             return 200 <= status < 400
         return status in self.expect_status
+
+    def rcode_ok(self, rcode: str) -> bool:
+        """Whether a dns check reply with this rcode (a dnspython name) counts as healthy."""
+        if self.expect_rcode is None:
+            return rcode != "SERVFAIL"
+        return rcode in self.expect_rcode
+
+
+# Health keys that only one kind of check reads: (types, keys).
+HEALTH_KEYS = (
+    (("http", "https"), ("path", "expect_status", "expect_body", "host")),
+    (("dns",), ("query", "query_type", "expect_rcode")),
+    (("udp",), ("send", "expect")),
+)
 
 
 class Passive(_Model):
@@ -968,8 +1057,16 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         errors.append(f'{at}.tls: only for protocol = "https" or "tls"')
     elif lst.tls is not None:
         errors += _listener_tls_errors(f"{at}.tls", lst.protocol, lst.tls)
+    if lst.protocol != "udp":
+        if lst.udp is not None:
+            errors.append(f'{at}.udp: only for protocol = "udp"')
+        if lst.timeouts.session_idle != ListenerTimeouts().session_idle:
+            errors.append(f'{at}.timeouts.session_idle: only for protocol = "udp"')
     if not lst.is_http:
         errors += _stream_listener_errors(at, lst, cfg, pools)
+    if lst.protocol == "udp":
+        errors += _udp_listener_errors(at, lst, cfg, pools)
+        return errors
     if lst.protocol == "tls" and lst.routes:
         errors.append(
             f'{at}.routes: not for protocol = "tls" (SNI routes are for "tcp" listeners, content routes'
@@ -996,7 +1093,7 @@ def _listener_tls_errors(at: str, protocol: Protocol, tls: ListenerTls) -> list[
 
 
 def _stream_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
-    """tcp and tls listeners relay bytes: the HTTP keys do not apply, to them or their pools."""
+    """tcp, tls and udp listeners relay bytes: the HTTP keys do not apply, to them or their pools."""
     errors: list[str] = []
     if lst.rate_limit is not None:
         errors.append(f"{at}.rate_limit: {HTTP_ONLY}")
@@ -1020,6 +1117,70 @@ def _stream_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str
         if pool.queue != Queue():
             errors.append(f"pools[{p}].queue: http only, but {uses}")
     return errors
+
+
+def _udp_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
+    """A udp listener relays datagrams: no routes, no client_idle (session_idle ends a flow), and
+    no TLS to its pool's backends."""
+    errors: list[str] = []
+    if lst.routes:
+        errors.append(f'{at}.routes: not for protocol = "udp" (every datagram goes to the pool)')
+    if lst.timeouts.client_idle != ListenerTimeouts().client_idle:
+        errors.append(f'{at}.timeouts.client_idle: not for protocol = "udp"; a flow ends after session_idle')
+    p = pools.get(lst.pool)
+    if p is not None and cfg.pools[p].tls is not None:
+        errors.append(f"pools[{p}].tls: not for udp, but udp listener {lst.name!r} uses this pool")
+    return errors
+
+
+def _pool_users(cfg: Config) -> dict[str, set[str]]:
+    """The protocols of the listeners that send traffic to each pool (directly or by a route)."""
+    users: dict[str, set[str]] = {}
+    for lst in cfg.listeners:
+        names = [lst.pool]
+        for r in lst.routes:
+            names += [r.pool] if r.pool is not None else [e.pool for e in r.split or []]
+        for name in names:
+            users.setdefault(name, set()).add(lst.protocol)
+    return users
+
+
+def _udp_only(cfg: Config) -> list[int]:
+    """Indexes of the pools that only udp listeners use."""
+    users = _pool_users(cfg)
+    return [i for i, pool in enumerate(cfg.pools) if users.get(pool.name) == {"udp"}]
+
+
+def _udp_health_errors(cfg: Config) -> list[str]:
+    """A pool only udp listeners use has no TCP port to check: dns, udp or none."""
+    errors: list[str] = []
+    allowed = '"dns", "udp" or "none"'
+    for i in _udp_only(cfg):
+        health = cfg.pools[i].health
+        if "health" not in cfg.pools[i].model_fields_set or health.type in UDP_HEALTH:
+            continue
+        given = "" if "type" in health.model_fields_set else " (the default)"
+        errors.append(
+            f'pools[{i}].health.type: "{health.type}"{given} checks a TCP port, but only udp listeners'
+            f" use this pool; use {allowed}"
+        )
+    return errors
+
+
+def _udp_health_defaults(cfg: Config) -> list[str]:
+    """A pool only udp listeners use, without a `health` table, gets no active checks (the tcp
+    default cannot reach a UDP service); returns the warnings that say so."""
+    warnings: list[str] = []
+    for i in _udp_only(cfg):
+        pool = cfg.pools[i]
+        if "health" in pool.model_fields_set:
+            continue
+        pool.health = Health(type="none")
+        warnings.append(
+            f"pools[{i}].health: not set on a pool only udp listeners use, so it has no active checks"
+            ' (type = "none"); set type = "dns" or "udp"'
+        )
+    return warnings
 
 
 def _address_key(text: str) -> tuple[str, int]:
@@ -1047,11 +1208,16 @@ def _pool_errors(i: int, pool: Pool) -> list[str]:
     health = pool.health
     if health.timeout > health.interval:
         errors.append(f"{at}.health.timeout: must not exceed interval ({health.interval.text})")
-    if health.type not in ("http", "https"):
-        http_default = Health()
-        for name in ("path", "expect_status", "expect_body", "host"):
-            if getattr(health, name) != getattr(http_default, name):
-                errors.append(f'{at}.health.{name}: only for type = "http" or "https"')
+    default = Health()
+    for types, keys in HEALTH_KEYS:
+        if health.type in types:
+            continue
+        only = " or ".join(f'"{t}"' for t in types)
+        for name in keys:
+            if getattr(health, name) != getattr(default, name):
+                errors.append(f"{at}.health.{name}: only for type = {only}")
+    if health.type == "udp" and not health.send:
+        errors.append(f'{at}.health.send: required for type = "udp" (the payload each check sends)')
     tls = pool.tls
     if tls is not None and (tls.cert is None) != (tls.key is None):
         given, missing = ("cert", "key") if tls.key is None else ("key", "cert")
@@ -1070,6 +1236,7 @@ def _semantic_errors(cfg: Config) -> list[str]:
         errors += _pool_errors(i, pool)
     for i, listener in enumerate(cfg.listeners):
         errors += _listener_errors(i, listener, cfg, pools)
+    errors += _udp_health_errors(cfg)
     binds: list[Endpoint | None] = [_literal_endpoint(x.bind, bind=True) for x in cfg.listeners]
     backends = {
         (i, j): _literal_endpoint(b.address, bind=False)
@@ -1224,7 +1391,7 @@ def parse_config(data: dict[str, Any], base_dir: str | os.PathLike[str] | None =
     errors = list(dict.fromkeys(errors + file_errors))
     if errors:
         raise ConfigError(errors)
-    cfg._warnings = warnings
+    cfg._warnings = _udp_health_defaults(cfg) + warnings
     return cfg
 
 
@@ -1335,8 +1502,10 @@ class _Engine:
         return {"runtime": runtime, "access_log": access_log, "listeners": listeners, "pools": pools}
 
     def listener(self, i: int, x: Listener, bind: str) -> dict[str, Any]:
-        """`ListenerConfig`; tcp listeners carry the http keys too (defaults, no routes)."""
+        """`ListenerConfig`; tcp and udp listeners carry the http keys too (defaults, no
+        routes), and every listener `udp` (null unless protocol = "udp")."""
         rate = x.rate_limit
+        udp = (x.udp or Udp()) if x.protocol == "udp" else None
         return {
             "name": x.name,
             "bind": bind,
@@ -1353,6 +1522,16 @@ class _Engine:
                 else {"requests_per_second": float(rate.requests_per_second), "burst": rate.burst}
             ),
             "routes": [_Engine.route(r) for r in x.routes],
+            "udp": (
+                None
+                if udp is None
+                else {
+                    "session_idle_ms": x.timeouts.session_idle.ms,
+                    "responses": udp.responses,
+                    "per_packet": udp.per_packet,
+                    "max_sessions": udp.max_sessions,
+                }
+            ),
         }
 
     def unread(self, at: str) -> None:
