@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,7 @@ class Server:
         # as soon as the port opens is then handled (reload, drain) rather than killing the
         # process. The data plane's threads inherit the mask, so signals always reach this one.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        raise_open_file_limit(self.config)
         try:
             self.engine = Engine(self.config)
         except (OSError, RuntimeError, ValueError) as err:
@@ -121,6 +123,30 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         loop.add_signal_handler(signal.SIGUSR1, engine.reopen_access_log)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
+def raise_open_file_limit(config: Config) -> int:
+    """Lifts the soft open-file limit to the hard one, as HAProxy does for itself: every client
+    connection, backend connection and udp session is a descriptor, and the usual soft limit
+    (1024) would cap a udp listener at about a thousand flows. Warns when even the hard limit is
+    below what the udp listeners' `max_sessions` ask for. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, err)
+    sessions = sum(x.udp.max_sessions for x in config.listeners if x.protocol == "udp" and x.udp)
+    if sessions > soft:
+        log.warning(
+            "the open-file limit (%d) is below the udp listeners' max_sessions (%d in all): flows"
+            " beyond it are dropped (send_error); raise it (systemd LimitNOFILE=, ulimit -n)",
+            soft,
+            sessions,
+        )
+    return soft
 
 
 async def _reload(control: ControlPlane) -> None:
