@@ -260,25 +260,33 @@ fn session_for(
         // Down or disabled: the flow moves (a draining backend keeps its flows).
         drop_session(ctx, sessions, index, End::Rebalanced, now);
     }
-    if udp.sessions.load(Relaxed) >= udp.cfg.max_sessions as usize {
+    let max = udp.cfg.max_sessions as usize;
+    if !reserve(&udp.sessions, max) {
         let before = now.checked_sub(EVICT_IDLE).ok_or(UdpDrop::MaxSessions)?;
         let victim = sessions
             .eviction_candidate(entry.id, before, EVICT_PROBES)
             .ok_or(UdpDrop::MaxSessions)?;
         drop_session(ctx, sessions, victim, End::Evicted, now);
+        if !reserve(&udp.sessions, max) {
+            return Err(UdpDrop::MaxSessions); // another worker took the slot
+        }
     }
+    let unreserve = |why| {
+        udp.sessions.fetch_sub(1, Relaxed);
+        why
+    };
     let i = match picked {
         Some(i) => i,
-        None => pool.select(hash, &[]).ok_or(UdpDrop::NoBackend)?,
+        None => pool
+            .select(hash, &[])
+            .ok_or_else(|| unreserve(UdpDrop::NoBackend))?,
     };
     let backend = &pool.backends[i];
     let (index, token) = sessions.vacant();
-    let upstream = connect(pool, i, w.epoll.get_ref().as_raw_fd(), token).map_err(|_| {
-        backend.fail_connect();
-        UdpDrop::SendError
-    })?;
+    // Only a local shortage (descriptors, memory) fails here: not the backend's failure.
+    let upstream = connect(pool, i, w.epoll.get_ref().as_raw_fd(), token)
+        .map_err(|_| unreserve(UdpDrop::SendError))?;
     backend.acquire();
-    udp.sessions.fetch_add(1, Relaxed);
     {
         let mut metrics = ctx.metrics.borrow_mut();
         metrics.record_session(entry.id, true);
@@ -301,6 +309,14 @@ fn session_for(
     });
     debug_assert_eq!(inserted, index);
     Ok(index)
+}
+
+/// Takes one of `max` session places, if one is free: one atomic step, so that two workers
+/// cannot both take the last.
+fn reserve(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+        .is_ok()
 }
 
 /// Whether a session may stay on its backend: up and not disabled (draining keeps its flows).
