@@ -395,6 +395,24 @@ def test_icmp_unreachable_counts_for_passive_ejection(dns_backend, udp_lb):
     assert metric(m, "fastlb_backend_failures_total", pool="dns", backend=dead.address, kind="connect") >= 1
 
 
+def test_backup_takes_flows_only_while_every_primary_is_down(dns_backend, udp_lb):
+    primary, backup = dns_backend("primary", IPS[0]), dns_backend("backup", IPS[1])
+    port, admin = free_udp_port(), free_port()
+    cfg = udp_config(
+        port, [primary.address], backups=[backup.address], admin=admin, responses=1, health=dns_health()
+    )
+    udp_lb(cfg, admin)
+    assert wait_until(lambda: state_of(admin, "dns", primary.address) == "up", 10)
+    assert answers(port, 20) == {primary.ip: 20}
+    primary.health_rcode = "SERVFAIL"
+    assert wait_until(lambda: state_of(admin, "dns", primary.address) == "down", 10)
+    assert answers(port, 20, prefix="b") == {backup.ip: 20}
+    primary.health_rcode = None
+    assert wait_until(lambda: state_of(admin, "dns", primary.address) == "up", 10)
+    assert answers(port, 20, prefix="c") == {primary.ip: 20}
+    assert backup.queries == 20
+
+
 # --- counters ---------------------------------------------------------------------------------
 
 

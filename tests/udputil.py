@@ -326,13 +326,15 @@ def udp_config(
     name: str = "dns",
     extra: str = "",
     drain_timeout: str = "2s",
+    backups: Sequence[str] = (),
 ) -> str:
     """A config with one udp listener `name` on 127.0.0.1:`port` over one pool "dns"; the admin
     API on 127.0.0.1:`admin` (the tests read /api/status and /metrics there). Keys left None are
-    not written, so the defaults apply."""
+    not written, so the defaults apply. `backups` are backends with `backup = true`."""
     weights = weights or [1] * len(backends)
     entries = ", ".join(
-        f'{{ address = "{a}", weight = {w} }}' for a, w in zip(backends, weights, strict=True)
+        [f'{{ address = "{a}", weight = {w} }}' for a, w in zip(backends, weights, strict=True)]
+        + [f'{{ address = "{a}", backup = true }}' for a in backups]
     )
     udp = []
     if responses is not None:
