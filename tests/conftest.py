@@ -25,9 +25,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+def wait_port(
+    port: int, host: str = "127.0.0.1", timeout: float = 15.0, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Waits until `port` accepts TCP connections; gives up early once `alive()` is false."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    while time.monotonic() < end and alive():
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return
@@ -110,11 +113,12 @@ def fastlb(tmp_path: Path) -> Iterator[Callable[..., FastlbProcess]]:
         p = FastlbProcess(path, proc)
         running.append(p)
         try:
-            wait_port(port, host)
+            alive = lambda: proc.poll() is None  # noqa: E731 - a process that exited will not listen
+            wait_port(port, host, alive=alive)
             admin = tomllib.loads(config).get("admin", {}).get("bind", "off")
             if admin != "off":  # the admin API starts just after the listeners
                 admin_host, _, admin_port = admin.rpartition(":")
-                wait_port(int(admin_port), admin_host.strip("[]"))
+                wait_port(int(admin_port), admin_host.strip("[]"), alive=alive)
         except TimeoutError:
             code, err = p.stop()
             raise AssertionError(f"fastlb did not start (exit {code}): {err}") from None
