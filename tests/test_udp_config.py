@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -410,6 +411,17 @@ def test_example_file_checks(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli_main(["check", "-c", str(REPO / "examples" / "udp-dns.toml")])
     out, err = capsys.readouterr()
     assert (code, out, err) == (0, "ok\n", "")
+
+
+@pytest.mark.parametrize("doc", ["docs/udp.md", "README.md"])
+def test_documented_udp_configs_check(doc: str) -> None:
+    """Every complete UDP example in the docs (a toml block with a udp listener and its pool)."""
+    blocks = (REPO / doc).read_text().split("```toml\n")[1:]
+    configs = [b.split("```")[0] for b in blocks if 'protocol = "udp"' in b.split("```")[0]]
+    complete = [c for c in configs if "[[pools]]" in c]
+    assert complete
+    for text in complete:
+        parse_config(tomllib.loads(text))
 
 
 def test_dump_round_trips() -> None:
