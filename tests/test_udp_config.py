@@ -139,6 +139,34 @@ def test_dns_and_udp_health_on_a_pool_shared_with_tcp() -> None:
     assert cfg.pools[1].health.type == "tcp" and cfg.warnings == []
 
 
+def test_udp_and_tcp_listeners_share_an_address_and_port() -> None:
+    """DNS over UDP and TCP on one port: the port spaces are apart; two udp listeners are not,
+    and nor is the admin API (TCP) with a tcp listener."""
+    data = udp_config()
+    data["listeners"][0]["bind"] = data["listeners"][1]["bind"]
+    data["listeners"][0]["pool"] = "dns"
+    data["admin"]["bind"] = data["listeners"][1]["bind"]
+    assert errors_of(data) == ["admin.bind: already used by listener 'web'"]
+    data["admin"]["bind"] = "off"
+    assert [x["bind"] for x in parse_config(data).to_engine()["listeners"]] == ["127.0.0.1:15353"] * 2
+    data["listeners"][0]["protocol"] = "udp"
+    data["listeners"][0]["name"] = "dns2"
+    assert errors_of(data) == ["listeners[1].bind: already used by listener 'dns2'"]
+
+
+def test_hairpin_by_transport() -> None:
+    """A udp pool's backend at a udp listener's address is fastlb itself; at a tcp listener's
+    address (the same port number) it is not, and the other way round."""
+    data = udp_config()
+    data["pools"][1]["backends"] = [{"address": "127.0.0.1:15353"}]  # the udp listener
+    assert errors_of(data) == [
+        "pools[1].backends[0].address: hairpin: this is listener 'dns' (fastlb would send traffic to itself)"
+    ]
+    data["pools"][1]["backends"] = [{"address": "127.0.0.1:18080"}]  # the tcp listener's port, over udp
+    data["pools"][0]["backends"] = [{"address": "127.0.0.1:15353"}]  # the udp listener's port, over tcp
+    parse_config(data).to_engine()
+
+
 def test_every_algorithm_on_a_udp_pool() -> None:
     for algorithm in (
         "round_robin",
