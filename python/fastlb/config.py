@@ -57,7 +57,8 @@ Choices where the contract is silent:
     - At least one listener is required (HAProxy refuses to start without one).
     - `hash_key` with a non-hashing algorithm is an error rather than silently ignored; ip_hash
       only hashes the source IP; `hash_balance_factor` only applies to the hashing algorithms.
-    - Listener binds may not overlap (same port and same address, or a wildcard address).
+    - Listener binds may not overlap (same port and same address, or a wildcard address); a
+      udp listener may share its address and port with a tcp one (DNS over both).
     - source_cidr accepts host bits set ("10.1.2.3/8" means 10.0.0.0/8), as nginx and HAProxy do.
     - Health `timeout` may not exceed `interval`; http-only health keys with another type, and
       `affinity` / a non-source_ip `hash_key` on a pool used by a tcp listener, are errors.
@@ -926,11 +927,16 @@ def _hairpin(listener: Endpoint, backend: Endpoint, local: frozenset[IPAddr]) ->
 def _endpoint_errors(
     cfg: Config, listeners: list[Endpoint | None], backends: dict[tuple[int, int], Endpoint]
 ) -> list[str]:
-    """Overlapping binds (listeners and admin) and hairpins (backend == own listener)."""
+    """Overlapping binds (listeners and admin) and hairpins (backend == own listener). TCP and UDP
+    ports are apart: DNS binds both on the same address and port; a pool's backends can only
+    reach the listeners of the transports its users speak (an unused pool: either)."""
     errors: list[str] = []
+    transport = [_transport(x.protocol) for x in cfg.listeners]
     for i, ep in enumerate(listeners):
         for k in range(i):
             other = listeners[k]
+            if transport[i] != transport[k]:
+                continue
             if ep is not None and other is not None and _binds_overlap(ep, other):
                 name = cfg.listeners[k].name
                 errors.append(f"listeners[{i}].bind: already used by listener {name!r}")
@@ -938,13 +944,15 @@ def _endpoint_errors(
     if cfg.admin.bind != "off":
         admin = _literal_endpoint(cfg.admin.bind, bind=True)
         for i, ep in enumerate(listeners):
-            if ep is not None and _binds_overlap(admin, ep):
+            if ep is not None and transport[i] == "tcp" and _binds_overlap(admin, ep):
                 name = cfg.listeners[i].name
                 errors.append(f"admin.bind: already used by listener {name!r}")
     local = _local_ips()
+    users = _pool_users(cfg)
     for (i, j), backend in sorted(backends.items()):
+        reach = {_transport(p) for p in users.get(cfg.pools[i].name, set())} or {"tcp", "udp"}
         for k, ep in enumerate(listeners):
-            if ep is not None and _hairpin(ep, backend, local):
+            if ep is not None and transport[k] in reach and _hairpin(ep, backend, local):
                 name = cfg.listeners[k].name
                 errors.append(
                     f"pools[{i}].backends[{j}].address: hairpin: this is listener {name!r}"
@@ -952,6 +960,10 @@ def _endpoint_errors(
                 )
                 break
     return errors
+
+
+def _transport(protocol: str) -> str:
+    return "udp" if protocol == "udp" else "tcp"
 
 
 def _duplicates(section: str, names: list[str], what: str) -> list[str]:

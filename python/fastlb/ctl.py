@@ -166,13 +166,14 @@ def status_view(status: dict[str, Any]) -> Group:
     for col in ("name", "protocol", "bind", "pool", "active", "connections", "requests"):
         listeners.add_column(col, justify="right" if col in ("active", "connections", "requests") else "left")
     for li in status["listeners"]:
+        udp = li.get("udp")  # udp listeners: sessions stand for connections
         listeners.add_row(
             li["name"],
             li["protocol"],
             li["bind"],
             li["pool"],
-            str(li["connections_active"]),
-            str(li["connections_total"]),
+            str(li["connections_active"] if udp is None else udp["sessions_active"]),
+            str(li["connections_total"] if udp is None else udp["sessions_total"]),
             str(li["requests_total"]) if li["protocol"] in ("http", "https") else "-",
         )
     parts.append(listeners)

@@ -1,5 +1,6 @@
-"""Active health checks, HAProxy style: every `interval` (jittered) a TCP connect, or an HTTP GET
-over plain TCP or over TLS (`https`), per backend; `fall` consecutive failures mark it down,
+"""Active health checks, HAProxy style: every `interval` (jittered) a TCP connect, an HTTP GET
+over plain TCP or over TLS (`https`), a DNS query (`dns`) or a datagram (`udp`), per backend;
+`fall` consecutive failures mark it down,
 `rise` consecutive successes mark it up again. A flip is pushed to the data plane at once
 (`Engine.set_backend_up`) and logged.
 
@@ -17,6 +18,14 @@ host as the server name, the client certificate if given. The TLS context is bui
 pool settings, in a thread (loading the system's roots reads a file), and shared by the pool's
 checks.
 
+`dns` and `udp` checks send one datagram from a connected UDP socket (an asyncio datagram
+endpoint), so only the backend's address is heard from and an ICMP port unreachable fails the
+check at once (ECONNREFUSED) instead of waiting out the timeout. `dns` sends a query for `query`
+/ `query_type` (dnspython builds it, with a random ID) and waits for the reply to it: a datagram
+that is not a DNS response to this query (another ID, another question) is ignored; the
+reply's rcode decides (`expect_rcode`, default any but SERVFAIL). `udp` sends `send` and is
+healthy at the first reply that holds `expect` (any reply without it).
+
 The verdict itself is the engine's (one owner of backend state): a check entry created for a
 backend that already runs, because a reload changed its check or added checks to its pool,
 starts from the engine's verdict, not from "up".
@@ -33,6 +42,10 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import dns.exception
+import dns.message
+import dns.rcode
 
 from fastlb.config import Health, PoolTls, split_host_port
 from fastlb.engine import Engine
@@ -152,6 +165,8 @@ class BackendHealth:
 
 async def probe(b: BackendHealth) -> str:
     """One check; "" when healthy, else why not."""
+    if b.check.type in ("dns", "udp"):
+        return await _datagram_probe(b)
     host, port = split_host_port(b.addr)
     timeout = b.check.timeout.seconds
     context, name = None, None
@@ -200,6 +215,96 @@ async def _http_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: as
         if b.check.expect_body.encode() not in body:
             return f"body lacks {b.check.expect_body!r}"
     return ""
+
+
+# A reply's verdict: None = not an answer to this check (ignored), "" = healthy, else why not.
+Verdict = Callable[[bytes], str | None]
+
+
+class _Exchange(asyncio.DatagramProtocol):
+    """One datagram check on a connected socket: `result` gets the first verdict that is not
+    None, or the socket's error (ECONNREFUSED: an ICMP port unreachable came back)."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+        self.result: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.ignored = 0  # datagrams that were not an answer to this check
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if self.result.done():
+            return
+        verdict = self.verdict(data)
+        if verdict is None:
+            self.ignored += 1
+        else:
+            self.result.set_result(verdict)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc or ConnectionError("socket closed"))
+
+
+def _dns_verdict(check: Health) -> tuple[bytes, Verdict]:
+    """The query to send and the verdict on a datagram that comes back."""
+    query = dns.message.make_query(check.query, check.query_type)
+
+    def verdict(data: bytes) -> str | None:
+        try:
+            reply = dns.message.from_wire(data, ignore_trailing=True, raise_on_truncation=True)
+        except dns.message.Truncated as exc:  # TC set (maybe cut short): its header still counts
+            reply = exc.kwargs["message"]
+        except dns.exception.DNSException:
+            return None  # not DNS: not the answer
+        if not query.is_response(reply):
+            return None
+        rcode = dns.rcode.to_text(reply.rcode())
+        if check.rcode_ok(rcode):
+            return ""
+        expected = "any but SERVFAIL" if check.expect_rcode is None else " or ".join(check.expect_rcode)
+        return f"rcode {rcode} (expected {expected})"
+
+    return query.to_wire(), verdict
+
+
+def _udp_verdict(check: Health) -> tuple[bytes, Verdict]:
+    expect = None if check.expect is None else check.expect.encode()
+
+    def verdict(data: bytes) -> str | None:
+        if expect is None or expect in data:
+            return ""
+        return f"reply lacks {check.expect!r}: {data[:60]!r}"
+
+    return check.send.encode(), verdict
+
+
+async def _datagram_probe(b: BackendHealth) -> str:
+    """A `dns` or `udp` check: one datagram out, the first answer decides."""
+    host, port = split_host_port(b.addr)
+    payload, verdict = _dns_verdict(b.check) if b.check.type == "dns" else _udp_verdict(b.check)
+    loop = asyncio.get_running_loop()
+    exchange: _Exchange | None = None
+    try:
+        async with asyncio.timeout(b.check.timeout.seconds):
+            transport, exchange = await loop.create_datagram_endpoint(
+                lambda: _Exchange(verdict), remote_addr=(host, port)
+            )
+            try:
+                transport.sendto(payload)
+                return await exchange.result
+            finally:
+                transport.close()
+    except TimeoutError:
+        ignored = exchange.ignored if exchange is not None else 0
+        other = f" ({ignored} other datagram{'s' if ignored != 1 else ''} ignored)" if ignored else ""
+        return f"no answer within {b.check.timeout.text}{other}"
+    except ConnectionRefusedError:
+        return "port unreachable (ICMP)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 class HealthChecker:

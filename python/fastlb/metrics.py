@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 
 DROP_REASONS = ("max_connections", "no_backend", "rate_limited", "bad_request")
 FAILURE_KINDS = ("connect", "timeout", "reset", "5xx")
+UDP_DIRECTIONS = ("in", "out", "to_backend", "from_backend")
+UDP_DROP_REASONS = ("max_sessions", "no_backend", "send_error", "unreachable")
 
 
 class _StatusCollector(Collector):
@@ -116,6 +118,38 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     log_dropped.add_metric([], status["log_dropped"])
     yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
     yield from (healthy, bytes_total, log_dropped, handshakes)
+    yield from _udp(listeners)
+
+
+def _udp(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
+    """udp listeners' datagrams, sessions and drops (their `udp` object; null on the others,
+    which get no series)."""
+    datagrams = CounterMetricFamily(
+        "fastlb_udp_datagrams_total",
+        "udp: datagrams from clients (in), to clients (out), to and from backends.",
+        labels=["listener", "direction"],
+    )
+    active = GaugeMetricFamily("fastlb_udp_sessions_active", "udp: sessions open.", labels=["listener"])
+    sessions = CounterMetricFamily(
+        "fastlb_udp_sessions_total", "udp: sessions started (one per flow).", labels=["listener"]
+    )
+    dropped = CounterMetricFamily(
+        "fastlb_udp_dropped_total",
+        "udp: client datagrams dropped, by reason.",
+        labels=["listener", "reason"],
+    )
+    for li in listeners:
+        udp = li.get("udp")
+        if udp is None:
+            continue
+        name = li["name"]
+        for direction in UDP_DIRECTIONS:
+            datagrams.add_metric([name, direction], udp["datagrams"][direction])
+        active.add_metric([name], udp["sessions_active"])
+        sessions.add_metric([name], udp["sessions_total"])
+        for reason in UDP_DROP_REASONS:
+            dropped.add_metric([name, reason], udp["dropped"][reason])
+    yield from (datagrams, active, sessions, dropped)
 
 
 def _le(seconds: float) -> str:
