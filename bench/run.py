@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """`make bench`: the L4 and L7 comparisons with HAProxy and nginx (bench/compare.py), the
 splice threshold, the micro benchmarks, the slow-backend scenario, the admin API's latency
-under load (bench/admin_latency.py) and TLS termination beside HAProxy and nginx
-(bench/tls_compare.py, two runs); writes bench/RESULTS.md and the charts bench/results.png and
-bench/tls.png.
+under load (bench/admin_latency.py), TLS termination beside HAProxy and nginx
+(bench/tls_compare.py, two runs) and UDP DNS beside nginx stream and dnsdist
+(bench/udp_compare.py, two runs); writes bench/RESULTS.md and the charts bench/results.png,
+bench/tls.png and bench/udp.png.
 
-Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl (`make bench` installs them
-with apt-get when it can). A bare C relay is shown as the floor when its source is found
-(--floor-source, and gcc). Every figure is a ratio within one run: the machine is shared and
-noisy. Pinning: the proxies on --proxy-cpus, wrk and the backend on --client-cpus.
+Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl, and dnsperf and dnsdist for
+the udp part (`make bench` installs them with apt-get when it can). A bare C relay is shown as
+the floor when its source is found (--floor-source, and gcc). Every figure is a ratio within
+one run: the machine is shared and noisy. Pinning: the proxies on --proxy-cpus, wrk and the
+backend on --client-cpus.
 
-usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7] [--parts compare,micro,slow,admin,tls]
-                           [--proxy-cpus 0] [--client-cpus 1]
+usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7]
+                           [--parts compare,micro,slow,admin,tls,udp] [--proxy-cpus 0] [--client-cpus 1]
+                           [--fastlb PATH (the udp part's fastlb)]
+`--parts udp` alone rewrites UDP.md, udp_results.json, udp.png and the UDP section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -250,6 +254,97 @@ def tls_section(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def udp_chart(runs: list[dict[str, Any]], path: Path) -> None:
+    """fastlb's ratio to the anchor of each UDP goal, per run, with the goal's bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    goals = [g for g in runs[0]["figures"]["goals"] if g["figure"] != "fixed_loss_pct"]
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        ratios = [g.get("ratio", 0.0) for g in run["figures"]["goals"] if g["figure"] != "fixed_loss_pct"]
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(goals))]
+        bars = ax.bar(xs, ratios, width, label=f"run {j + 1}")
+        ax.bar_label(bars, labels=[f"{r:.2f}" for r in ratios], fontsize=7, padding=1)
+    bounds = [float(g["goal"].split()[2]) for g in goals]
+    ax.scatter(range(len(goals)), bounds, marker="_", s=900, color="black", label="goal", zorder=3)
+    ax.set_xticks(
+        range(len(goals)), [f"{g['figure'].split(' (')[0]}\n{g['goal']}" for g in goals], fontsize=7
+    )
+    ax.set_ylim(0, max(2.0, *bounds) + 0.2)
+    ax.axhline(1.0, color="grey", linewidth=0.6)
+    ax.set_ylabel("fastlb / anchor")
+    ax.set_title("UDP DNS: fastlb against the anchor each goal names (CPU: lower is better; rate: higher)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def udp_part(runs: int, fastlb: str | None) -> list[str]:
+    """Runs bench/udp_compare.py `runs` times; writes UDP.md, udp_results.json and udp.png."""
+    results = []
+    for i in range(runs):
+        print(f"UDP comparison run {i + 1}/{runs} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, str(HERE / "udp_compare.py"), *(["--fastlb", fastlb] if fastlb else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"udp_compare.py failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout))
+    (HERE / "udp_results.json").write_text(json.dumps(results, indent=1))
+    return udp_section(results)
+
+
+def udp_section(results: list[dict[str, Any]]) -> list[str]:
+    """UDP.md and udp.png from udp_compare.py's results (`--udp-from-json` redraws them)."""
+    from udp_compare import table
+
+    have_fastlb = any("ratio" in g for g in results[0]["figures"]["goals"])
+    if have_fastlb:
+        try:
+            udp_chart(results, HERE / "udp.png")
+        except ImportError:  # no matplotlib (`pip install -e .[bench]`): the tables still count
+            print("no matplotlib: udp.png not drawn", file=sys.stderr)
+            have_fastlb = False
+    s = results[0]["settings"]
+    lines = [
+        f"## UDP DNS beside nginx stream and dnsdist (bench/udp_compare.py, {time.strftime('%Y-%m-%d')})",
+        "",
+        "dnsperf against nginx 1.22 stream (`udp`, `proxy_responses 1`), dnsdist 1.7 and fastlb"
+        ' (`protocol = "udp"`, `udp = { responses = 1 }`), each with one worker on CPU'
+        f" {s['proxy_cpus']}, in front of one backend (bench/dns_responder.c, recvmmsg/sendmmsg) that"
+        f" shares CPU {s['client_cpus']} with dnsperf (-c {s['clients']}); `direct` is dnsperf straight"
+        f" to the backend. Fixed rate: `-Q {s['rate']}` for {s['secs']} s; unthrottled: `-q"
+        f" {s['outstanding']}`; highest clean rate: loss < 0.1% and >= 98% of the asked rate answered,"
+        f" by bisection in {s['search_steps']} runs of {s['search_secs']} s. CPU per query is the"
+        ' target\'s utime + stime over the queries answered; "target busy" and "CPU 1 busy" are CPU'
+        " over wall time (near 1.0: that core bounds the rate). bench/README.md explains the method.",
+        "",
+    ]
+    for i, run in enumerate(results):
+        lines += [f"Run {i + 1}:", "", table(run), ""]
+    if have_fastlb:
+        lines += ["![fastlb's UDP figures against the anchors](udp.png)", ""]
+    (HERE / "UDP.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def replace_section(path: Path, lines: list[str]) -> None:
+    """Puts `lines` (starting with a `## ` heading) in place of the section of RESULTS.md with the
+    same heading start (up to the next `## `), or at its end."""
+    key = lines[0].split(" (")[0]
+    old = path.read_text().rstrip("\n").splitlines() if path.exists() else []
+    start = next((i for i, x in enumerate(old) if x.startswith(key)), None)
+    if start is None:
+        new = [*old, "", *lines]
+    else:
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+        new = [*old[:start], *lines, *old[end:]]
+    path.write_text("\n".join(new).rstrip("\n") + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -265,13 +360,17 @@ def main() -> None:
     ap.add_argument(
         "--tls-from-json", action="store_true", help="rewrite TLS.md and tls.png from tls_results.json"
     )
+    ap.add_argument(
+        "--udp-from-json", action="store_true", help="rewrite UDP.md and udp.png from udp_results.json"
+    )
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument(
         "--parts",
-        default="compare,micro,slow,admin,tls",
-        help="comma-separated: compare, micro, slow, admin, tls",
+        default="compare,micro,slow,admin,tls,udp",
+        help="comma-separated: compare, micro, slow, admin, tls, udp",
     )
+    ap.add_argument("--fastlb", default=None, help="the udp part's fastlb (default: next to this python)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.chart_only:
@@ -279,6 +378,9 @@ def main() -> None:
         return
     if args.tls_from_json:
         tls_section(json.loads((HERE / "tls_results.json").read_text()))
+        return
+    if args.udp_from_json:
+        replace_section(HERE / "RESULTS.md", udp_section(json.loads((HERE / "udp_results.json").read_text())))
         return
     if "compare" not in parts:
         args.layers = ""
@@ -344,13 +446,21 @@ def main() -> None:
         lines += [admin]
     if "tls" in parts:
         lines += tls_part(2)
+    udp: list[str] = []
+    if "udp" in parts:
+        udp = udp_part(2, args.fastlb)
+        lines += udp
     if parts >= {"compare", "micro", "slow"}:
         (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
-    else:  # a partial run leaves RESULTS.md as it is; MICRO.md, SLOW_BACKENDS.md and
-        # ADMIN_LATENCY.md and TLS.md are rewritten by the parts that ran
+    else:  # a partial run leaves RESULTS.md as it is but for its UDP section; MICRO.md,
+        # SLOW_BACKENDS.md, ADMIN_LATENCY.md, TLS.md and UDP.md are rewritten by the parts that ran
+        if udp:
+            replace_section(HERE / "RESULTS.md", udp)
         print(
-            "partial run: see bench/MICRO.md, SLOW_BACKENDS.md, ADMIN_LATENCY.md and TLS.md", file=sys.stderr
+            "partial run: see bench/MICRO.md, SLOW_BACKENDS.md, ADMIN_LATENCY.md, TLS.md and UDP.md"
+            + (" (RESULTS.md's UDP section was rewritten)" if udp else ""),
+            file=sys.stderr,
         )
 
 
