@@ -66,6 +66,11 @@ pub struct Session {
     /// The listener as the session's first datagram found it (its pool and settings).
     pub entry: Arc<ListenerEntry>,
     pub backend: Arc<BackendState>,
+    /// The address `upstream` is connected to.
+    pub addr: SocketAddr,
+    /// The session ended when its replies were in, but its slot and socket wait a moment for
+    /// the flow's next datagram (see `udp::PARK_FOR`); it holds no session place meanwhile.
+    pub parked: bool,
     /// Where replies leave from on a wildcard bind.
     pub local: Option<IpAddr>,
     pub started: Instant,
@@ -177,6 +182,7 @@ impl Sessions {
                 continue;
             };
             if s.key.listener == listener
+                && !s.parked
                 && s.last <= before
                 && best.is_none_or(|(_, last)| s.last < last)
             {
