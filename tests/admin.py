@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def api(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One admin API call: (status, decoded JSON, or the text for non-JSON answers)."""
@@ -107,3 +109,14 @@ class Stream:
                 self.outcomes.append(o)
         if conn is not None:
             conn.close()
+
+
+def scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    status, text = api(admin, "GET", "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out

@@ -12,9 +12,12 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from httpbackend import HttpBackend
+
+from fastlb.config import Config
 
 from backends import Backend, Handler
 
@@ -137,3 +140,17 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.
             return True
         time.sleep(step)
     return bool(cond())
+
+
+class FakeEngine:
+    """What HealthChecker asks of the engine: the config, its JSON, and where flips go."""
+
+    def __init__(self, config: Config) -> None:
+        self.config, self.spec = config, config.to_engine()
+        self.flips: list[bool] = []
+
+    def backend_state(self, pool: str, address: str) -> Any:
+        raise KeyError(address)  # a first start: every backend starts up
+
+    def set_backend_up(self, pool: str, address: str, up: bool) -> None:
+        self.flips.append(up)

@@ -21,7 +21,7 @@ from fastlb.config import Config, Health, parse_config
 from fastlb.health import BackendHealth, HealthChecker, TlsClient, probe
 
 from backends import says_name
-from conftest import free_port
+from conftest import FakeEngine, free_port
 
 
 def test_fall_then_rise_flip_only_at_the_thresholds() -> None:
@@ -216,20 +216,6 @@ def one_probe(cfg: Config) -> str:
         pool.name, backend.address, backend.address, pool.health, "127.0.0.1", TlsClient(pool.tls)
     )
     return asyncio.run(probe(b))
-
-
-class FakeEngine:
-    """What HealthChecker asks of the engine: the config, its JSON, and where flips go."""
-
-    def __init__(self, config: Config) -> None:
-        self.config, self.spec = config, config.to_engine()
-        self.flips: list[bool] = []
-
-    def backend_state(self, pool: str, address: str) -> Any:
-        raise KeyError(address)  # a first start: every backend starts up
-
-    def set_backend_up(self, pool: str, address: str, up: bool) -> None:
-        self.flips.append(up)
 
 
 def test_https_check_marks_a_backend_down_and_up(tmp_path: Path, ca: trustme.CA, tls_server) -> None:

@@ -9,24 +9,12 @@ import socket
 import time
 from pathlib import Path
 
-from admin import api, state_of
+from admin import api, scrape, state_of
 from httputil import RawConn, get, http_config, pool
-from prometheus_client.parser import text_string_to_metric_families
 
 from backends import echo
 from conftest import free_port, wait_until
 from l4util import l4_config
-
-
-def scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    status, text = api(admin, "GET", "/metrics")
-    assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
 def key(**labels: str) -> tuple[tuple[str, str], ...]:

@@ -25,7 +25,7 @@ import dns.exception
 import dns.message
 import dns.rcode
 import pytest
-from admin import api, state_of
+from admin import api, scrape, state_of
 
 from backends import payload
 from conftest import FastlbProcess, free_port, wait_until
@@ -45,7 +45,6 @@ from udputil import (
     listener_udp,
     metric,
     query_a,
-    scrape,
     sessions_active,
     udp_config,
     vm_rss_kib,

@@ -32,7 +32,7 @@ from fastlb.config import Config, ConfigError, Health, parse_config
 from fastlb.health import BackendHealth, HealthChecker, probe
 from fastlb.metrics import families, render
 
-from conftest import free_port
+from conftest import FakeEngine, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "python" / "fastlb" / "static" / "dashboard.html"
@@ -882,20 +882,6 @@ def test_dns_check_against_dnsmasq(run, dnsmasq: str) -> None:
 
 
 # --- rise/fall through the checker, as for the other check types -----------------------------
-
-
-class FakeEngine:
-    """What HealthChecker asks of the engine: the config, its JSON, and where flips go."""
-
-    def __init__(self, config: Config) -> None:
-        self.config, self.spec = config, config.to_engine()
-        self.flips: list[bool] = []
-
-    def backend_state(self, pool: str, address: str) -> Any:
-        raise KeyError(address)  # a first start: every backend starts up
-
-    def set_backend_up(self, pool: str, address: str, up: bool) -> None:
-        self.flips.append(up)
 
 
 def checker_config(address: str, health: dict[str, Any]) -> Config:

@@ -30,7 +30,6 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 from admin import api
-from prometheus_client.parser import text_string_to_metric_families
 
 HEALTH_NAME = "health.example."
 ZONE = "example.test."
@@ -411,17 +410,6 @@ def listener_status(admin: int, listener: str = "dns") -> dict[str, Any]:
 
 def sessions_active(admin: int, listener: str = "dns") -> int:
     return int(listener_udp(admin, listener)["sessions_active"])
-
-
-def scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    status, text = api(admin, "GET", "/metrics")
-    assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return out
 
 
 def metric(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
