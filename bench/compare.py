@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import cpu_seconds, process_tree, wait_port, wrk
+from harness import cpu_seconds, process_tree, stop_all, wait_port, wrk
 
 HERE = Path(__file__).resolve().parent
 BACKEND_PORTS = [19101, 19102, 19103]
@@ -255,12 +255,7 @@ def main() -> None:
             results["targets"].append(measure(name, PORTS[name], pids, args.secs, args.client_cpus))
         print(json.dumps(results, indent=1))
     finally:
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(5)
-            except Exception:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -83,3 +84,13 @@ def wrk(
         "p99_ms": ms(lat["99"]),
         "non2xx": int(errors.group(1)) if errors else 0,
     }
+
+
+def stop_all(procs: list[subprocess.Popen[Any]]) -> None:
+    """SIGTERM each process in order, waiting up to 5 s for each, then SIGKILL what is left."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(5)
+        except Exception:
+            p.kill()

@@ -67,7 +67,7 @@ from typing import Any
 
 from compare import BIG, rss_bytes
 
-from harness import cpu_seconds, process_tree, wait_port, wrk
+from harness import cpu_seconds, process_tree, stop_all, wait_port, wrk
 
 BACKEND = 19121
 BACKEND_TLS = 19122
@@ -632,12 +632,7 @@ def main() -> None:
         print(table(results["figures"]), file=sys.stderr)
         print(json.dumps(results, indent=1))
     finally:
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(5)
-            except Exception:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -65,7 +65,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from harness import cpu_seconds, process_tree
+from harness import cpu_seconds, process_tree, stop_all
 
 HERE = Path(__file__).resolve().parent
 BACKEND = 19131
@@ -670,12 +670,7 @@ def main() -> None:
         print(table(results), file=sys.stderr)
         print(json.dumps(results, indent=1))
     finally:
-        for p in reversed(procs):
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(5)
-            except Exception:
-                p.kill()
+        stop_all(list(reversed(procs)))
         shutil.rmtree(d, ignore_errors=True)
 
 
