@@ -8,9 +8,9 @@
 use crate::accesslog::AccessLog;
 use crate::balance::{AdminState, BackendState, Pool};
 use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
-use crate::http::HttpListener;
 use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
+use crate::proxy::HttpListener;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
 use crate::tables::{ListenerEntry, Shared, Tables};
 use crate::udp::UdpListener;

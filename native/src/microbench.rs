@@ -4,7 +4,7 @@
 
 use crate::balance::{self, Pool};
 use crate::config::{Algorithm, BackendConfig, PoolConfig};
-use crate::http::parse::{self, Limits};
+use crate::h1::parse::{self, Limits};
 use std::hint::black_box;
 use std::time::Instant;
 

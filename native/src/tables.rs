@@ -5,8 +5,8 @@
 use crate::accesslog::AccessLog;
 use crate::balance::Pool;
 use crate::config::ListenerConfig;
-use crate::http::HttpListener;
 use crate::l4::passthrough::SniRoutes;
+use crate::proxy::HttpListener;
 use crate::tls::server::TlsShared;
 use crate::udp::UdpListener;
 use arc_swap::{ArcSwap, ArcSwapOption};

@@ -4,8 +4,8 @@
 
 use crate::balance::BackendState;
 use crate::config::Protocol;
-use crate::http::client::ClientSocket;
-use crate::http::{self, HttpWorker};
+use crate::h1::client::ClientSocket;
+use crate::h1::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
 use crate::metrics::WorkerMetrics;
@@ -138,7 +138,7 @@ pub fn run(
 }
 
 async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<WorkerCmd>) {
-    let sweeper = tokio::task::spawn_local(http::sweep_loop(ctx.clone()));
+    let sweeper = tokio::task::spawn_local(h1::sweep_loop(ctx.clone()));
     let mut accepting: HashMap<String, JoinHandle<()>> = HashMap::new();
     while let Some(cmd) = commands.recv().await {
         match cmd {
@@ -256,13 +256,13 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                     Err(e) => eprintln!("fastlb: listener {}: {e}", entry.cfg.name),
                 }
             }),
-            // Registered with the reactor only if it ever has to wait (http::client).
+            // Registered with the reactor only if it ever has to wait (h1::client).
             Protocol::Http => tokio::task::spawn_local(async move {
                 let _guard = ConnGuard {
                     ctx: &ctx,
                     listener: &entry,
                 };
-                http::serve(&ctx, ClientSocket::new(stream), None, peer, &entry).await
+                h1::serve(&ctx, ClientSocket::new(stream), None, peer, &entry).await
             }),
             Protocol::Udp => unreachable!("refused above"),
             Protocol::Https | Protocol::Tls => tokio::task::spawn_local(async move {
@@ -276,7 +276,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                 if entry.cfg.protocol == Protocol::Https {
                     let info = Box::new(SessionInfo::of(tls.get_ref().1));
                     let client = ClientSocket::Conn(Conn::Tls(Box::new(tls.into())));
-                    http::serve(&ctx, client, Some(info), peer, &entry).await
+                    h1::serve(&ctx, client, Some(info), peer, &entry).await
                 } else {
                     l4::serve(&ctx, Conn::Tls(Box::new(tls.into())), peer, &entry).await
                 }

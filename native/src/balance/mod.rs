@@ -464,13 +464,13 @@ impl Pool {
 
     /// Picks a backend for `key`, never one in `tried`. Backups are considered only when no
     /// primary is usable (HAProxy's `backup`).
-    pub fn select(&self, key: u64, tried: &[usize]) -> Option<usize> {
+    pub fn select(&self, key: u64, tried: &[u32]) -> Option<usize> {
         let pick = |backup: bool| {
             self.selector.select(&self.backends, key, &|i| {
                 let s = &self.settings[i];
                 s.backup == backup
                     && self.backends[i].usable(s.max_connections)
-                    && !tried.contains(&i)
+                    && !tried.contains(&(i as u32))
             })
         };
         match pick(false) {

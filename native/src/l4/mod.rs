@@ -151,11 +151,11 @@ async fn connect_backend<'p>(
 ) -> Option<(&'p Arc<BackendState>, Conn, u64)> {
     let key = connection_key(pool, peer);
     let connect_timeout = Duration::from_millis(pool.timeouts.connect_ms.max(1));
-    let mut tried = [usize::MAX; MAX_TRIES];
+    let mut tried = [u32::MAX; MAX_TRIES];
     let tries = (pool.retries as usize + 1).min(MAX_TRIES);
     for n in 0..tries {
         let i = pool.select(key, &tried[..n])?;
-        tried[n] = i;
+        tried[n] = i as u32;
         let backend = &pool.backends[i];
         backend.acquire();
         let t0 = Instant::now();

@@ -6,8 +6,8 @@
 //! X-Request-Id is kept or generated. Everything else is copied byte for byte.
 
 use super::parse::{named_in_connection, HeaderKind, HeaderSpan, RequestHead, Span, Version};
-use super::route::{find_cookie, RequestView};
 use crate::config::RedirectConfig;
+use crate::proxy::route::{find_cookie, RequestView};
 use crate::tls::SessionInfo;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -336,7 +336,12 @@ fn explanation(status: u16) -> &'static str {
 /// A redirect route's `Location`: the configured scheme, host and path, the request's for
 /// what is not configured (its query too, when the path is the request's). A changed scheme or
 /// host drops the request's port, as nginx's `$host` does.
-pub fn redirect_location(out: &mut Vec<u8>, r: &RedirectConfig, view: &View<'_>, https: bool) {
+pub fn redirect_location(
+    out: &mut Vec<u8>,
+    r: &RedirectConfig,
+    view: &impl RequestView,
+    https: bool,
+) {
     let scheme = r
         .scheme
         .as_deref()

@@ -12,17 +12,16 @@ pub mod chunked;
 pub mod client;
 pub mod io;
 pub mod parse;
-pub mod ratelimit;
 pub mod rewrite;
-pub mod route;
 pub mod upstream;
 
-use crate::accesslog::Line;
 use crate::balance::{hash_key, Pool};
-use crate::config::{HashKey, ListenerConfig, MAX_TRIES};
 use crate::l4::forward;
-use crate::metrics::{ResponseKey, NO_BACKEND, NO_POOL};
 use crate::net::Conn;
+use crate::proxy::outcome::{micros, ClientInfo, NOT_MEASURED};
+use crate::proxy::route::{RequestView, Target};
+use crate::proxy::tries::{self, Tries};
+use crate::proxy::{self, record_refused, Attempt, Ended, HttpListener, Next, Outcome, RequestLog};
 use crate::tables::ListenerEntry;
 use crate::tls::SessionInfo;
 use crate::worker::WorkerCtx;
@@ -32,20 +31,15 @@ use client::ClientSocket;
 use io::{read_some, write_all, Deadline};
 use parse::HeaderKind;
 use parse::{BodyKind, HeadError, HeaderSpan, Limits, Method, RequestHead, Version};
-use ratelimit::RateLimiter;
 use rewrite::AnswerFields;
 use rewrite::{ClientConnection, View};
-use route::{find_query_param, RequestView, RouteTable, Target};
 use rustls::pki_types::ServerName;
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use upstream::UpstreamPool;
@@ -57,30 +51,6 @@ const RESPONSE_LIMITS: Limits = Limits {
     max_header_bytes: MAX_RESPONSE_HEAD,
     max_headers: 256,
 };
-
-/// An http listener's compiled settings.
-pub struct HttpListener {
-    pub routes: RouteTable,
-    pub rate_limit: Option<RateLimiter>,
-    pub limits: Limits,
-}
-
-impl HttpListener {
-    pub fn build(cfg: &ListenerConfig, pools: &HashMap<String, Arc<Pool>>) -> Result<Self, String> {
-        let routes = RouteTable::build(&cfg.routes, pools)
-            .map_err(|e| format!("listener {}: {e}", cfg.name))?;
-        Ok(HttpListener {
-            routes,
-            rate_limit: cfg
-                .rate_limit
-                .map(|r| RateLimiter::new(r.requests_per_second, r.burst)),
-            limits: Limits {
-                max_header_bytes: cfg.max_header_bytes,
-                max_headers: cfg.max_headers,
-            },
-        })
-    }
-}
 
 /// What one worker keeps for all its http connections.
 #[derive(Default)]
@@ -113,6 +83,15 @@ struct Client {
     requests: u32,
 }
 
+impl Client {
+    fn info(&self) -> ClientInfo<'_> {
+        ClientInfo {
+            peer: self.peer,
+            tls: self.tls.as_deref(),
+        }
+    }
+}
+
 impl Drop for Client {
     /// A TLS connection ends with a close_notify (best effort, never waiting): a response
     /// delimited by the connection's end is then known complete, not truncated (curl reports a
@@ -122,13 +101,6 @@ impl Drop for Client {
             c.shutdown_write();
         }
     }
-}
-
-/// Whether the client connection stays open after an exchange.
-#[derive(PartialEq, Eq)]
-enum Next {
-    KeepAlive,
-    Close,
 }
 
 /// Serves one accepted client connection to the end.
@@ -168,7 +140,13 @@ pub async fn serve(
                             status,
                             ..Outcome::default()
                         };
-                        log.send(access_line(listener, &client, &outcome, status, 0));
+                        log.send(proxy::outcome::access_line(
+                            listener,
+                            client.info(),
+                            &outcome,
+                            status,
+                            0,
+                        ));
                     }
                     refuse_and_close(ctx, &mut client, status, &mut deadline).await;
                     return;
@@ -658,13 +636,8 @@ fn plan(
         }
         None => (None, listener.pool.clone()),
     };
-    let key = request_key(&pool.hash_key, &view);
-    let pinned = match &pool.affinity {
-        Some(a) => view
-            .cookie(a.cookie.as_bytes())
-            .and_then(|token| pool.pinned(token)),
-        None => None,
-    };
+    let key = proxy::request_key(&pool.hash_key, &view);
+    let pinned = proxy::pinned_backend(&pool, &view);
     let upgrade = head.conn_upgrade && head.upgrade.is_some();
     let sni = pool
         .tls
@@ -698,196 +671,52 @@ fn plan(
     })
 }
 
+/// The request's side of its access log line, from the request line and head.
+fn request_log(ctx: &WorkerCtx, buf: &[u8], head: &RequestHead) -> RequestLog {
+    // From the request line, which may start after an empty line (RFC 9112 2.2).
+    let method = head
+        .line()
+        .get(buf)
+        .split(|&b| b == b' ')
+        .next()
+        .unwrap_or_default()
+        .to_vec();
+    let request_id = ctx
+        .http
+        .headers
+        .borrow()
+        .iter()
+        .find(|h| h.kind == HeaderKind::XRequestId)
+        .map(|h| h.value.get(buf).to_vec())
+        .unwrap_or_default();
+    RequestLog {
+        method,
+        target: head.target.get(buf).to_vec(),
+        request_id,
+        protocol: match head.version {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        },
+        ..RequestLog::default()
+    }
+}
+
+/// The X-Request-Id fastlb generated into the backend's head (the client sent none).
+fn generated_request_id(backend_head: &[u8]) -> Vec<u8> {
+    const FIELD: &[u8] = b"\r\nX-Request-Id: ";
+    match backend_head.windows(FIELD.len()).position(|w| w == FIELD) {
+        Some(i) => {
+            let v = &backend_head[i + FIELD.len()..];
+            let end = v.iter().position(|&b| b == b'\r').unwrap_or(v.len());
+            v[..end].to_vec()
+        }
+        None => Vec::new(),
+    }
+}
+
 /// A Host value (`name[:port]`) as a TLS server name.
 fn host_name(host: &[u8]) -> Option<ServerName<'static>> {
     crate::net::server_name(std::str::from_utf8(host).ok()?)
-}
-
-/// The hash a hashing algorithm uses for this request; a request without the configured
-/// header, cookie or parameter falls back to its source IP.
-fn request_key(hash: &HashKey, view: &View<'_>) -> u64 {
-    let value = match hash {
-        HashKey::SourceIp => None,
-        HashKey::Header(name) => view.header(name.as_bytes()),
-        HashKey::Cookie(name) => view.cookie(name.as_bytes()),
-        HashKey::Path => Some(view.path()),
-        HashKey::Query(name) => view
-            .query()
-            .and_then(|q| find_query_param(q, name.as_bytes())),
-    };
-    match (value, view.peer.ip()) {
-        (Some(v), _) => hash_key(v),
-        (None, IpAddr::V4(ip)) => hash_key(&ip.octets()),
-        (None, IpAddr::V6(ip)) => hash_key(&ip.octets()),
-    }
-}
-
-/// Releases a backend after a request; wakes a queued request if the backend is capped.
-fn release(pool: &Pool, i: usize) {
-    pool.backends[i].release();
-    if pool.settings[i].max_connections > 0 && pool.queued.load(Relaxed) > 0 {
-        pool.slot_freed.notify_one();
-    }
-}
-
-/// Waits for a backend below its `max_connections` (HAProxy's queue); None when the queue is
-/// full or the wait times out.
-async fn queue_wait(pool: &Pool, key: u64, deadline: &mut Deadline<'_>) -> Option<usize> {
-    if pool.queued.fetch_add(1, Relaxed) >= pool.queue.size {
-        pool.queued.fetch_sub(1, Relaxed);
-        return None;
-    }
-    deadline.set(Duration::from_millis(pool.queue.timeout_ms.max(1)));
-    let picked = loop {
-        let mut notified = pin!(pool.slot_freed.notified());
-        notified.as_mut().enable();
-        if let Some(i) = pool.select(key, &[]) {
-            break Some(i);
-        }
-        let expired = poll_fn(|cx| {
-            if notified.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            deadline.poll_expired(cx).map(|_| true)
-        })
-        .await;
-        if expired {
-            break pool.select(key, &[]);
-        }
-    };
-    pool.queued.fetch_sub(1, Relaxed);
-    picked
-}
-
-/// How one attempt at a backend ended.
-enum Attempt {
-    /// The response went to the client; whether the client connection stays open.
-    Done(Next),
-    /// Nothing reached the client: try another backend if the request allows it, else answer
-    /// the status.
-    Failed { status: u16, retryable: bool },
-    /// A kept-alive backend connection turned out closed before any response byte (the
-    /// backend closed it while idle): worth one more try on a fresh connection.
-    Stale,
-    /// The client went away or the exchange broke after response bytes were sent.
-    Broken,
-}
-
-/// How one request ended, for the metrics (and the access log).
-struct Outcome {
-    /// The status the client got; 0 until known (a client that left before any answer is
-    /// counted as 499, nginx's "client closed request").
-    status: u16,
-    pool: u16,
-    /// The backend that answered, or the last one tried.
-    backend: u32,
-    /// Request bytes sent to backends, response bytes sent to the client.
-    bytes_in: u64,
-    bytes_out: u64,
-    /// Backends tried after the first (not counting a stale kept-alive connection).
-    retries: u8,
-    /// Of the last try: connecting (NOT_MEASURED when a kept-alive connection was reused) and
-    /// the time to the response's first byte, in microseconds; u32 keeps the connection's
-    /// future small (idle RSS per connection is a target).
-    connect_us: u32,
-    ttfb_us: u32,
-    /// What only the access log needs, captured when it is on.
-    log: Option<Box<RequestLog>>,
-}
-
-const NOT_MEASURED: u32 = u32::MAX;
-
-fn micros(d: Duration) -> u32 {
-    (d.as_micros() as u64).min(NOT_MEASURED as u64 - 1) as u32
-}
-
-fn measured(us: u32) -> Option<u64> {
-    (us != NOT_MEASURED).then_some(us as u64)
-}
-
-/// The request's side of an access log line, copied before the head's bytes are consumed.
-struct RequestLog {
-    method: Vec<u8>,
-    target: Vec<u8>,
-    request_id: Vec<u8>,
-    route: Option<usize>,
-    pool: String,
-    /// The address of the backend that answered, or of the last one tried.
-    backend: Option<String>,
-}
-
-impl Default for Outcome {
-    fn default() -> Self {
-        Outcome {
-            status: 0,
-            pool: NO_POOL,
-            backend: NO_BACKEND,
-            bytes_in: 0,
-            bytes_out: 0,
-            retries: 0,
-            connect_us: NOT_MEASURED,
-            ttfb_us: NOT_MEASURED,
-            log: None,
-        }
-    }
-}
-
-impl RequestLog {
-    fn new(ctx: &WorkerCtx, buf: &[u8], head: &RequestHead) -> Self {
-        // From the request line, which may start after an empty line (RFC 9112 2.2).
-        let method = head
-            .line()
-            .get(buf)
-            .split(|&b| b == b' ')
-            .next()
-            .unwrap_or_default()
-            .to_vec();
-        let request_id = ctx
-            .http
-            .headers
-            .borrow()
-            .iter()
-            .find(|h| h.kind == HeaderKind::XRequestId)
-            .map(|h| h.value.get(buf).to_vec())
-            .unwrap_or_default();
-        RequestLog {
-            method,
-            target: head.target.get(buf).to_vec(),
-            request_id,
-            route: None,
-            pool: String::new(),
-            backend: None,
-        }
-    }
-
-    /// Route and pool chosen; the request id fastlb generated, if the client sent none.
-    fn planned(&mut self, plan: &Plan, backend_head: &[u8]) {
-        self.route = plan.route;
-        self.pool = plan.pool.name.clone();
-        if self.request_id.is_empty() {
-            const FIELD: &[u8] = b"\r\nX-Request-Id: ";
-            if let Some(i) = backend_head.windows(FIELD.len()).position(|w| w == FIELD) {
-                let v = &backend_head[i + FIELD.len()..];
-                let end = v.iter().position(|&b| b == b'\r').unwrap_or(v.len());
-                self.request_id = v[..end].to_vec();
-            }
-        }
-    }
-}
-
-/// Counts a request fastlb answered itself before choosing a pool (`malformed`: 400/408/431).
-fn record_refused(ctx: &WorkerCtx, listener: &ListenerEntry, status: u16, malformed: bool) {
-    let mut m = ctx.metrics.borrow_mut();
-    if malformed {
-        m.record_bad_request(listener.id);
-    }
-    let key = ResponseKey {
-        listener: listener.id,
-        pool: NO_POOL,
-        backend: NO_BACKEND,
-        code: status,
-    };
-    m.record_done(key, 0);
 }
 
 /// Proxies one request (its head parsed at the start of `req`) and its response, and counts
@@ -918,70 +747,8 @@ async fn exchange(
     )
     .await;
     let took = started.elapsed().as_micros() as u64;
-    let mut m = ctx.metrics.borrow_mut();
-    m.record_request(listener.id);
-    m.record_bytes(
-        listener.id,
-        outcome.backend,
-        outcome.bytes_in,
-        outcome.bytes_out,
-    );
-    let key = ResponseKey {
-        listener: listener.id,
-        pool: outcome.pool,
-        backend: outcome.backend,
-        code: if outcome.status == 0 {
-            499
-        } else {
-            outcome.status
-        },
-    };
-    m.record_done(key, took);
-    drop(m);
-    if outcome.log.is_some() {
-        if let Some(log) = ctx.shared.access_log.load().as_ref() {
-            log.send(access_line(listener, client, &outcome, key.code, took));
-        }
-    }
+    proxy::finish(ctx, listener, client.info(), &outcome, took);
     next
-}
-
-/// One access log line for an http request.
-fn access_line(
-    listener: &ListenerEntry,
-    client: &Client,
-    o: &Outcome,
-    status: u16,
-    took_us: u64,
-) -> Vec<u8> {
-    let mut line = Line::new();
-    line.time()
-        .quoted("client", client.peer)
-        .str("listener", listener.cfg.name.as_bytes());
-    let req = o.log.as_deref();
-    match req.and_then(|r| r.route) {
-        Some(i) => line.display("route", i),
-        None => line.null("route"),
-    };
-    line.opt_str("pool", req.map(|r| r.pool.as_bytes()))
-        .opt_str(
-            "backend",
-            req.and_then(|r| r.backend.as_deref()).map(str::as_bytes),
-        );
-    line.opt_str("method", req.map(|r| r.method.as_slice()))
-        .opt_str("path", req.map(|r| r.target.as_slice()))
-        .display("status", status)
-        .display("bytes_in", o.bytes_in)
-        .display("bytes_out", o.bytes_out)
-        .ms("duration_ms", Some(took_us))
-        .ms("connect_ms", measured(o.connect_us))
-        .ms("ttfb_ms", measured(o.ttfb_us))
-        .opt_str("request_id", req.map(|r| r.request_id.as_slice()))
-        .display("retries", o.retries);
-    if let Some(tls) = client.tls.as_deref() {
-        tls.log_fields(&mut line);
-    }
-    line.finish()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -997,7 +764,7 @@ async fn exchange_counted(
     logging: bool,
 ) -> Next {
     if logging {
-        outcome.log = Some(Box::new(RequestLog::new(ctx, req.filled(), &head)));
+        outcome.log = Some(Box::new(request_log(ctx, req.filled(), &head)));
     }
     if let Some(limiter) = &http.rate_limit {
         if let Err(after) = limiter.check(client.peer.ip(), crate::balance::now_ns()) {
@@ -1030,7 +797,11 @@ async fn exchange_counted(
     };
     outcome.pool = plan.pool.id;
     if let Some(log) = outcome.log.as_deref_mut() {
-        log.planned(&plan, &out);
+        log.route = plan.route;
+        log.pool = plan.pool.name.clone();
+        if log.request_id.is_empty() {
+            log.request_id = generated_request_id(&out);
+        }
     }
     // The body bytes that came with the head go out with it. A small body still on its way
     // is read first (nginx's request buffering), so the whole request can go to another
@@ -1194,73 +965,20 @@ struct Exchange<'a, 't> {
 }
 
 impl Exchange<'_, '_> {
-    /// Tries backends in turn until one answers or the retries are spent.
+    /// Tries backends in turn until one answers or the retries are spent; then answers
+    /// itself if none did.
     async fn run(&mut self) -> Next {
-        let tries = (self.plan.pool.retries as usize + 1).min(MAX_TRIES);
-        let mut tried = [usize::MAX; MAX_TRIES];
-        let mut n_tried = 0;
-        let mut status = 503;
-        let mut stale_retry = true;
-        while n_tried < tries {
-            let (pool, key) = (&self.plan.pool, self.plan.key);
-            let pick = match self.plan.pinned {
-                Some(i) if !tried[..n_tried].contains(&i) && pool.usable(i) => Some(i),
-                _ => pool.select(key, &tried[..n_tried]),
-            };
-            let i = match pick {
-                Some(i) => i,
-                None if n_tried == 0 && pool.queue.size > 0 && pool.only_busy() => {
-                    match queue_wait(pool, key, self.deadline).await {
-                        Some(i) => i,
-                        None => break,
-                    }
+        let status = match tries::run(self).await {
+            Ended::Done(next) => return next,
+            Ended::Broken => return Next::Close,
+            Ended::Answer { status, no_backend } => {
+                if no_backend {
+                    let mut m = self.ctx.metrics.borrow_mut();
+                    m.record_no_backend(self.listener.id);
                 }
-                None => break,
-            };
-            tried[n_tried] = i;
-            n_tried += 1;
-            self.outcome.backend = pool.backends[i].slot;
-            self.outcome.retries = (n_tried - 1) as u8;
-            if let Some(log) = self.outcome.log.as_deref_mut() {
-                log.backend = Some(pool.backends[i].address.clone());
+                status
             }
-            pool.backends[i].acquire();
-            let result = self.attempt(i).await;
-            let pool = &self.plan.pool;
-            release(pool, i);
-            match result {
-                Attempt::Done(next) => return next,
-                Attempt::Broken => return Next::Close,
-                Attempt::Stale if stale_retry && self.replayable => {
-                    // Not the backend's fault: same choice again, on a new connection.
-                    stale_retry = false;
-                    self.fresh_connection = true;
-                    n_tried -= 1;
-                }
-                Attempt::Stale => {
-                    status = 502;
-                    if !self.idempotent() {
-                        break;
-                    }
-                }
-                Attempt::Failed {
-                    status: s,
-                    retryable,
-                } => {
-                    status = s;
-                    if !retryable {
-                        break;
-                    }
-                }
-            }
-        }
-        if n_tried == 0 {
-            self.ctx
-                .metrics
-                .borrow_mut()
-                .record_no_backend(self.listener.id);
-        }
-        self.outcome.status = status;
+        };
         let keep = self.plan.keep_alive && self.body.done() && !self.client_must_close;
         let http10 = keep && self.plan.version == Version::Http10;
         match answer(
@@ -1278,10 +996,19 @@ impl Exchange<'_, '_> {
             _ => Next::Close,
         }
     }
+}
 
-    /// Whether the request may go to another backend after this one failed mid-way.
-    fn idempotent(&self) -> bool {
-        self.plan.method.is_idempotent() && self.replayable
+impl Tries for Exchange<'_, '_> {
+    fn target(&self) -> (&Arc<Pool>, u64, Option<usize>) {
+        (&self.plan.pool, self.plan.key, self.plan.pinned)
+    }
+
+    fn outcome(&mut self) -> &mut Outcome {
+        self.outcome
+    }
+
+    async fn queue_wait(&mut self, pool: &Pool, key: u64) -> Option<usize> {
+        tries::queue_wait(pool, key, self.deadline).await
     }
 
     /// One try at backend `i`: connection, request, response.
@@ -1416,6 +1143,20 @@ impl Exchange<'_, '_> {
         result
     }
 
+    fn replayable(&self) -> bool {
+        self.replayable
+    }
+
+    fn idempotent(&self) -> bool {
+        self.plan.method.is_idempotent() && self.replayable
+    }
+
+    fn use_fresh_connection(&mut self) {
+        self.fresh_connection = true;
+    }
+}
+
+impl Exchange<'_, '_> {
     /// Reads the backend's response head and forwards the response.
     async fn response(
         &mut self,
@@ -1659,8 +1400,10 @@ impl Exchange<'_, '_> {
 mod tests {
     use super::*;
     use crate::balance::tests_support::pool_config;
+    use crate::config::ListenerConfig;
     use crate::config::{Algorithm, Protocol};
     use crate::tables::Shared;
+    use std::collections::HashMap;
 
     #[test]
     fn a_head_is_parsed_again_only_when_an_empty_line_may_have_arrived() {
