@@ -66,6 +66,38 @@ pub struct ListenerConfig {
     /// udp: flows and sessions.
     #[serde(deserialize_with = "required")]
     pub udp: Option<UdpConfig>,
+    /// http and https: the HTTP/2 side (h2c with prior knowledge, h2 by ALPN).
+    #[serde(default)]
+    pub http2: Option<Http2Config>,
+}
+
+/// `[listeners.http2]`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Config {
+    /// Streams a client may have open at once on one connection; beyond, they are refused.
+    pub max_concurrent_streams: u32,
+    /// Largest header list (HPACK-decoded) a client may send.
+    pub max_header_list_size: u32,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: 100,
+            max_header_list_size: 65536,
+        }
+    }
+}
+
+/// The HTTP version fastlb speaks to a pool's backends.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum HttpVersion {
+    #[default]
+    #[serde(rename = "1.1")]
+    Http11,
+    #[serde(rename = "2")]
+    Http2,
 }
 
 /// `udp = { responses, per_packet, max_sessions }` with `timeouts.session_idle`.
@@ -257,6 +289,9 @@ pub struct PoolConfig {
     /// TLS to the backends; None: plain TCP.
     #[serde(deserialize_with = "required")]
     pub tls: Option<PoolTlsConfig>,
+    /// http: HTTP/1.1 or HTTP/2 to the backends.
+    #[serde(default)]
+    pub http_version: HttpVersion,
 }
 
 /// `passive = { consecutive_failures, eject }`: the engine ejects; the control plane times
@@ -298,6 +333,7 @@ impl PoolConfig {
             },
             passive: None,
             tls: None,
+            http_version: HttpVersion::Http11,
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::accesslog::AccessLog;
 use crate::balance::{AdminState, BackendState, Pool};
-use crate::config::{BackendConfig, EngineConfig, ListenerConfig, Protocol};
+use crate::config::{BackendConfig, EngineConfig, HttpVersion, ListenerConfig, Protocol};
 use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
 use crate::proxy::HttpListener;
@@ -402,9 +402,14 @@ impl Engine {
         // (state, weight before): undone if the publish fails, so it changes nothing.
         let mut reweighed: Vec<(Arc<BackendState>, u32)> = Vec::new();
         for p in &config.pools {
-            // No ALPN to backends: a TCP backend may refuse a protocol it does not know, and
-            // HTTP/1.1 is what an https backend assumes without one.
-            let tls = match p.tls.as_ref().map(|t| crate::tls::client::build(t, &[])) {
+            // No ALPN to HTTP/1.1 and TCP backends: a TCP backend may refuse a protocol it does
+            // not know, and HTTP/1.1 is what an https backend assumes without one. HTTP/2 pools
+            // ask for h2 (and nothing else: a backend that does not agree fails the connect).
+            let alpn: &[&[u8]] = match p.http_version {
+                HttpVersion::Http2 => &[b"h2"],
+                HttpVersion::Http11 => &[],
+            };
+            let tls = match p.tls.as_ref().map(|t| crate::tls::client::build(t, alpn)) {
                 Some(Err(e)) => {
                     for (state, weight) in reweighed {
                         state.set_weight(weight);
@@ -471,8 +476,8 @@ impl Engine {
             };
             let tls = match &l.tls {
                 Some(t) => {
-                    // What the data plane speaks over an https listener; h2 joins with HTTP/2.
-                    let alpn: Option<&[&str]> = l.protocol.is_http().then_some(&["http/1.1"]);
+                    // What the data plane speaks over an https listener.
+                    let alpn: Option<&[&str]> = l.protocol.is_http().then_some(&["h2", "http/1.1"]);
                     let config =
                         crate::tls::server::build(t, &self.shared.tls, alpn).map_err(|e| {
                             EngineError::Config(format!("listener {}: tls: {e}", l.name))

@@ -6,6 +6,7 @@ pub mod balance;
 pub mod config;
 pub mod engine;
 pub mod h1;
+pub mod h2;
 pub mod l4;
 pub mod maglev;
 pub mod metrics;

@@ -48,7 +48,24 @@ pub struct ListenerCounts {
     pub tls_handshakes: [[u64; 3]; 6],
     /// udp listeners: datagrams, sessions and drops.
     pub udp: UdpCounts,
+    /// http/https listeners: HTTP/2 connections, streams, resets and GOAWAYs, by `H2Event`.
+    pub h2: [u64; H2_EVENTS],
 }
+
+/// What the HTTP/2 counters count; the active gauges are opened minus closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum H2Event {
+    ConnectionOpened,
+    ConnectionClosed,
+    StreamOpened,
+    StreamClosed,
+    ClientReset,
+    BackendReset,
+    GracefulGoaway,
+    FloodGoaway,
+}
+
+pub const H2_EVENTS: usize = 8;
 
 /// Datagram directions, as `fastlb_udp_datagrams_total{direction}` names them.
 pub const UDP_DIRECTIONS: [&str; 4] = ["in", "out", "to_backend", "from_backend"];
@@ -300,6 +317,13 @@ impl WorkerMetrics {
         }
     }
 
+    /// `n` HTTP/2 events on http listener `listener`.
+    pub fn record_h2(&mut self, listener: u16, event: H2Event, n: u64) {
+        if COUNTING {
+            self.listener(listener).h2[event as usize] += n;
+        }
+    }
+
     /// A udp session began (`opened`) or ended.
     #[inline]
     pub fn record_session(&mut self, listener: u16, opened: bool) {
@@ -349,6 +373,9 @@ impl WorkerMetrics {
                 }
             }
             m.udp.merge(&l.udp);
+            for (a, b) in m.h2.iter_mut().zip(&l.h2) {
+                *a += b;
+            }
         }
         for (i, b) in other.backends.iter().enumerate() {
             let m = self.backend(i as u32);

@@ -3,7 +3,9 @@
 
 use crate::balance::{AdminState, BackendState};
 use crate::metrics::{cumulative_buckets, Durations, Hist, WorkerMetrics, BUCKETS_US};
-use crate::metrics::{UdpCounts, NO_BACKEND, NO_POOL, UDP_DIRECTIONS, UDP_DROPS};
+use crate::metrics::{
+    H2Event, UdpCounts, H2_EVENTS, NO_BACKEND, NO_POOL, UDP_DIRECTIONS, UDP_DROPS,
+};
 use crate::tables::Tables;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -128,6 +130,39 @@ struct ListenerJson<'a> {
     tls_handshakes: Vec<HandshakesJson>,
     /// udp listeners: datagrams, sessions, drops; None for the others.
     udp: Option<UdpJson>,
+    /// http/https listeners: HTTP/2 connections and streams; None for the others.
+    http2: Option<H2Json>,
+}
+
+#[derive(Serialize)]
+struct H2Json {
+    connections_active: u64,
+    connections_total: u64,
+    streams_active: u64,
+    streams_total: u64,
+    /// By side (`client`, `backend`).
+    resets: BTreeMap<&'static str, u64>,
+    /// By reason (`graceful`, `flood`).
+    goaways: BTreeMap<&'static str, u64>,
+}
+
+fn h2_json(c: &[u64; H2_EVENTS]) -> H2Json {
+    let n = |e: H2Event| c[e as usize];
+    H2Json {
+        connections_active: n(H2Event::ConnectionOpened)
+            .saturating_sub(n(H2Event::ConnectionClosed)),
+        connections_total: n(H2Event::ConnectionOpened),
+        streams_active: n(H2Event::StreamOpened).saturating_sub(n(H2Event::StreamClosed)),
+        streams_total: n(H2Event::StreamOpened),
+        resets: BTreeMap::from([
+            ("client", n(H2Event::ClientReset)),
+            ("backend", n(H2Event::BackendReset)),
+        ]),
+        goaways: BTreeMap::from([
+            ("graceful", n(H2Event::GracefulGoaway)),
+            ("flood", n(H2Event::FloodGoaway)),
+        ]),
+    }
 }
 
 #[derive(Serialize)]
@@ -319,6 +354,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                 durations,
                 tls_handshakes: handshakes(&c.tls_handshakes),
                 udp: e.udp.as_ref().map(|_| udp_json(&c.udp)),
+                http2: e.http.as_ref().map(|_| h2_json(&c.h2)),
             }
         })
         .collect();

@@ -66,6 +66,7 @@ pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     pub relay: RelayBuffers,
     pub http: HttpWorker,
+    pub h2: crate::h2::H2Worker,
     /// Sessions of udp listeners (started with the first).
     pub udp: UdpSlot,
     /// This worker's counters and histograms; borrowed only between two awaits.
@@ -83,6 +84,7 @@ impl WorkerCtx {
         WorkerCtx {
             relay: RelayBuffers::new(shared.splice_threshold),
             http: HttpWorker::default(),
+            h2: Default::default(),
             udp: UdpSlot::default(),
             metrics: RefCell::default(),
             shared,
@@ -175,6 +177,7 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                     task.abort();
                 }
                 track::close_idle_clients(|l| l.closing.load(Relaxed));
+                ctx.h2.goaway.notify_waiters();
                 ctx.udp.close_where(&ctx, |s| s.entry.cfg.name == name);
             }
             WorkerCmd::CloseBackend { backend, addr } => {
@@ -193,6 +196,7 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                 }
                 ctx.stopping.set(true);
                 track::close_idle_clients(|_| true);
+                ctx.h2.goaway.notify_waiters();
                 ctx.udp.close_where(&ctx, |_| true);
                 let drained = async {
                     while ctx.open.get() > 0 {
@@ -262,7 +266,13 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                     ctx: &ctx,
                     listener: &entry,
                 };
-                h1::serve(&ctx, ClientSocket::new(stream), None, peer, &entry).await
+                let client = ClientSocket::new(stream);
+                if let Some(h2c) = h1::serve(&ctx, client, None, peer, &entry).await {
+                    // Boxed: an HTTP/1 connection's task should not carry h2's state.
+                    let session =
+                        crate::h2::server::serve(&ctx, h2c.conn, h2c.preread, None, peer, &entry);
+                    Box::pin(session).await
+                }
             }),
             Protocol::Udp => unreachable!("refused above"),
             Protocol::Https | Protocol::Tls => tokio::task::spawn_local(async move {
@@ -275,8 +285,33 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                 };
                 if entry.cfg.protocol == Protocol::Https {
                     let info = Box::new(SessionInfo::of(tls.get_ref().1));
-                    let client = ClientSocket::Conn(Conn::Tls(Box::new(tls.into())));
-                    h1::serve(&ctx, client, Some(info), peer, &entry).await
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let conn = Conn::Tls(Box::new(tls.into()));
+                    // Boxed: an HTTP/1 connection's task should not carry h2's state.
+                    if h2 {
+                        let session = crate::h2::server::serve(
+                            &ctx,
+                            conn,
+                            Vec::new(),
+                            Some(info),
+                            peer,
+                            &entry,
+                        );
+                        Box::pin(session).await
+                    } else if let Some(h2c) =
+                        h1::serve(&ctx, ClientSocket::Conn(conn), Some(info), peer, &entry).await
+                    {
+                        // h2 with prior knowledge over TLS without ALPN: h2 too.
+                        let session = crate::h2::server::serve(
+                            &ctx,
+                            h2c.conn,
+                            h2c.preread,
+                            None,
+                            peer,
+                            &entry,
+                        );
+                        Box::pin(session).await
+                    }
                 } else {
                     l4::serve(&ctx, Conn::Tls(Box::new(tls.into())), peer, &entry).await
                 }

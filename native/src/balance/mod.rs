@@ -370,6 +370,8 @@ pub struct Pool {
     has_backup: bool,
     /// TLS to the backends (re-encryption); set by the engine.
     pub tls: Option<Arc<crate::tls::client::PoolTls>>,
+    /// http: HTTP/1.1 or HTTP/2 to the backends.
+    pub http_version: crate::config::HttpVersion,
 }
 
 /// A backend as one config describes it; a reload may change any of it while the backend's
@@ -425,6 +427,7 @@ impl Pool {
             queued: AtomicU32::new(0),
             slot_freed: tokio::sync::Notify::new(),
             tls: None,
+            http_version: cfg.http_version,
         }
     }
 

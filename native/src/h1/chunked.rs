@@ -184,6 +184,33 @@ impl ChunkedDecoder {
         self.state == State::Done
     }
 
+    /// Like `feed`, but hands the chunk data (without the framing) to `data`: for a body that
+    /// leaves HTTP/1 (toward an HTTP/2 peer, which frames it itself). Trailers are dropped.
+    pub fn dechunk(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<(usize, bool), ChunkError> {
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::Data {
+                let n = (self.remaining as usize).min(input.len() - i);
+                data(&input[i..i + n]);
+                self.feed(&input[i..i + n])?;
+                i += n;
+                continue;
+            }
+            // Framing bytes one at a time: a size line is a few bytes, and each stop leaves
+            // the state at the data that follows.
+            let (k, done) = self.feed(&input[i..i + 1])?;
+            i += k;
+            if done {
+                return Ok((i, true));
+            }
+        }
+        Ok((i, self.is_done()))
+    }
+
     fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), ChunkError> {
         let mut i = 0;
         while i < data.len() {
@@ -724,5 +751,27 @@ mod tests {
         assert_eq!(d.feed(b"x"), Err(ChunkError::BadSize));
         assert_eq!(d.feed(b"0\r\n\r\n"), Err(ChunkError::BadSize));
         assert!(!d.is_done());
+    }
+
+    #[test]
+    fn dechunk_yields_the_data_without_framing_across_any_split() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        for split in 1..body.len() {
+            let mut d = ChunkedDecoder::new();
+            let mut out = Vec::new();
+            let (a, done_a) = d
+                .dechunk(&body[..split], |b| out.extend_from_slice(b))
+                .unwrap();
+            assert_eq!(a, split.min(body.len() - 4));
+            let (b, done) = if done_a {
+                (0, true)
+            } else {
+                d.dechunk(&body[split..], |b| out.extend_from_slice(b))
+                    .unwrap()
+            };
+            assert!(done);
+            assert_eq!(a + b, body.len() - 4, "split at {split}");
+            assert_eq!(out, b"hello world");
+        }
     }
 }

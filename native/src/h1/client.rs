@@ -66,6 +66,15 @@ impl ClientSocket {
         }
     }
 
+    /// The registered connection, owned (for a session that takes the socket over).
+    pub fn into_conn(mut self) -> io::Result<Conn> {
+        self.registered()?;
+        match self {
+            ClientSocket::Conn(c) => Ok(c),
+            _ => Err(io::Error::other("client socket lost while registering")),
+        }
+    }
+
     /// One read without waiting; WouldBlock when nothing is there.
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

@@ -13,9 +13,13 @@ pub mod client;
 pub mod io;
 pub mod parse;
 pub mod rewrite;
+mod to_h2;
+pub mod translate;
 pub mod upstream;
 
 use crate::balance::{hash_key, Pool};
+use crate::config::HttpVersion;
+use crate::h2::io::PREFACE;
 use crate::l4::forward;
 use crate::net::Conn;
 use crate::proxy::outcome::{micros, ClientInfo, NOT_MEASURED};
@@ -45,9 +49,9 @@ use tokio::net::TcpStream;
 use upstream::UpstreamPool;
 
 /// Largest response head accepted from a backend.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-const RESPONSE_LIMITS: Limits = Limits {
+pub(crate) const RESPONSE_LIMITS: Limits = Limits {
     max_header_bytes: MAX_RESPONSE_HEAD,
     max_headers: 256,
 };
@@ -103,14 +107,21 @@ impl Drop for Client {
     }
 }
 
-/// Serves one accepted client connection to the end.
+/// A client that opened its connection with the HTTP/2 preface, handed to `h2::server`.
+pub struct H2cClient {
+    pub conn: Conn,
+    /// What was read of it (the preface, maybe more).
+    pub preread: Vec<u8>,
+}
+
+/// Serves one accepted client connection to the end, or until it turns out to be h2c.
 pub async fn serve(
     ctx: &WorkerCtx,
     stream: ClientSocket,
     tls: Option<Box<SessionInfo>>,
     peer: SocketAddr,
-    accepted: &ListenerEntry,
-) {
+    accepted: &Arc<ListenerEntry>,
+) -> Option<H2cClient> {
     // Each request uses the listener's tables as they are when its head arrives, so a reload
     // applies to open keep-alive connections at their next request.
     let mut generation = ctx.shared.tables.load().generation;
@@ -126,13 +137,22 @@ pub async fn serve(
         requests: 0,
     };
     loop {
-        let listener = reloaded.as_deref().unwrap_or(accepted);
+        let listener = reloaded.as_deref().unwrap_or(&**accepted);
         let Some(http) = listener.http.as_ref() else {
-            return;
+            return None;
         };
         let (mut req, head) =
             match read_request(ctx, listener, http, &mut client, &mut deadline).await {
                 Ok(r) => r,
+                Err(Some(H2C)) => {
+                    // An h2c client (prior knowledge): the connection is HTTP/2 from here on,
+                    // served by the caller (so this future does not carry h2's state).
+                    let stream = std::mem::replace(&mut client.stream, ClientSocket::Switching);
+                    return Some(H2cClient {
+                        conn: stream.into_conn().ok()?,
+                        preread: std::mem::take(&mut client.partial),
+                    });
+                }
                 Err(Some(status)) => {
                     record_refused(ctx, listener, status, true);
                     if let Some(log) = ctx.shared.access_log.load().as_ref() {
@@ -149,9 +169,9 @@ pub async fn serve(
                         ));
                     }
                     refuse_and_close(ctx, &mut client, status, &mut deadline).await;
-                    return;
+                    return None;
                 }
-                Err(None) => return,
+                Err(None) => return None,
             };
         client.requests = client.requests.saturating_add(1);
         let tables = ctx.shared.tables.load();
@@ -162,9 +182,9 @@ pub async fn serve(
             }
         }
         drop(tables);
-        let listener = reloaded.as_deref().unwrap_or(accepted);
+        let listener = reloaded.as_deref().unwrap_or(&**accepted);
         let Some(http) = listener.http.as_ref() else {
-            return;
+            return None;
         };
         let next = exchange(
             ctx,
@@ -185,7 +205,7 @@ pub async fn serve(
             if unread {
                 lingering_close(ctx, &mut client.stream, &mut deadline).await;
             }
-            return;
+            return None;
         }
         if req.is_empty() {
             ctx.http.bufs.give(req);
@@ -247,8 +267,12 @@ async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &
     ctx.http.bufs.give(sink);
 }
 
+/// Not a status: `read_request` found the HTTP/2 preface (its bytes are left in
+/// `client.partial`).
+const H2C: u16 = 0;
+
 /// Reads until a whole request head is buffered. Err(None): the client left or idled out;
-/// Err(Some(status)): answer that status and close.
+/// Err(Some(H2C)): the client speaks HTTP/2; Err(Some(status)): answer that status and close.
 async fn read_request(
     ctx: &WorkerCtx,
     listener: &ListenerEntry,
@@ -270,6 +294,19 @@ async fn read_request(
     // once per line end, not once per read (httparse starts over each time).
     let mut scanned = 0;
     loop {
+        if client.requests == 0 && buf.filled().first() == Some(&b'P') {
+            let b = buf.filled();
+            let n = b.len().min(PREFACE.len());
+            if b[..n] == PREFACE[..n] {
+                if n == PREFACE.len() {
+                    client.partial.extend_from_slice(b);
+                    bufs.give(buf);
+                    return Err(Some(H2C));
+                }
+                // A preface in part: read on, without parsing it as HTTP/1.
+                scanned = buf.len();
+            }
+        }
         if !buf.is_empty() && may_end_head(buf.filled(), scanned) {
             let parsed = {
                 let mut headers = ctx.http.headers.borrow_mut();
@@ -453,6 +490,18 @@ impl BodyLeft {
             BodyLeft::Chunked(d) => d.feed(data).map(|(k, _)| k),
             BodyLeft::UntilClose => Ok(data.len()),
         }
+    }
+
+    /// Like `take`, with the body's data (chunk framing removed) appended to `out`.
+    fn dechunk(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<usize, chunked::ChunkError> {
+        if let BodyLeft::Chunked(d) = self {
+            return d
+                .dechunk(data, |b| out.extend_from_slice(b))
+                .map(|(k, _)| k);
+        }
+        let k = self.take(data)?;
+        out.extend_from_slice(&data[..k]);
+        Ok(k)
     }
 }
 
@@ -802,6 +851,12 @@ async fn exchange_counted(
         if log.request_id.is_empty() {
             log.request_id = generated_request_id(&out);
         }
+    }
+    if plan.pool.http_version == HttpVersion::Http2 && !plan.upgrade {
+        ctx.http.bufs.give_vec(out);
+        // Boxed: only requests to HTTP/2 pools carry the translation's state.
+        let h2 = to_h2::exchange(ctx, listener, client, req, &head, plan, outcome, deadline);
+        return Box::pin(h2).await;
     }
     // The body bytes that came with the head go out with it. A small body still on its way
     // is read first (nginx's request buffering), so the whole request can go to another
@@ -1445,6 +1500,7 @@ mod tests {
             routes: vec![],
             tls: None,
             udp: None,
+            http2: None,
         };
         let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",
@@ -1471,6 +1527,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let stream = TcpStream::connect(addr).await.unwrap().into_std().unwrap();
+            let entry = Arc::new(entry);
             let fut = serve(&ctx, ClientSocket::new(stream), None, addr, &entry);
             let size = std::mem::size_of_val(&fut);
             // 2304 before per-request counting and the access log's fields (issue 5): +184;

@@ -297,7 +297,7 @@ pub fn response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn reason(status: u16) -> &'static str {
+pub fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
         408 => "Request Timeout",
@@ -317,7 +317,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn explanation(status: u16) -> &'static str {
+pub fn explanation(status: u16) -> &'static str {
     match status {
         400 => "malformed or ambiguous request",
         408 => "request head not received in time",

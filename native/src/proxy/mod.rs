@@ -6,6 +6,7 @@
 //! retries and what each try's outcome means. `Outcome` carries what the metrics and the access
 //! log need, and `finish` records them, once per request, the same for every protocol.
 
+pub mod exchange;
 pub mod outcome;
 pub mod ratelimit;
 pub mod route;

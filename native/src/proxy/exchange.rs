@@ -1,0 +1,66 @@
+//! The one interface between a client session and an upstream of another protocol: the
+//! request's head as `http` parts, its body as a `RequestBody`, and the response delivered to
+//! a `ResponseSink`. An HTTP/2 session and the HTTP/1 session (for an HTTP/2 pool) implement
+//! the two traits; the HTTP/1 upstream (`h1::translate`) and the HTTP/2 upstream
+//! (`h2::client`) consume them. (HTTP/1 to an HTTP/1 pool keeps its byte-level path in `h1`,
+//! with splice: nothing there needs translating.)
+
+use crate::balance::Pool;
+use bytes::Bytes;
+use h2::Reason;
+use http::{request, response, HeaderMap};
+use rustls::pki_types::ServerName;
+use std::time::Instant;
+
+/// The request body as the client sends it.
+pub(crate) trait RequestBody {
+    /// The next piece; None once the body ended. Err: the client went away or reset.
+    async fn data(&mut self) -> Result<Option<Bytes>, ()>;
+    /// Trailers after the body, if the client sent any.
+    async fn trailers(&mut self) -> Result<Option<HeaderMap>, ()>;
+    /// Whether the request has no body at all.
+    fn is_empty(&self) -> bool;
+    /// The body's declared length, if known.
+    fn length(&self) -> Option<u64>;
+    /// The whole body is still at hand (read in full before the first try), so another
+    /// backend can be sent it.
+    fn replayable(&self) -> bool;
+    /// The next `data` starts again from the first byte (only when `replayable`).
+    fn rewind(&mut self);
+}
+
+/// Where the response goes: to the client, in its protocol.
+pub(crate) trait ResponseSink {
+    /// The response head; `end`: there is no body.
+    async fn head(&mut self, head: response::Parts, end: bool) -> Result<(), ()>;
+    async fn data(&mut self, data: Bytes, end: bool) -> Result<(), ()>;
+    /// Ends the response with trailers.
+    async fn trailers(&mut self, trailers: HeaderMap) -> Result<(), ()>;
+    /// Resolves when the client cancelled the request (an h2 RST_STREAM); never resolves for
+    /// a client that cannot cancel one request alone.
+    async fn cancelled(&mut self);
+    /// Cuts the response short (the backend reset its stream).
+    fn reset(&mut self, reason: Reason);
+    /// Whether a response head went out already.
+    fn started(&self) -> bool;
+}
+
+/// One try's request as the upstream sees it.
+pub(crate) struct UpstreamRequest<'a> {
+    /// The listener the request came in on (its metrics).
+    pub listener: u16,
+    pub pool: &'a Pool,
+    pub backend: usize,
+    pub parts: &'a request::Parts,
+    /// TLS pools: the name sent and verified, and the tag that keeps connections apart by it.
+    pub sni: Option<&'a ServerName<'static>>,
+    pub sni_tag: u64,
+    /// A gRPC call's deadline (`grpc-timeout`), which caps the wait for the backend.
+    pub deadline: Option<Instant>,
+    /// The client's `timeouts.client_idle`: how long a client may leave a response unread.
+    pub client_idle_ms: u64,
+    /// Skip idle connections (one was found closed).
+    pub fresh: bool,
+    /// Affinity: the cookie to set on the response (name, token, ttl).
+    pub set_cookie: Option<(&'a str, &'a [u8; 16], u64)>,
+}
