@@ -121,6 +121,7 @@ LISTENER_KEYS = {
     "rate_limit",
     "routes",
     "udp",
+    "http2",
 }
 ROUTE_KEYS = {
     "host",
@@ -137,6 +138,7 @@ ROUTE_KEYS = {
 }
 POOL_KEYS = {
     "name",
+    "http_version",
     "passive",
     "algorithm",
     "hash_key",
@@ -254,6 +256,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "max_headers": 100,
         "rate_limit": {"requests_per_second": 100.0, "burst": 200},
         "udp": None,
+        "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "routes": [
             {
                 "host": "api.example.com",
@@ -855,6 +858,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "max_headers": 50,
         "rate_limit": {"requests_per_second": 2.5, "burst": 3},
         "udp": None,
+        "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "routes": [
             {
                 "host": "api.example.com",

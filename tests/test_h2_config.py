@@ -1,0 +1,325 @@
+"""HTTP/2 and gRPC on the control plane (issue 13): the config (`[listeners.http2]`, the pool key
+`http_version`, health `type = "grpc"` with `service`) and its engine JSON, the example and the
+documented configs, the http2 metric families, the dashboard's and `fastlb ctl status`'s h2
+columns. The grpc check itself is tests/test_grpc_health.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from fastlb._native import engine_config_error
+from fastlb.cli import main as cli_main
+from fastlb.config import ConfigError, Health, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = REPO / "python" / "fastlb" / "static" / "dashboard.html"
+DEFAULTS = {"max_concurrent_streams": 100, "max_header_list_size": 65_536}
+CERT = [{"cert": "certs/site.pem", "key": "certs/site.key"}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config folder holding certs/site.pem and .key (for the https and tls listeners)."""
+    root = tmp_path_factory.mktemp("h2")
+    leaf = trustme.CA().issue_cert("example.com")
+    (root / "certs").mkdir()
+    (root / "certs" / "site.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    (root / "certs" / "site.key").write_bytes(leaf.private_key_pem.bytes())
+    return root
+
+
+def h2_config() -> dict[str, Any]:
+    """One listener of each protocol: web (http), secure (https) over pool "app", with a gRPC
+    route to pool "rpc" (http_version "2", grpc health); raw (tcp) and sealed (tls) over "db";
+    dns (udp) over "dns"."""
+    return {
+        "admin": {"bind": "off"},
+        "runtime": {"workers": 1, "cpu_affinity": "off"},
+        "listeners": [
+            {
+                "name": "web",
+                "bind": "127.0.0.1:18080",
+                "protocol": "http",
+                "pool": "app",
+                "routes": [{"path_prefix": "/orders.v1.OrderService/", "pool": "rpc"}],
+            },
+            {
+                "name": "secure",
+                "bind": "127.0.0.1:18443",
+                "protocol": "https",
+                "pool": "app",
+                "tls": {"certificates": CERT},
+            },
+            {"name": "raw", "bind": "127.0.0.1:15432", "protocol": "tcp", "pool": "db"},
+            {
+                "name": "sealed",
+                "bind": "127.0.0.1:15433",
+                "protocol": "tls",
+                "pool": "db",
+                "tls": {"certificates": CERT},
+            },
+            {"name": "dns", "bind": "127.0.0.1:15353", "protocol": "udp", "pool": "dns"},
+        ],
+        "pools": [
+            {"name": "app", "backends": [{"address": "127.0.0.1:19001"}]},
+            {"name": "db", "backends": [{"address": "127.0.0.1:19002"}]},
+            {"name": "dns", "backends": [{"address": "127.0.0.1:15301"}], "health": {"type": "dns"}},
+            {
+                "name": "rpc",
+                "http_version": "2",
+                "backends": [{"address": "127.0.0.1:50051"}, {"address": "127.0.0.1:50052"}],
+                "health": {"type": "grpc", "service": "orders.v1.OrderService"},
+            },
+        ],
+    }
+
+
+def errors_of(data: dict[str, Any], folder: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, folder)
+    assert all("\n" not in e for e in info.value.errors)
+    return list(info.value.errors)
+
+
+# --- config: valid settings and their engine JSON ---------------------------------------------
+
+
+def test_http2_defaults_to_engine(folder: Path) -> None:
+    engine = parse_config(h2_config(), folder).to_engine()
+    listeners = {x["name"]: x for x in engine["listeners"]}
+    assert listeners["web"]["http2"] == DEFAULTS
+    assert listeners["secure"]["http2"] == DEFAULTS
+    for name in ("raw", "sealed", "dns"):
+        assert listeners[name]["http2"] is None, name
+    assert len({frozenset(x) for x in engine["listeners"]}) == 1  # every listener has every key
+    assert [p["http_version"] for p in engine["pools"]] == ["1.1", "1.1", "1.1", "2"]
+
+
+def test_http2_settings_to_engine(folder: Path) -> None:
+    data = h2_config()
+    data["listeners"][0]["http2"] = {"max_concurrent_streams": 1, "max_header_list_size": 1024}
+    data["listeners"][1]["http2"] = {"max_concurrent_streams": 10_000, "max_header_list_size": 1_048_576}
+    web, secure = parse_config(data, folder).to_engine()["listeners"][:2]
+    assert web["http2"] == {"max_concurrent_streams": 1, "max_header_list_size": 1024}
+    assert secure["http2"] == {"max_concurrent_streams": 10_000, "max_header_list_size": 1_048_576}
+    data["listeners"][0]["http2"] = {"max_header_list_size": 4096}  # the other key keeps its default
+    web = parse_config(data, folder).to_engine()["listeners"][0]
+    assert web["http2"] == {"max_concurrent_streams": 100, "max_header_list_size": 4096}
+
+
+def test_http_version_1_1_written_out_is_the_default(folder: Path) -> None:
+    data = h2_config()
+    data["pools"][0]["http_version"] = "1.1"
+    assert parse_config(data, folder).to_engine()["pools"][0]["http_version"] == "1.1"
+
+
+def test_grpc_health_keys(folder: Path) -> None:
+    cfg = parse_config(h2_config(), folder)
+    rpc = cfg.pools[3].health
+    assert (rpc.type, rpc.service, rpc.interval, rpc.timeout, rpc.rise, rpc.fall) == (
+        "grpc",
+        "orders.v1.OrderService",
+        2000,
+        1000,
+        2,
+        3,
+    )
+    assert Health(type="grpc").service == ""  # the server as a whole
+    assert cfg.pools[0].health.service == ""
+
+
+def test_grpc_health_on_a_pool_a_tcp_listener_uses(folder: Path) -> None:
+    """A gRPC server behind a tcp listener (TLS passthrough, say) is checked over its own TCP
+    port: the check type is free, only the HTTP keys are not."""
+    data = h2_config()
+    data["pools"][1]["health"] = {"type": "grpc"}
+    assert parse_config(data, folder).pools[1].health.type == "grpc"
+
+
+def test_dump_round_trips(folder: Path) -> None:
+    data = h2_config()
+    data["listeners"][0]["http2"] = {"max_concurrent_streams": 7}
+    cfg = parse_config(data, folder)
+    again = parse_config(cfg.model_dump(by_alias=True), folder)
+    assert again.to_engine() == cfg.to_engine()
+
+
+# --- config: errors, each naming its field ---------------------------------------------------
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A change to an h2_config(): `path` like "listeners.2.http2" or "pools.3.health.service"."""
+
+    def change(data: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = data
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+        node[int(last) if last.isdigit() else last] = value
+
+    return change
+
+
+HTTP_ONLY = 'only for protocol = "http" or "https"'
+REFUSALS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("http2 on tcp", _set("listeners.2.http2", {"max_concurrent_streams": 10}),
+     f"listeners[2].http2: {HTTP_ONLY}"),
+    ("empty http2 on tcp", _set("listeners.2.http2", {}), f"listeners[2].http2: {HTTP_ONLY}"),
+    ("http2 on tls", _set("listeners.3.http2", {}), f"listeners[3].http2: {HTTP_ONLY}"),
+    ("http2 on udp", _set("listeners.4.http2", {}), f"listeners[4].http2: {HTTP_ONLY}"),
+    ("streams 0", _set("listeners.0.http2", {"max_concurrent_streams": 0}),
+     "listeners[0].http2.max_concurrent_streams: must be >= 1"),
+    ("streams 10001", _set("listeners.1.http2", {"max_concurrent_streams": 10_001}),
+     "listeners[1].http2.max_concurrent_streams: must be <= 10000"),
+    ("streams string", _set("listeners.0.http2", {"max_concurrent_streams": "100"}),
+     "listeners[0].http2.max_concurrent_streams: must be an integer"),
+    ("streams bool", _set("listeners.0.http2", {"max_concurrent_streams": True}),
+     "listeners[0].http2.max_concurrent_streams: must be an integer"),
+    ("streams float", _set("listeners.0.http2", {"max_concurrent_streams": 1.5}),
+     "listeners[0].http2.max_concurrent_streams: must be an integer"),
+    ("header list 1023", _set("listeners.0.http2", {"max_header_list_size": 1023}),
+     "listeners[0].http2.max_header_list_size: must be >= 1024"),
+    ("header list 1 MiB + 1", _set("listeners.0.http2", {"max_header_list_size": 1_048_577}),
+     "listeners[0].http2.max_header_list_size: must be <= 1048576"),
+    ("unknown http2 key", _set("listeners.0.http2", {"max_streams": 10}),
+     "listeners[0].http2.max_streams: unknown key"),
+    ("http2 not a table", _set("listeners.0.http2", 100), "listeners[0].http2: must be a table"),
+    ("http_version 3", _set("pools.0.http_version", "3"),
+     'pools[0].http_version: must be "1.1" or "2", not "3"'),
+    ("http_version 2.0", _set("pools.0.http_version", "2.0"),
+     'pools[0].http_version: must be "1.1" or "2", not "2.0"'),
+    ("http_version integer", _set("pools.0.http_version", 2),
+     'pools[0].http_version: must be "1.1" or "2", not 2'),
+    ("http_version float", _set("pools.0.http_version", 1.1),
+     'pools[0].http_version: must be "1.1" or "2", not 1.1'),
+    ("http_version h2", _set("pools.0.http_version", "h2"),
+     'pools[0].http_version: must be "1.1" or "2", not "h2"'),
+    ("http_version 2 for tcp", _set("pools.1.http_version", "2"),
+     "pools[1].http_version: \"2\" is http only, but tcp listener 'raw' uses this pool"),
+    ("http_version 2 for tls", _set("pools.1.http_version", "2"),
+     "pools[1].http_version: \"2\" is http only, but tls listener 'sealed' uses this pool"),
+    ("http_version 2 for udp", _set("pools.2.http_version", "2"),
+     "pools[2].http_version: \"2\" is http only, but udp listener 'dns' uses this pool"),
+    ("service on http health", _set("pools.0.health", {"type": "http", "service": "x"}),
+     'pools[0].health.service: only for type = "grpc"'),
+    ("service on the default (tcp) health", _set("pools.0.health", {"service": "x"}),
+     'pools[0].health.service: only for type = "grpc"'),
+    ("service on https health", _set("pools.0.health", {"type": "https", "service": "x"}),
+     'pools[0].health.service: only for type = "grpc"'),
+    ("service on dns health", _set("pools.2.health", {"type": "dns", "service": "x"}),
+     'pools[2].health.service: only for type = "grpc"'),
+    ("service not a string", _set("pools.3.health", {"type": "grpc", "service": 5}),
+     "pools[3].health.service: must be a string"),
+    ("grpc on a udp-only pool", _set("pools.2.health", {"type": "grpc"}),
+     'pools[2].health.type: "grpc" checks a TCP port, but only udp listeners use this pool;'
+     ' use "dns", "udp" or "none"'),
+    ("unknown health type", _set("pools.3.health", {"type": "grpc-web"}),
+     'pools[3].health.type: must be "tcp", "http", "https", "dns", "udp", "grpc" or "none", not "grpc-web"'),
+    ("http keys on grpc health", _set("pools.3.health", {"type": "grpc", "path": "/health"}),
+     'pools[3].health.path: only for type = "http" or "https"'),
+    ("host on grpc health", _set("pools.3.health", {"type": "grpc", "host": "rpc.internal"}),
+     'pools[3].health.host: only for type = "http" or "https"'),
+    ("dns keys on grpc health", _set("pools.3.health", {"type": "grpc", "query": "a.example."}),
+     'pools[3].health.query: only for type = "dns"'),
+    ("udp keys on grpc health", _set("pools.3.health", {"type": "grpc", "send": "ping"}),
+     'pools[3].health.send: only for type = "udp"'),
+    ("grpc timeout over interval", _set("pools.3.health", {"type": "grpc", "timeout": "3s"}),
+     "pools[3].health.timeout: must not exceed interval (2s)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "expected"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+def test_refused(folder: Path, change: Callable[[dict[str, Any]], None], expected: str) -> None:
+    data = h2_config()
+    change(data)
+    errors = errors_of(data, folder)
+    assert expected in errors, (expected, errors)
+
+
+def test_every_error_at_once(folder: Path) -> None:
+    data = h2_config()
+    data["listeners"][2]["http2"] = {}
+    data["pools"][1]["http_version"] = "2"
+    data["pools"][0]["health"] = {"service": "x"}
+    fields = sorted(e.split(": ")[0] for e in errors_of(data, folder))
+    assert fields == [
+        "listeners[2].http2",
+        "pools[0].health.service",
+        "pools[1].http_version",
+        "pools[1].http_version",  # once for each of its users: the tcp and the tls listener
+    ]
+
+
+def toml(data: dict[str, Any]) -> str:
+    """The config as TOML (inline tables; enough for these configs)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float, str)):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, list)]
+    for key, entries in data.items():
+        if isinstance(entries, list):
+            for entry in entries:
+                lines += [f"[[{key}]]", *(f"{k} = {value(v)}" for k, v in entry.items())]
+    return "\n".join(lines) + "\n"
+
+
+def check(folder: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`fastlb check -c FILE` in this process: (exit code, stdout, stderr)."""
+    path = folder / "fastlb.toml"
+    path.write_text(toml(data))
+    code = cli_main(["check", "-c", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_check(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert check(folder, h2_config(), capsys) == (0, "ok\n", "")
+    data = h2_config()
+    data["listeners"][3]["http2"] = {"max_concurrent_streams": 5}
+    assert check(folder, data, capsys) == (2, "", f"listeners[3].http2: {HTTP_ONLY}\n")
+    data = h2_config()
+    data["pools"][0]["http_version"] = "3"
+    assert check(folder, data, capsys) == (2, "", 'pools[0].http_version: must be "1.1" or "2", not "3"\n')
+    data = h2_config()
+    data["pools"][0]["health"] = {"type": "tcp", "service": "x"}
+    assert check(folder, data, capsys) == (2, "", 'pools[0].health.service: only for type = "grpc"\n')
+
+
+# --- the native engine takes the JSON (once the data plane has http2) -------------------------
+
+
+def _native_has_http2(folder: Path) -> bool:
+    spec = parse_config(h2_config(), folder).to_engine()
+    error = engine_config_error(json.dumps(spec)) or ""
+    return "unknown field `http2`" not in error and "unknown field `http_version`" not in error
+
+
+def test_native_engine_accepts_the_h2_keys(folder: Path) -> None:
+    if not _native_has_http2(folder):
+        pytest.skip("this native build predates HTTP/2 (issue 13)")
+    spec = parse_config(h2_config(), folder).to_engine()
+    assert engine_config_error(json.dumps(spec)) is None
+    for change in (
+        lambda d: d["listeners"][2].update(http2=DEFAULTS),  # http2 on a tcp listener
+        lambda d: d["listeners"][0].update(http2=None),  # none on an http one
+        lambda d: d["pools"][0].update(http_version="3"),
+        lambda d: d["pools"][0].pop("http_version"),  # no engine-side default
+        lambda d: d["listeners"][0]["http2"].pop("max_header_list_size"),
+    ):
+        doc = copy.deepcopy(spec)
+        change(doc)
+        assert engine_config_error(json.dumps(doc)) is not None
