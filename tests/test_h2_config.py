@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import threading
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 
 from fastlb._native import engine_config_error
 from fastlb.cli import main as cli_main
 from fastlb.config import ConfigError, Health, parse_config
+from fastlb.ctl import status_view
+from fastlb.metrics import families, render
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "python" / "fastlb" / "static" / "dashboard.html"
@@ -323,3 +330,160 @@ def test_native_engine_accepts_the_h2_keys(folder: Path) -> None:
         doc = copy.deepcopy(spec)
         change(doc)
         assert engine_config_error(json.dumps(doc)) is not None
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def _listener(name: str, protocol: str, http2: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "protocol": protocol,
+        "bind": "127.0.0.1:1",
+        "pool": "p",
+        "connections_total": 9,
+        "connections_active": 4,
+        "requests_total": 30,
+        "dropped": {"max_connections": 0, "no_backend": 0, "rate_limited": 0, "bad_request": 0},
+        "bytes_in": 100,
+        "bytes_out": 300,
+        "durations": [],
+        "udp": None,
+        "http2": http2,
+    }
+
+
+H2_STATS = {
+    "connections_active": 2,
+    "connections_total": 5,
+    "streams_active": 7,
+    "streams_total": 41,
+    "resets": {"client": 3, "backend": 1},
+    "goaways": {"graceful": 4, "flood": 1},
+}
+STATUS: dict[str, Any] = {
+    "buckets_s": [0.001, 0.01],
+    "responses": [],
+    "log_dropped": 0,
+    "listeners": [_listener("raw", "tcp", None), _listener("web", "http", H2_STATS)],
+    "pools": [],
+}
+
+
+def samples(status: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = render(status).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_http2_metrics_from_the_stats_document() -> None:
+    got = samples(STATUS)
+    h2 = {k: v for k, v in got.items() if k[0].startswith("fastlb_http2_")}
+    web = (("listener", "web"),)
+    assert h2 == {
+        ("fastlb_http2_connections_active", web): 2,
+        ("fastlb_http2_connections_total", web): 5,
+        ("fastlb_http2_streams_active", web): 7,
+        ("fastlb_http2_streams_total", web): 41,
+        ("fastlb_http2_resets_total", (("listener", "web"), ("side", "client"))): 3,
+        ("fastlb_http2_resets_total", (("listener", "web"), ("side", "backend"))): 1,
+        ("fastlb_http2_goaways_total", (("listener", "web"), ("reason", "graceful"))): 4,
+        ("fastlb_http2_goaways_total", (("listener", "web"), ("reason", "flood"))): 1,
+    }
+    # the listener-wide families count the h2 connections with the others
+    assert got["fastlb_connections_active", web] == 4
+
+
+def test_http2_metric_families_without_http_listeners_have_no_series() -> None:
+    names = {f.name: f.samples for f in families({**STATUS, "listeners": [_listener("raw", "tcp", None)]})}
+    for name in (
+        "fastlb_http2_connections_active",
+        "fastlb_http2_connections",
+        "fastlb_http2_streams_active",
+        "fastlb_http2_streams",
+        "fastlb_http2_resets",
+        "fastlb_http2_goaways",
+    ):
+        assert names[name] == [], name
+    # a stats document from before HTTP/2 (no key at all) reads the same
+    old = _listener("web", "http", None)
+    del old["http2"]
+    assert all(not f.samples for f in families({**STATUS, "listeners": [old]}) if "http2" in f.name)
+
+
+# --- fastlb ctl status and the dashboard --------------------------------------------------------
+
+SHOWN = {**STATUS, "version": "test", "uptime_s": 1, "reloads": 0, "stopping": False, "connections_active": 4}
+
+
+def test_ctl_status_shows_h2_connections_and_streams() -> None:
+    console = Console(width=200, record=True)
+    console.print(status_view(SHOWN))
+    rows = {}
+    for line in console.export_text().splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").replace("┃", "│").split("│")]
+        rows[cells[0]] = cells
+    assert rows["name"][-2:] == ["h2 conns", "h2 streams"]
+    assert rows["web"][-2:] == ["2", "7"]
+    assert rows["raw"][-2:] == ["-", "-"]  # nothing for a tcp listener
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class FakeAdmin:
+    """Serves the dashboard and a fixed /api/status on loopback."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        body = json.dumps(status).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/":
+                    data, kind = DASHBOARD.read_bytes(), "text/html"
+                else:
+                    data, kind = (body if self.path == "/api/status" else b"[]"), "application/json"
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_dashboard_shows_h2_connections_and_streams() -> None:
+    assert CHROMIUM, "the dashboard test needs Debian's chromium (apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+
+    admin = FakeAdmin(SHOWN)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{admin.port}/")
+                web = page.locator('tr[data-listener="web"]')
+                web.wait_for(timeout=10_000)
+                assert web.locator("[data-testid=h2-connections]").inner_text() == "2"
+                assert web.locator("[data-testid=h2-streams]").inner_text() == "7"
+                assert web.locator("td").nth(4).inner_text().startswith("4")  # all connections first
+                raw = page.locator('tr[data-listener="raw"]')
+                assert raw.locator("[data-testid=h2-connections]").count() == 0
+                assert raw.locator("[data-testid=h2-streams]").count() == 0
+            finally:
+                browser.close()
+    finally:
+        admin.close()
