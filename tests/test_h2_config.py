@@ -9,6 +9,7 @@ import copy
 import json
 import shutil
 import threading
+import tomllib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.console import Console
 
 from fastlb._native import engine_config_error
 from fastlb.cli import main as cli_main
-from fastlb.config import ConfigError, Health, parse_config
+from fastlb.config import ConfigError, Health, load_config, parse_config
 from fastlb.ctl import status_view
 from fastlb.metrics import families, render
 
@@ -304,6 +305,42 @@ def test_cli_check(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = h2_config()
     data["pools"][0]["health"] = {"type": "tcp", "service": "x"}
     assert check(folder, data, capsys) == (2, "", 'pools[0].health.service: only for type = "grpc"\n')
+
+
+# --- the example and the documented configs --------------------------------------------------
+
+
+def with_certificates(text: str, root: Path) -> Path:
+    """Writes the config `text` into `root`, beside a certificate and key at every path its
+    listeners name (the repo ships no keys); returns the config file's path."""
+    data = tomllib.loads(text)
+    ca = trustme.CA()
+    for listener in data.get("listeners", []):
+        for pair in listener.get("tls", {}).get("certificates", []):
+            leaf = ca.issue_cert("api.example.com", "*.example.com")
+            for rel, blob in ((pair["cert"], b"".join(b.bytes() for b in leaf.cert_chain_pems)),
+                              (pair["key"], leaf.private_key_pem.bytes())):  # fmt: skip
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / rel).write_bytes(blob)
+    path = root / "fastlb.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = with_certificates((REPO / "examples" / "grpc.toml").read_text(), tmp_path)
+    assert cli_main(["check", "-c", str(path)]) == 0
+    assert capsys.readouterr() == ("ok\n", "")
+    engine = load_config(path).to_engine()
+    public, internal = engine["listeners"]
+    assert (public["protocol"], public["tls"]["alpn"]) == ("https", ["h2", "http/1.1"])
+    assert public["http2"] == {"max_concurrent_streams": 200, "max_header_list_size": 65_536}
+    assert internal["protocol"] == "http"
+    assert internal["http2"] == {"max_concurrent_streams": 1000, "max_header_list_size": 16_384}
+    orders, web = engine["pools"]
+    assert (orders["name"], orders["http_version"], web["http_version"]) == ("orders", "2", "1.1")
+    health = load_config(path).pools[0].health
+    assert (health.type, health.service) == ("grpc", "orders.v1.OrderService")
 
 
 # --- the native engine takes the JSON (once the data plane has http2) -------------------------
