@@ -343,6 +343,20 @@ def test_example_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert (health.type, health.service) == ("grpc", "orders.v1.OrderService")
 
 
+@pytest.mark.parametrize("doc", ["docs/http2.md", "README.md"])
+def test_documented_h2_configs_check(tmp_path: Path, doc: str) -> None:
+    """Every complete HTTP/2 example in the docs (a toml block with http2 or http_version, its
+    listeners and pools), with the certificate files it names made here."""
+    blocks = [b.split("```")[0] for b in (REPO / doc).read_text().split("```toml\n")[1:]]
+    complete = [b for b in blocks if "[[listeners]]" in b and "[[pools]]" in b]
+    h2 = [b for b in complete if "[listeners.http2]" in b or "http_version" in b]
+    assert h2
+    for k, text in enumerate(h2):
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        load_config(with_certificates(text, folder)).to_engine()
+
+
 # --- the native engine takes the JSON (once the data plane has http2) -------------------------
 
 
