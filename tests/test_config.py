@@ -1272,8 +1272,8 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_cli_check_ok(path: Path) -> None:
-    result = run_check(path)
+def test_cli_check_ok(path: Path, tmp_path: Path) -> None:
+    result = run_check(with_certificates(path, tmp_path))
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
 
 
