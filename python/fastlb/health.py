@@ -337,7 +337,17 @@ def _grpc_reply(headers: dict[str, str], trailers: dict[str, str], body: bytes) 
 
 
 async def _grpc_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-    """One Health/Check call on a fresh HTTP/2 connection (h2c, or TLS that agreed to h2)."""
+    """One Health/Check call on a fresh HTTP/2 connection (h2c, or TLS that agreed to h2); the
+    connection is dropped once the verdict is in."""
+    try:
+        return await _grpc_call(b, reader, writer)
+    finally:
+        # a gRPC server keeps the connection open after our GOAWAY, and closing TLS would wait
+        # for its close_notify: the check is over, so the connection is dropped
+        writer.transport.abort()
+
+
+async def _grpc_call(b: BackendHealth, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
         agreed = ssl_object.selected_alpn_protocol() or "none"
@@ -390,10 +400,6 @@ async def _grpc_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: as
                     return _grpc_reply(headers, trailers, body)
     except h2.exceptions.ProtocolError as exc:
         return f"HTTP/2 protocol error: {exc}"
-    finally:
-        # a gRPC server keeps the connection open after our GOAWAY, and closing TLS would wait
-        # for its close_notify: the check is over, so the connection is dropped
-        writer.transport.abort()
 
 
 def _text_headers(headers: Iterable[tuple[bytes, bytes]] | None) -> list[tuple[str, str]]:
