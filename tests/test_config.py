@@ -9,11 +9,13 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from fastlb._native import MAX_RETRIES, Engine, engine_config_error
 from fastlb.config import Config, ConfigError, Duration, load_config, parse_config
@@ -121,6 +123,7 @@ LISTENER_KEYS = {
     "rate_limit",
     "routes",
     "udp",
+    "http2",
 }
 ROUTE_KEYS = {
     "host",
@@ -137,6 +140,7 @@ ROUTE_KEYS = {
 }
 POOL_KEYS = {
     "name",
+    "http_version",
     "passive",
     "algorithm",
     "hash_key",
@@ -254,6 +258,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "max_headers": 100,
         "rate_limit": {"requests_per_second": 100.0, "burst": 200},
         "udp": None,
+        "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "routes": [
             {
                 "host": "api.example.com",
@@ -372,9 +377,28 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert parse_config(cfg.model_dump(by_alias=True)) == cfg
 
 
+def with_certificates(example: Path, folder: Path) -> Path:
+    """`example` itself, or, when its listeners name certificate files (the repo ships no keys),
+    a copy in `folder` beside certificates and keys made here at the paths it names."""
+    data = tomllib.loads(example.read_text())
+    pairs = [c for x in data.get("listeners", []) for c in x.get("tls", {}).get("certificates", [])]
+    if not pairs:
+        return example
+    ca = trustme.CA()
+    for pair in pairs:
+        leaf = ca.issue_cert("example.com", "*.example.com")
+        for rel, blob in ((pair["cert"], b"".join(b.bytes() for b in leaf.cert_chain_pems)),
+                          (pair["key"], leaf.private_key_pem.bytes())):  # fmt: skip
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(blob)
+    copy_path = folder / example.name
+    copy_path.write_text(example.read_text())
+    return copy_path
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_examples_load(path: Path) -> None:
-    cfg = load_config(path)
+def test_examples_load(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(with_certificates(path, tmp_path))
     engine = cfg.to_engine()
     assert set(engine) == ENGINE_KEYS and engine["listeners"] and engine["pools"]
 
@@ -855,6 +879,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "max_headers": 50,
         "rate_limit": {"requests_per_second": 2.5, "burst": 3},
         "udp": None,
+        "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "routes": [
             {
                 "host": "api.example.com",
@@ -1247,8 +1272,8 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_cli_check_ok(path: Path) -> None:
-    result = run_check(path)
+def test_cli_check_ok(path: Path, tmp_path: Path) -> None:
+    result = run_check(with_certificates(path, tmp_path))
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
 
 

@@ -835,7 +835,7 @@ def refusals(folder: Folder) -> list[tuple[dict[str, Any], str]]:
                 {"protocol": "http"},
                 pools=[{"name": "b", "backends": [{"address": "127.0.0.1:9002"}], "health": {"type": "tls"}}],
             ),
-            'pools[1].health.type: must be "tcp", "http", "https", "dns", "udp" or "none"',
+            'pools[1].health.type: must be "tcp", "http", "https", "dns", "udp", "grpc" or "none"',
         ),
     ]
 

@@ -286,7 +286,7 @@ REFUSALS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "unknown health type",
         _set("pools.1.health", {"type": "icmp"}),
-        'pools[1].health.type: must be "tcp", "http", "https", "dns", "udp" or "none"',
+        'pools[1].health.type: must be "tcp", "http", "https", "dns", "udp", "grpc" or "none"',
     ),
     (
         "udp health without send",

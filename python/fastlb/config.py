@@ -24,9 +24,13 @@ Defaults (a key left out means this):
               tls (https/tls only, required there): min_version = "1.2", alpn = ["h2",
               "http/1.1"] for https and none for tls, client_auth = "off", session_tickets = true;
               routes: redirect.code = 301;
+              http2 (http/https only; h2c with prior knowledge on http, ALPN h2 on https):
+              max_concurrent_streams = 100 (1..=10000; more streams are refused with
+              REFUSED_STREAM), max_header_list_size = 65536 (1024..=1048576 bytes);
               udp listeners: timeouts.session_idle = "30s", udp = {responses = 0 (a flow ends
               only when idle), per_packet = false, max_sessions = 100000}
-    pools     algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
+    pools     http_version = "1.1" ("2": HTTP/2 to the backends, h2c, or ALPN h2 with tls),
+              algorithm = "round_robin", hash_key = "source_ip", hash_balance_factor = 0 (off),
               backend weight = 1, max_connections = 0 (unlimited), backup = false,
               retries = 2 (at most MAX_RETRIES = 10, the data plane's limit),
               timeouts = {connect = "2s", read = "30s", send = "30s", idle = "60s"},
@@ -34,8 +38,10 @@ Defaults (a key left out means this):
               http health: path = "/", expect_status = any 2xx or 3xx (HAProxy httpchk), host =
               the backend's host; dns health: query = "a.root-servers.net.", query_type = "A",
               expect_rcode = any rcode but SERVFAIL (dnsdist); udp health: send (required),
-              expect = none (any reply); a pool only udp listeners use, without a health table:
-              type = "none", with a warning; passive = off; slow_start = "0s"; drain_timeout = "30s";
+              expect = none (any reply); grpc health (grpc.health.v1.Health/Check over
+              HTTP/2): service = "" (the server as a whole); a pool only udp listeners use,
+              without a health table: type = "none", with a warning; passive = off;
+              slow_start = "0s"; drain_timeout = "30s";
               affinity.ttl = none (a session cookie, like HAProxy `cookie ... insert`);
               keepalive = 256 (0..=10000 idle upstream connections kept per backend per worker
               thread; 0 = a new upstream connection per request). Not nginx's usual 32: a worker
@@ -89,6 +95,12 @@ Choices where the contract is silent:
       TCP and UDP on the same backends). dns names are made absolute ("x.example" ->
       "x.example."), query types and rcodes upper-case, as dnspython spells them; query
       types that are not asked for (AXFR, IXFR, OPT, TSIG...) are refused.
+    - `[listeners.http2]` is http/https-only; `http_version = "2"`, like the other HTTP pool
+      keys, is refused on a pool a tcp, tls or udp listener uses (it relays bytes, not
+      requests). Every http/https listener gets an `http2` table (the defaults when absent);
+      h2 on https still needs "h2" in tls.alpn (the default offers it). The `grpc` check
+      speaks HTTP/2 whatever the pool's http_version (a gRPC server speaks nothing else);
+      `service` is grpc-only.
     - pools.tls.verify is true/false; "required"/"none" (CONTRACT.md's spelling) mean the same.
       health type "https" may be used with or without [pools.tls] (without: verify against the
       system's roots).
@@ -544,6 +556,16 @@ class Udp(_Model):
     max_sessions: Annotated[int, Field(ge=1, le=2**32 - 1)] = 100_000  # per listener, whole process
 
 
+class Http2(_Model):
+    """`[listeners.http2]` on http and https listeners: the limits of an HTTP/2 client
+    connection (h2c with prior knowledge on http, ALPN h2 on https)."""
+
+    # streams open at once per connection; more are refused with RST_STREAM REFUSED_STREAM
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=10_000)] = 100
+    # SETTINGS_MAX_HEADER_LIST_SIZE: the largest decoded header list of a request (431 beyond)
+    max_header_list_size: Annotated[int, Field(ge=1024, le=1_048_576)] = 65_536
+
+
 class RateLimit(_Model):
     """Per client IP token bucket (http); over it: 429 with Retry-After."""
 
@@ -624,6 +646,7 @@ class Listener(_Model):
     tls: ListenerTls | None = None
     routes: list[Route] = []
     udp: Udp | None = None  # udp listeners: always set (the defaults when the table is absent)
+    http2: Http2 | None = None  # http/https listeners: always set (the defaults when absent)
 
     @property
     def is_http(self) -> bool:
@@ -634,7 +657,8 @@ class Listener(_Model):
     @classmethod
     def _protocol_defaults(cls, data: Any) -> Any:
         """Defaults that depend on the protocol: client_idle 10m on tcp/tls (nginx stream),
-        ALPN h2 and http/1.1 on https, the `udp` table's defaults on udp."""
+        ALPN h2 and http/1.1 on https, the `udp` table's defaults on udp, the `http2`
+        table's on http and https."""
         if not isinstance(data, dict):
             return data
         protocol = data.get("protocol")
@@ -646,6 +670,8 @@ class Listener(_Model):
             data = {**data, "tls": {**tls, "alpn": list(HTTPS_ALPN)}}
         if protocol == "udp" and "udp" not in data:
             data = {**data, "udp": {}}
+        if protocol in HTTP_PROTOCOLS and "http2" not in data:
+            data = {**data, "http2": {}}
         return data
 
 
@@ -667,7 +693,7 @@ class Health(_Model):
     """Active health checks; `expect_status` None means any 2xx or 3xx, `expect_rcode` None
     any rcode but SERVFAIL (dnsdist's default)."""
 
-    type: Literal["tcp", "http", "https", "dns", "udp", "none"] = "tcp"
+    type: Literal["tcp", "http", "https", "dns", "udp", "grpc", "none"] = "tcp"
     path: Annotated[str, AfterValidator(_path)] = "/"
     expect_status: (
         Annotated[list[Annotated[int, AfterValidator(_status_code)]], Field(min_length=1)] | None
@@ -681,6 +707,8 @@ class Health(_Model):
     # udp: the payload sent (UTF-8; required for type = "udp") and a substring the reply must hold
     send: Annotated[str, AfterValidator(_datagram)] = ""
     expect: Annotated[str, Field(min_length=1)] | None = None
+    # grpc: the service asked about in grpc.health.v1.Health/Check ("" = the server as a whole)
+    service: str = ""
     interval: PositiveDuration = Duration.parse("2s")
     timeout: PositiveDuration = Duration.parse("1s")
     rise: Annotated[int, Field(ge=1)] = 2
@@ -704,6 +732,7 @@ HEALTH_KEYS = (
     (("http", "https"), ("path", "expect_status", "expect_body", "host")),
     (("dns",), ("query", "query_type", "expect_rcode")),
     (("udp",), ("send", "expect")),
+    (("grpc",), ("service",)),
 )
 
 
@@ -750,6 +779,8 @@ class PoolTls(_Model):
 
 class Pool(_Model):
     name: Name
+    # "2": HTTP/2 to the backends (h2c with prior knowledge; ALPN h2 with [pools.tls])
+    http_version: Literal["1.1", "2"] = "1.1"
     algorithm: Literal[
         "round_robin", "least_conn", "random", "p2c", "peak_ewma", "ip_hash", "consistent_hash", "maglev"
     ] = "round_robin"
@@ -1069,6 +1100,8 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         errors.append(f'{at}.tls: only for protocol = "https" or "tls"')
     elif lst.tls is not None:
         errors += _listener_tls_errors(f"{at}.tls", lst.protocol, lst.tls)
+    if not lst.is_http and lst.http2 is not None:
+        errors.append(f"{at}.http2: {HTTP_ONLY}")
     if lst.protocol != "udp":
         if lst.udp is not None:
             errors.append(f'{at}.udp: only for protocol = "udp"')
@@ -1128,6 +1161,8 @@ def _stream_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str
             errors.append(f"pools[{p}].keepalive: http only, but {uses}")
         if pool.queue != Queue():
             errors.append(f"pools[{p}].queue: http only, but {uses}")
+        if pool.http_version != "1.1":
+            errors.append(f'pools[{p}].http_version: "{pool.http_version}" is http only, but {uses}')
     return errors
 
 
@@ -1515,9 +1550,11 @@ class _Engine:
 
     def listener(self, i: int, x: Listener, bind: str) -> dict[str, Any]:
         """`ListenerConfig`; tcp and udp listeners carry the http keys too (defaults, no
-        routes), and every listener `udp` (null unless protocol = "udp")."""
+        routes), every listener `udp` (null unless protocol = "udp") and `http2` (null unless
+        http or https)."""
         rate = x.rate_limit
         udp = (x.udp or Udp()) if x.protocol == "udp" else None
+        http2 = (x.http2 or Http2()) if x.is_http else None
         return {
             "name": x.name,
             "bind": bind,
@@ -1542,6 +1579,14 @@ class _Engine:
                     "responses": udp.responses,
                     "per_packet": udp.per_packet,
                     "max_sessions": udp.max_sessions,
+                }
+            ),
+            "http2": (
+                None
+                if http2 is None
+                else {
+                    "max_concurrent_streams": http2.max_concurrent_streams,
+                    "max_header_list_size": http2.max_header_list_size,
                 }
             ),
         }
@@ -1641,6 +1686,7 @@ class _Engine:
         t = pool.timeouts
         return {
             "name": pool.name,
+            "http_version": pool.http_version,
             "algorithm": pool.algorithm,
             "hash_key": pool.engine_hash_key(),
             "hash_balance_factor": pool.hash_balance_factor,

@@ -163,10 +163,12 @@ def status_view(status: dict[str, Any]) -> Group:
         + ("  [yellow]stopping[/]" if status["stopping"] else "")
     )
     listeners = Table(title="listeners", title_justify="left")
-    for col in ("name", "protocol", "bind", "pool", "active", "connections", "requests"):
-        listeners.add_column(col, justify="right" if col in ("active", "connections", "requests") else "left")
+    numbers = ("active", "connections", "requests", "h2 conns", "h2 streams")
+    for col in ("name", "protocol", "bind", "pool", *numbers):
+        listeners.add_column(col, justify="right" if col in numbers else "left")
     for li in status["listeners"]:
         udp = li.get("udp")  # udp listeners: sessions stand for connections
+        h2 = li.get("http2")  # http/https listeners: HTTP/2 connections and streams open
         listeners.add_row(
             li["name"],
             li["protocol"],
@@ -175,6 +177,8 @@ def status_view(status: dict[str, Any]) -> Group:
             str(li["connections_active"] if udp is None else udp["sessions_active"]),
             str(li["connections_total"] if udp is None else udp["sessions_total"]),
             str(li["requests_total"]) if li["protocol"] in ("http", "https") else "-",
+            "-" if h2 is None else str(h2["connections_active"]),
+            "-" if h2 is None else str(h2["streams_active"]),
         )
     parts.append(listeners)
     for pool in status["pools"]:

@@ -1,6 +1,6 @@
 """Active health checks, HAProxy style: every `interval` (jittered) a TCP connect, an HTTP GET
-over plain TCP or over TLS (`https`), a DNS query (`dns`) or a datagram (`udp`), per backend;
-`fall` consecutive failures mark it down,
+over plain TCP or over TLS (`https`), a gRPC health Check over HTTP/2 (`grpc`), a DNS query
+(`dns`) or a datagram (`udp`), per backend; `fall` consecutive failures mark it down,
 `rise` consecutive successes mark it up again. A flip is pushed to the data plane at once
 (`Engine.set_backend_up`) and logged.
 
@@ -17,6 +17,15 @@ system's roots): `ca` or the system's roots when `verify` is true, `sni` or else
 host as the server name, the client certificate if given. The TLS context is built once per
 pool settings, in a thread (loading the system's roots reads a file), and shared by the pool's
 checks.
+
+A `grpc` check calls grpc.health.v1.Health/Check (the standard gRPC health protocol) with
+`service` over one HTTP/2 connection, spoken with the `h2` library over asyncio streams: h2c
+with prior knowledge, or TLS with ALPN "h2" when the pool has `[pools.tls]` (verified as an
+`https` check verifies; a backend that does not agree to h2 fails). The request and reply are
+tiny protobufs, written and read here by hand (no grpcio in the control plane). Healthy iff
+the call ends with grpc-status 0 and the reply's status is SERVING (1); an unknown service
+(grpc-status 5 NOT_FOUND), NOT_SERVING, an HTTP error or a reset stream is a failure, with the
+reason in `last_error`. The call carries `grpc-timeout` = the check's timeout.
 
 `dns` and `udp` checks send one datagram from a connected UDP socket (an asyncio datagram
 endpoint), so only the backend's address is heard from and an ICMP port unreachable fails the
@@ -40,12 +49,17 @@ import os
 import random
 import ssl
 import tempfile
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import dns.exception
 import dns.message
 import dns.rcode
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
 from fastlb.config import Health, PoolTls, split_host_port
 from fastlb.engine import Engine
@@ -57,15 +71,17 @@ MAX_CHECK_BODY = 64 * 1024
 
 
 class TlsClient:
-    """The client side of an `https` check for one pool: its settings and, once the first
-    check needs it, the `ssl.SSLContext` built from them (the PEM texts read at load)."""
+    """The client side of an `https` (or TLS `grpc`) check for one pool: its settings, the
+    protocol offered by ALPN, and, once the first check needs it, the `ssl.SSLContext` built
+    from them (the PEM texts read at load)."""
 
-    def __init__(self, tls: PoolTls | None) -> None:
+    def __init__(self, tls: PoolTls | None, alpn: str = "http/1.1") -> None:
         self.tls = tls if tls is not None else PoolTls()
+        self.alpn = alpn
         self._context: ssl.SSLContext | None = None
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TlsClient) and other.tls == self.tls
+        return isinstance(other, TlsClient) and other.tls == self.tls and other.alpn == self.alpn
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -75,12 +91,13 @@ class TlsClient:
 
     async def context(self) -> ssl.SSLContext:
         if self._context is None:
-            self._context = await asyncio.to_thread(client_context, self.tls)
+            self._context = await asyncio.to_thread(client_context, self.tls, self.alpn)
         return self._context
 
 
-def client_context(tls: PoolTls) -> ssl.SSLContext:
-    """An SSLContext for connecting to backends as `tls` says; blocks (file reads)."""
+def client_context(tls: PoolTls, alpn: str = "http/1.1") -> ssl.SSLContext:
+    """An SSLContext for connecting to backends as `tls` says, offering `alpn`; blocks (file
+    reads)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if not tls.verify:
@@ -100,7 +117,7 @@ def client_context(tls: PoolTls) -> ssl.SSLContext:
             ctx.load_cert_chain(name)
         finally:
             os.unlink(name)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols([alpn])
     return ctx
 
 
@@ -113,7 +130,7 @@ class BackendHealth:
     addr: str  # resolved host:port the data plane connects to
     check: Health
     host_header: str
-    tls: TlsClient | None = None  # https checks
+    tls: TlsClient | None = None  # https checks, and grpc checks of a pool with [pools.tls]
     up: bool = True
     successes: int = 0
     failures: int = 0
@@ -171,7 +188,7 @@ async def probe(b: BackendHealth) -> str:
     timeout = b.check.timeout.seconds
     context, name = None, None
     try:
-        if b.check.type == "https":  # built once, outside the check's timeout
+        if b.check.type == "https" or b.tls is not None:  # built once, outside the check's timeout
             tls = b.tls or TlsClient(None)
             context, name = await tls.context(), tls.server_name(split_host_port(b.address)[0])
         async with asyncio.timeout(timeout):
@@ -179,6 +196,8 @@ async def probe(b: BackendHealth) -> str:
             try:
                 if b.check.type in ("http", "https"):
                     return await _http_probe(b, reader, writer)
+                if b.check.type == "grpc":
+                    return await _grpc_probe(b, reader, writer)
                 return ""
             finally:
                 writer.close()
@@ -215,6 +234,181 @@ async def _http_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: as
         if b.check.expect_body.encode() not in body:
             return f"body lacks {b.check.expect_body!r}"
     return ""
+
+
+# --- grpc: grpc.health.v1.Health/Check over HTTP/2 --------------------------------------------
+
+GRPC_CHECK_PATH = "/grpc.health.v1.Health/Check"
+SERVING = 1  # HealthCheckResponse.ServingStatus
+SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it); raises ValueError when cut short or longer than 10 bytes."""
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError("varint longer than 10 bytes")
+
+
+def health_check_request(service: str) -> bytes:
+    """`HealthCheckRequest {service}` as one uncompressed, length-prefixed gRPC message (proto3
+    leaves out an empty string: the message is then empty)."""
+    raw = service.encode()
+    body = b"\x0a" + _varint(len(raw)) + raw if raw else b""  # field 1, wire type 2 (bytes)
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def serving_status(message: bytes) -> int:
+    """The `status` (field 1, a varint) of a `HealthCheckResponse`; 0 (UNKNOWN) when absent, the
+    last one when repeated (protobuf's rule); other fields are skipped. Raises ValueError."""
+    pos, status = 0, 0
+    while pos < len(message):
+        key, pos = _read_varint(message, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(message, pos)
+            if number == 1:
+                status = value
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            size, pos = _read_varint(message, pos)
+            pos += size
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(message):
+            raise ValueError("truncated field")
+    return status
+
+
+def _grpc_reply(headers: dict[str, str], trailers: dict[str, str], body: bytes) -> str:
+    """The verdict on a finished call: "" when healthy, else why not."""
+    status = headers.get(":status", "")
+    if status != "200":
+        return f"HTTP status {status or '(none)'}"
+    kind = headers.get("content-type", "")
+    if not kind.startswith("application/grpc"):
+        return f"not a gRPC response (content-type {kind or '(none)'})"
+    ending = trailers or headers  # trailers-only: the status is in the headers
+    code = ending.get("grpc-status")
+    if code is None:
+        return "no grpc-status in the reply"
+    if code != "0":
+        name = GRPC_CODES[int(code)] if code.isdigit() and int(code) < len(GRPC_CODES) else "?"
+        message = urllib.parse.unquote(ending.get("grpc-message", ""))
+        return f"grpc-status {code} ({name})" + (f": {message}" if message else "")
+    if len(body) < 5:
+        return "no response message"
+    if body[0] & 1:
+        return "compressed response message (none was asked for)"
+    size = int.from_bytes(body[1:5], "big")
+    if len(body) < 5 + size:
+        return "response message cut short"
+    try:
+        serving = serving_status(body[5 : 5 + size])
+    except ValueError as exc:
+        return f"not a HealthCheckResponse: {exc}"
+    if serving != SERVING:
+        return f"status {SERVING_STATUS.get(serving, str(serving))}"
+    return ""
+
+
+async def _grpc_probe(b: BackendHealth, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """One Health/Check call on a fresh HTTP/2 connection (h2c, or TLS that agreed to h2); the
+    connection is dropped once the verdict is in."""
+    try:
+        return await _grpc_call(b, reader, writer)
+    finally:
+        # a gRPC server keeps the connection open after our GOAWAY, and closing TLS would wait
+        # for its close_notify: the check is over, so the connection is dropped
+        writer.transport.abort()
+
+
+async def _grpc_call(b: BackendHealth, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
+        agreed = ssl_object.selected_alpn_protocol() or "none"
+        return f"TLS: the backend did not agree to h2 by ALPN ({agreed})"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(
+        stream,
+        [
+            (":method", "POST"),
+            (":scheme", "http" if ssl_object is None else "https"),
+            (":path", GRPC_CHECK_PATH),
+            (":authority", b.address),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("grpc-timeout", f"{max(1, b.check.timeout.ms)}m"),
+            ("user-agent", "fastlb-health"),
+        ],
+    )
+    conn.send_data(stream, health_check_request(b.check.service), end_stream=True)
+    headers: dict[str, str] = {}
+    trailers: dict[str, str] = {}
+    body = b""
+    try:
+        while True:
+            writer.write(conn.data_to_send())
+            await writer.drain()
+            data = await reader.read(65_536)
+            if not data:
+                return "connection closed before the answer"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    headers = dict(_text_headers(event.headers))
+                elif isinstance(event, h2.events.TrailersReceived) and event.stream_id == stream:
+                    trailers = dict(_text_headers(event.headers))
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                    body += event.data or b""
+                    if len(body) > MAX_CHECK_BODY:
+                        return f"response larger than {MAX_CHECK_BODY} bytes"
+                    conn.acknowledge_received_data(event.flow_controlled_length or 0, stream)
+                elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
+                    return f"stream reset by the backend ({_h2_error(event.error_code)})"
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    return f"GOAWAY from the backend ({_h2_error(event.error_code)})"
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    conn.close_connection()
+                    writer.write(conn.data_to_send())
+                    await writer.drain()
+                    return _grpc_reply(headers, trailers, body)
+    except h2.exceptions.ProtocolError as exc:
+        return f"HTTP/2 protocol error: {exc}"
+
+
+def _text_headers(headers: Iterable[tuple[bytes, bytes]] | None) -> list[tuple[str, str]]:
+    """h2's header pairs (bytes) as text."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers or []]
+
+
+def _h2_error(code: object) -> str:
+    return getattr(code, "name", None) or str(code)
 
 
 # A reply's verdict: None = not an answer to this check (ignored), "" = healthy, else why not.
@@ -337,7 +531,11 @@ class HealthChecker:
             if pool.health.type == "none":
                 continue
             resolved = {b["address"]: b["addr"] for b in spec[pool.name]["backends"]}
-            tls = TlsClient(pool.tls) if pool.health.type == "https" else None
+            tls = None
+            if pool.health.type == "https":
+                tls = TlsClient(pool.tls)
+            elif pool.health.type == "grpc" and pool.tls is not None:
+                tls = TlsClient(pool.tls, alpn="h2")
             for backend in pool.backends:
                 host = pool.health.host or split_host_port(backend.address)[0]
                 b = BackendHealth(

@@ -23,6 +23,8 @@ DROP_REASONS = ("max_connections", "no_backend", "rate_limited", "bad_request")
 FAILURE_KINDS = ("connect", "timeout", "reset", "5xx")
 UDP_DIRECTIONS = ("in", "out", "to_backend", "from_backend")
 UDP_DROP_REASONS = ("max_sessions", "no_backend", "send_error", "unreachable")
+HTTP2_RESET_SIDES = ("client", "backend")
+HTTP2_GOAWAY_REASONS = ("graceful", "flood")
 
 
 class _StatusCollector(Collector):
@@ -119,6 +121,7 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
     yield from (healthy, bytes_total, log_dropped, handshakes)
     yield from _udp(listeners)
+    yield from _http2(listeners)
 
 
 def _udp(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -150,6 +153,48 @@ def _udp(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
         for reason in UDP_DROP_REASONS:
             dropped.add_metric([name, reason], udp["dropped"][reason])
     yield from (datagrams, active, sessions, dropped)
+
+
+def _http2(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
+    """http/https listeners' HTTP/2 connections, streams, resets and GOAWAYs (their `http2`
+    object; null on tcp/tls/udp listeners, which get no series). Requests over h2 are counted in
+    the request families too."""
+    conns_active = GaugeMetricFamily(
+        "fastlb_http2_connections_active", "HTTP/2 client connections open.", labels=["listener"]
+    )
+    conns = CounterMetricFamily(
+        "fastlb_http2_connections_total", "HTTP/2 client connections accepted.", labels=["listener"]
+    )
+    streams_active = GaugeMetricFamily(
+        "fastlb_http2_streams_active", "HTTP/2 client streams open.", labels=["listener"]
+    )
+    streams = CounterMetricFamily(
+        "fastlb_http2_streams_total", "HTTP/2 client streams opened.", labels=["listener"]
+    )
+    resets = CounterMetricFamily(
+        "fastlb_http2_resets_total",
+        "HTTP/2 RST_STREAM received, from clients (client) or from h2 backends (backend).",
+        labels=["listener", "side"],
+    )
+    goaways = CounterMetricFamily(
+        "fastlb_http2_goaways_total",
+        "GOAWAY sent to HTTP/2 clients: graceful (reload, stop, drain) or flood (limits exceeded).",
+        labels=["listener", "reason"],
+    )
+    for li in listeners:
+        h2 = li.get("http2")
+        if h2 is None:
+            continue
+        name = li["name"]
+        conns_active.add_metric([name], h2["connections_active"])
+        conns.add_metric([name], h2["connections_total"])
+        streams_active.add_metric([name], h2["streams_active"])
+        streams.add_metric([name], h2["streams_total"])
+        for side in HTTP2_RESET_SIDES:
+            resets.add_metric([name, side], h2["resets"][side])
+        for reason in HTTP2_GOAWAY_REASONS:
+            goaways.add_metric([name, reason], h2["goaways"][reason])
+    yield from (conns_active, conns, streams_active, streams, resets, goaways)
 
 
 def _le(seconds: float) -> str:
