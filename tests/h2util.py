@@ -402,6 +402,12 @@ class RawH2:
 
     def _handle(self, f: Frame) -> None:
         self.frames.append(f)
+        # What any client does: acknowledge the server's SETTINGS and answer its PINGs (a server
+        # that shuts down gracefully may wait for a PING's answer before its last GOAWAY).
+        if f.kind == SETTINGS and not f.flags & ACK:
+            self.send(settings_frame(ack=True))
+        elif f.kind == PING and not f.flags & ACK:
+            self.send(ping_frame(f.payload, ack=True))
         if f.kind == GOAWAY and self.goaway is None:
             self.goaway = struct.unpack(">II", f.payload[:8])
             self.goaway = (self.goaway[0] & 0x7FFFFFFF, self.goaway[1])
