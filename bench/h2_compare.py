@@ -506,6 +506,42 @@ def probe(name: str, d: Path) -> dict[str, Any]:
     return out
 
 
+def details(results: dict[str, Any]) -> str:
+    """Per target and figure: what a figure's value rests on (h2load's rate and checks, backend
+    connections opened, how busy each side was, other work on the proxy's CPUs), and the probes."""
+    lines = [
+        "| target | figure | value | req/s | checks | backend conns opened | target busy | client busy"
+        " | others on proxy CPUs |",
+        "| --- |" + " --- |" * 8,
+    ]
+    for name, t in results["targets"].items():
+        if "skipped" in t:
+            lines.append(f"| {name} | skipped: {t['skipped']} |" + " |" * 7)
+            continue
+        probe_ok = t.get("probe", {}).get("ok")
+        for fig in FIGURES:
+            if fig not in t:
+                continue
+            r = t[fig]
+            if fig == "idle":
+                ok = r["first_and_last_alive"] and not r["first_request_not_200"]
+                lines.append(
+                    f"| {name} | idle ({r['idle_conns']} conns, opened in {r['open_s']} s) |"
+                    f" {r[KEYS[fig]]} B | - | {'ok' if ok else 'FAILED'} | - | - | - | - |"
+                )
+                continue
+            mark = " *" if r.get("disturbed") else ""
+            checks = "ok" if r["ok"] and probe_ok else f"FAILED (probe {probe_ok}, step {r['ok']})"
+            lines.append(
+                f"| {name} | {fig} | {r[KEYS[fig]]} µs{mark} | {r['rps']} | {checks} |"
+                f" {r['backend_conns_opened']} | {r['target_busy']} | {r['client_busy']} |"
+                f" {r['others_on_proxy_cpus']} |"
+            )
+    if any(t.get(f, {}).get("disturbed") for t in results["targets"].values() for f in FIGURES):
+        lines += ["", "\\* other work took over 10% of a proxy CPU during that step, after retries."]
+    return "\n".join(lines)
+
+
 def versions(fastlb: str | None) -> dict[str, str]:
     def first(cmd: list[str]) -> str:
         try:
@@ -637,6 +673,7 @@ def main() -> None:
             {n: t for n, t in results["targets"].items() if "skipped" not in t}, KEYS, GOALS
         )
         print(table(results["figures"]), file=sys.stderr)
+        print(details(results), file=sys.stderr)
         print(json.dumps(results, indent=1))
     finally:
         stop_all(list(reversed(procs)))
