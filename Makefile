@@ -40,8 +40,8 @@ lint: install-dev
 ## bench: micro benchmarks and the side-by-side comparison; writes bench/RESULTS.md
 bench: install-dev
 	@command -v haproxy >/dev/null && command -v wrk >/dev/null && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] && \
-	  command -v dnsperf >/dev/null && command -v dnsdist >/dev/null || \
-	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q haproxy nginx libnginx-mod-stream wrk curl gcc dnsperf dnsdist; }
+	  command -v dnsperf >/dev/null && command -v dnsdist >/dev/null && command -v h2load >/dev/null || \
+	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q haproxy nginx libnginx-mod-stream wrk curl gcc dnsperf dnsdist nghttp2-client; }
 	$(VENV)/bin/pip install -q -e ".[dev,bench]"
 	$(PY) bench/run.py
 

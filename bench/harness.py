@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmark scripts: process CPU time, ports, wrk."""
+"""Small helpers shared by the benchmark scripts: process CPU time, CPU busyness, ports, wrk."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -33,6 +34,55 @@ def cpu_seconds(pids: list[int]) -> float:
         except FileNotFoundError:
             pass
     return total / HZ
+
+
+def busy_builds() -> list[str]:
+    """Compilers running on this machine (they would skew every figure on 2 cores)."""
+    found = []
+    for name in ("cargo", "rustc", "maturin", "cc1", "cc1plus", "ld"):
+        out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+        found += [f"{name}:{pid}" for pid in out]
+    return found
+
+
+def cpu_times() -> dict[int, tuple[int, int]]:
+    """Per CPU, from /proc/stat: (busy, total) jiffies; busy is all but idle and iowait."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        f = line.split()
+        if f[0].startswith("cpu") and f[0] != "cpu":
+            vals = [int(x) for x in f[1:]]
+            out[int(f[0][3:])] = (sum(vals[:8]) - vals[3] - vals[4], sum(vals[:8]))
+    return out
+
+
+def cpus(spec: str) -> list[int]:
+    """A taskset list ("0", "0,2", "0-3") as CPU numbers."""
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], which: list[int]) -> float:
+    """How busy these CPUs were meanwhile, by anything at all (0..len(which))."""
+    b = sum(after[c][0] - before[c][0] for c in which)
+    t = sum(after[c][1] - before[c][1] for c in which)
+    return round(len(which) * b / max(t, 1), 2)
+
+
+def wait_quiet(which: list[int], most: float) -> float:
+    """Waits (up to `most` seconds) for a 1 s window in which each of these CPUs was under 8%
+    busy; returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < most:
+        a = cpu_times()
+        time.sleep(1.0)
+        b = cpu_times()
+        if all(busy(a, b, [c]) < 0.08 for c in which):
+            break
+    return round(time.monotonic() - t0, 1)
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -2,20 +2,22 @@
 """`make bench`: the L4 and L7 comparisons with HAProxy and nginx (bench/compare.py), the
 splice threshold, the micro benchmarks, the slow-backend scenario, the admin API's latency
 under load (bench/admin_latency.py), TLS termination beside HAProxy and nginx
-(bench/tls_compare.py, two runs) and UDP DNS beside nginx stream and dnsdist
-(bench/udp_compare.py, two runs); writes bench/RESULTS.md and the charts bench/results.png,
-bench/tls.png and bench/udp.png.
+(bench/tls_compare.py, two runs), UDP DNS beside nginx stream and dnsdist
+(bench/udp_compare.py, two runs) and HTTP/2 and gRPC beside HAProxy and nginx
+(bench/h2_compare.py, two runs); writes bench/RESULTS.md and the charts bench/results.png,
+bench/tls.png, bench/udp.png and bench/h2.png.
 
-Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl, and dnsperf and dnsdist for
-the udp part (`make bench` installs them with apt-get when it can). A bare C relay is shown as
-the floor when its source is found (--floor-source, and gcc). Every figure is a ratio within
-one run: the machine is shared and noisy. Pinning: the proxies on --proxy-cpus, wrk and the
-backend on --client-cpus.
+Needs Debian's haproxy, nginx, libnginx-mod-stream, wrk and curl, dnsperf and dnsdist for
+the udp part and nghttp2-client (h2load) for the h2 part (`make bench` installs them with
+apt-get when it can). A bare C relay is shown as the floor when its source is found
+(--floor-source, and gcc). Every figure is a ratio within one run: the machine is shared and
+noisy. Pinning: the proxies on --proxy-cpus, wrk and the backend on --client-cpus.
 
 usage: python bench/run.py [--runs 3] [--secs 5] [--layers l4,l7]
-                           [--parts compare,micro,slow,admin,tls,udp] [--proxy-cpus 0] [--client-cpus 1]
-                           [--fastlb PATH (the udp part's fastlb)]
-`--parts udp` alone rewrites UDP.md, udp_results.json, udp.png and the UDP section of RESULTS.md.
+                           [--parts compare,micro,slow,admin,tls,udp,h2] [--proxy-cpus 0] [--client-cpus 1]
+                           [--fastlb PATH (the udp and h2 parts' fastlb)]
+`--parts udp` alone rewrites UDP.md, udp_results.json, udp.png and the UDP section of RESULTS.md;
+`--parts h2` alone H2.md, h2_results.json, h2.png and the HTTP/2 section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -192,8 +194,9 @@ def micro_table() -> list[str]:
     return [*lines, ""]
 
 
-def tls_chart(runs: list[dict[str, Any]], path: Path) -> None:
-    """fastlb's ratio to the anchor each TLS goal names, per figure and run, with the goal."""
+def goal_chart(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """fastlb's ratio to the anchor each goal names, per figure and run, with the goal (the
+    figures of tls_compare.summary: TLS and HTTP/2)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +218,7 @@ def tls_chart(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, 2.0)
     ax.axhline(1.0, color="grey", linewidth=0.6)
     ax.set_ylabel("fastlb / anchor (lower is better)")
-    ax.set_title("TLS: fastlb against the anchor each goal names")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -238,7 +241,7 @@ def tls_section(results: list[dict[str, Any]]) -> list[str]:
     """TLS.md and tls.png from tls_compare.py's results (`--tls-from-json` redraws them)."""
     from tls_compare import table
 
-    tls_chart(results, HERE / "tls.png")
+    goal_chart(results, HERE / "tls.png", "TLS: fastlb against the anchor each goal names")
     lines = [
         "## TLS beside HAProxy and nginx (bench/tls_compare.py)",
         "",
@@ -331,6 +334,53 @@ def udp_section(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def h2_part(runs: int, fastlb: str | None) -> list[str]:
+    """Runs bench/h2_compare.py `runs` times; writes H2.md, h2_results.json and h2.png."""
+    results = []
+    for i in range(runs):
+        print(f"HTTP/2 comparison run {i + 1}/{runs} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, str(HERE / "h2_compare.py"), *(["--fastlb", fastlb] if fastlb else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"h2_compare.py failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout))
+    (HERE / "h2_results.json").write_text(json.dumps(results, indent=1))
+    return h2_section(results)
+
+
+def h2_section(results: list[dict[str, Any]]) -> list[str]:
+    """H2.md and h2.png from h2_compare.py's results (`--h2-from-json` redraws them)."""
+    from h2_compare import details
+    from tls_compare import table
+
+    have_fastlb = any("to_goal_anchor" in f for f in results[0]["figures"].values())
+    if have_fastlb:
+        try:
+            goal_chart(results, HERE / "h2.png", "HTTP/2 and gRPC: fastlb against the anchor each goal names")
+        except ImportError:  # no matplotlib (`pip install -e .[bench]`): the tables still count
+            print("no matplotlib: h2.png not drawn", file=sys.stderr)
+            have_fastlb = False
+    s = results[0]["settings"]
+    lines = [
+        f"## HTTP/2 and gRPC beside HAProxy and nginx (bench/h2_compare.py, {time.strftime('%Y-%m-%d')})",
+        "",
+        "HAProxy 2.6 and nginx 1.22 (Debian, OpenSSL 3.0) and fastlb, one worker each on CPU"
+        f" {s['proxy_cpus']}; h2load (`{s['h2load']}`, {s['secs']} s), the HTTP/1.1 nginx backend and"
+        f" bench/grpc_responder.c on CPU {s['client_cpus']}. `idle_bytes_per_conn`: RSS growth per idle"
+        f" h2 TLS connection ({s['idle_conns']}, one request each, taken before any load);"
+        " `h2_cpu_us`: CPU per request, h2 over TLS to an HTTP/1.1 backend; `grpc_cpu_us`: CPU per"
+        " gRPC unary call, h2c to an HTTP/2 backend. Values per target, then fastlb's ratio to the"
+        " anchor the goal names (bench/README.md explains each figure).",
+        "",
+    ]
+    for i, run in enumerate(results):
+        lines += [f"Run {i + 1}:", "", table(run["figures"]), "", details(run), ""]
+    if have_fastlb:
+        lines += ["![fastlb's HTTP/2 figures against the anchors](h2.png)", ""]
+    (HERE / "H2.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def replace_section(path: Path, lines: list[str]) -> None:
     """Puts `lines` (starting with a `## ` heading) in place of the section of RESULTS.md with the
     same heading start (up to the next `## `), or at its end."""
@@ -363,14 +413,19 @@ def main() -> None:
     ap.add_argument(
         "--udp-from-json", action="store_true", help="rewrite UDP.md and udp.png from udp_results.json"
     )
+    ap.add_argument(
+        "--h2-from-json", action="store_true", help="rewrite H2.md and h2.png from h2_results.json"
+    )
     ap.add_argument("--proxy-cpus", default="0")
     ap.add_argument("--client-cpus", default="1")
     ap.add_argument(
         "--parts",
-        default="compare,micro,slow,admin,tls,udp",
-        help="comma-separated: compare, micro, slow, admin, tls, udp",
+        default="compare,micro,slow,admin,tls,udp,h2",
+        help="comma-separated: compare, micro, slow, admin, tls, udp, h2",
     )
-    ap.add_argument("--fastlb", default=None, help="the udp part's fastlb (default: next to this python)")
+    ap.add_argument(
+        "--fastlb", default=None, help="the udp and h2 parts' fastlb (default: next to this python)"
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.chart_only:
@@ -382,6 +437,9 @@ def main() -> None:
     if args.udp_from_json:
         replace_section(HERE / "RESULTS.md", udp_section(json.loads((HERE / "udp_results.json").read_text())))
         return
+    if args.h2_from_json:
+        replace_section(HERE / "RESULTS.md", h2_section(json.loads((HERE / "h2_results.json").read_text())))
+        return
     if "compare" not in parts:
         args.layers = ""
     missing = [t for t in TOOLS if not shutil.which(t)]
@@ -392,6 +450,8 @@ def main() -> None:
     floor: Path | None = None
     if "admin" in parts and not shutil.which("wrk"):
         sys.exit("missing: wrk; apt-get install -y wrk")
+    if "h2" in parts and not shutil.which("h2load"):
+        sys.exit("missing: h2load; apt-get install -y nghttp2-client")
     if "compare" in parts and args.floor_source.exists() and shutil.which("gcc"):
         floor = Path(tempfile.mkdtemp()) / "floor_relay"
         subprocess.run(["gcc", "-O2", "-o", str(floor), str(args.floor_source)], check=True)
@@ -450,16 +510,22 @@ def main() -> None:
     if "udp" in parts:
         udp = udp_part(2, args.fastlb)
         lines += udp
+    h2: list[str] = []
+    if "h2" in parts:
+        h2 = h2_part(2, args.fastlb)
+        lines += h2
     if parts >= {"compare", "micro", "slow"}:
         (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
-    else:  # a partial run leaves RESULTS.md as it is but for its UDP section; MICRO.md,
-        # SLOW_BACKENDS.md, ADMIN_LATENCY.md, TLS.md and UDP.md are rewritten by the parts that ran
-        if udp:
-            replace_section(HERE / "RESULTS.md", udp)
+    else:  # a partial run leaves RESULTS.md as it is but for its UDP and HTTP/2 sections; MICRO.md,
+        # SLOW_BACKENDS.md, ADMIN_LATENCY.md, TLS.md, UDP.md and H2.md are rewritten by the parts that ran
+        for section in (udp, h2):
+            if section:
+                replace_section(HERE / "RESULTS.md", section)
+        rewritten = " and ".join(name for name, section in (("UDP", udp), ("HTTP/2", h2)) if section)
         print(
-            "partial run: see bench/MICRO.md, SLOW_BACKENDS.md, ADMIN_LATENCY.md, TLS.md and UDP.md"
-            + (" (RESULTS.md's UDP section was rewritten)" if udp else ""),
+            "partial run: see bench/MICRO.md, SLOW_BACKENDS.md, ADMIN_LATENCY.md, TLS.md, UDP.md and H2.md"
+            + (f" (RESULTS.md's {rewritten} section was rewritten)" if rewritten else ""),
             file=sys.stderr,
         )
 

@@ -484,11 +484,17 @@ def measure(
     return res
 
 
-def summary(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summary(
+    targets: dict[str, dict[str, Any]],
+    keys: dict[str, str] = KEYS,
+    goals: dict[str, tuple[str, float]] = GOALS,
+) -> dict[str, Any]:
     """Per figure: each target's value, its ratio to the better anchor, and, for each fastlb
-    target, its ratio to the anchor the goal names and whether the goal holds."""
+    target, its ratio to the anchor the goal names and whether the goal holds (`keys`: figure ->
+    its key in a target's result; `goals`: figure -> the anchor named, or "best", and the bound;
+    h2_compare.py passes its own)."""
     out: dict[str, Any] = {}
-    for fig, key in KEYS.items():
+    for fig, key in keys.items():
         vals = {t: r[fig][key] for t, r in targets.items() if fig in r}
         if not vals:
             continue
@@ -498,7 +504,7 @@ def summary(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
             best = min(anchors, key=lambda a: anchors[a])
             entry["better_anchor"] = best
             entry["ratio_to_better_anchor"] = {t: round(v / anchors[best], 3) for t, v in vals.items()}
-            named, bound = GOALS[fig]
+            named, bound = goals[fig]
             ref = best if named == "best" else named
             ours = {t: v for t, v in vals.items() if t.startswith("fastlb")}
             if ours and ref in anchors:
@@ -514,10 +520,8 @@ def table(figs: dict[str, Any]) -> str:
     anchor with whether it holds."""
     names = list(dict.fromkeys(t for f in figs.values() for t in f["values"]))
     ours = [t for t in names if t.startswith("fastlb")]
-    lines = [
-        "| figure | " + " | ".join(names) + " | goal | " + " | ".join(f"{t} ratio" for t in ours) + " |",
-        "| --- |" + " --- |" * (len(names) + 1 + len(ours)),
-    ]
+    header = ["figure", *names, "goal", *(f"{t} ratio" for t in ours)]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " --- |" * (len(header) - 1)]
     for key, f in figs.items():
         cells = [str(f["values"].get(t, "-")) for t in names]
         ratios = [

@@ -65,7 +65,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from harness import cpu_seconds, process_tree, stop_all
+from harness import busy, busy_builds, cpu_seconds, cpu_times, cpus, process_tree, stop_all, wait_quiet
 
 HERE = Path(__file__).resolve().parent
 BACKEND = 19131
@@ -84,15 +84,6 @@ GOALS = [
     ("unthrottled_cpu_us", "dnsdist", 1.0, "le"),
     ("clean_qps", "nginx", 1.5, "ge"),
 ]
-
-
-def busy_builds() -> list[str]:
-    """Compilers running on this machine (they would skew every figure on 2 cores)."""
-    found = []
-    for name in ("cargo", "rustc", "maturin", "cc1", "cc1plus", "ld"):
-        out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
-        found += [f"{name}:{pid}" for pid in out]
-    return found
 
 
 def build_responder(d: Path) -> Path:
@@ -199,33 +190,6 @@ def udp_counters() -> dict[str, int]:
         port = f"port:{int(f[1].split(':')[1], 16)}"
         out[port] = out.get(port, 0) + int(f[-1])
     return out
-
-
-def cpu_times() -> dict[int, tuple[int, int]]:
-    """Per CPU, from /proc/stat: (busy, total) jiffies; busy is all but idle and iowait."""
-    out = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        f = line.split()
-        if f[0].startswith("cpu") and f[0] != "cpu":
-            vals = [int(x) for x in f[1:]]
-            out[int(f[0][3:])] = (sum(vals[:8]) - vals[3] - vals[4], sum(vals[:8]))
-    return out
-
-
-def cpus(spec: str) -> list[int]:
-    """A taskset list ("0", "0,2", "0-3") as CPU numbers."""
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
-    return out
-
-
-def busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], which: list[int]) -> float:
-    """How busy these CPUs were meanwhile, by anything at all (0..len(which))."""
-    b = sum(after[c][0] - before[c][0] for c in which)
-    t = sum(after[c][1] - before[c][1] for c in which)
-    return round(len(which) * b / max(t, 1), 2)
 
 
 def drops(before: dict[str, int], after: dict[str, int], target_port: int) -> dict[str, int]:
@@ -336,20 +300,6 @@ def measure(
     return r
 
 
-def wait_quiet(args: argparse.Namespace) -> float:
-    """Waits (up to --quiet-wait seconds) for a 1 s window in which the proxy's and the
-    client's CPUs were both under 8% busy; returns the seconds waited."""
-    which = cpus(args.proxy_cpus) + cpus(args.client_cpus)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < args.quiet_wait:
-        a = cpu_times()
-        time.sleep(1.0)
-        b = cpu_times()
-        if all(busy(a, b, [c]) < 0.08 for c in which):
-            break
-    return round(time.monotonic() - t0, 1)
-
-
 def step(
     name: str,
     pids: list[int],
@@ -362,7 +312,7 @@ def step(
     """measure(), taken again (up to --retries times, after waiting for quiet) while other work
     on the machine took more than 10% of a CPU meanwhile; the last attempt counts."""
     for attempt in range(args.retries + 1):
-        waited = wait_quiet(args)
+        waited = wait_quiet(cpus(args.proxy_cpus) + cpus(args.client_cpus), args.quiet_wait)
         r = measure(name, pids, backend, args, qfile, secs, rate)
         r["attempt"], r["waited_for_quiet_s"] = attempt + 1, waited
         r["disturbed"] = max(r["others_on_proxy_cpus"], r["others_on_client_cpus"]) > 0.1
