@@ -355,6 +355,7 @@ class RawH2:
             f = self._next_frame()
             if f is None:
                 raise AssertionError("the server closed during the HTTP/2 handshake")
+            self.frames.append(f)  # the server's SETTINGS are what some tests look at
             if f.kind == SETTINGS and not f.flags & ACK:
                 self.sock.sendall(settings_frame(ack=True))
                 return

@@ -67,7 +67,7 @@ pub struct ListenerConfig {
     #[serde(deserialize_with = "required")]
     pub udp: Option<UdpConfig>,
     /// http and https: the HTTP/2 side (h2c with prior knowledge, h2 by ALPN).
-    #[serde(default)]
+    #[serde(deserialize_with = "required")]
     pub http2: Option<Http2Config>,
 }
 
@@ -290,7 +290,6 @@ pub struct PoolConfig {
     #[serde(deserialize_with = "required")]
     pub tls: Option<PoolTlsConfig>,
     /// http: HTTP/1.1 or HTTP/2 to the backends.
-    #[serde(default)]
     pub http_version: HttpVersion,
 }
 

@@ -687,7 +687,12 @@ fn plan(
     };
     let key = proxy::request_key(&pool.hash_key, &view);
     let pinned = proxy::pinned_backend(&pool, &view);
-    let upgrade = head.conn_upgrade && head.upgrade.is_some();
+    // `Upgrade: h2c` is not taken up (as nginx): h2c is spoken with prior knowledge only, and
+    // a backend must not switch a connection fastlb thinks is HTTP/1.1.
+    let upgrade = head.conn_upgrade
+        && head
+            .upgrade
+            .is_some_and(|u| !u.get(buf).eq_ignore_ascii_case(b"h2c"));
     let sni = pool
         .tls
         .as_ref()

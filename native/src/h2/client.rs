@@ -311,10 +311,14 @@ pub(crate) async fn exchange(
     let head = match head {
         Ok(h) => h,
         Err(e) if unstarted(&e) && replayable => return Attempt::Stale,
-        Err(e) => {
-            if e.is_reset() && e.is_remote() {
-                count_reset(ctx, req.listener);
-            }
+        Err(e) if e.is_reset() && e.is_remote() => {
+            // The backend reset the stream before answering (a gRPC server cancelling the
+            // call): the client's stream is reset the same way, not answered 502.
+            count_reset(ctx, req.listener);
+            sink.reset(e.reason().unwrap_or(Reason::INTERNAL_ERROR));
+            return Attempt::Broken;
+        }
+        Err(_) => {
             backend.fail_reset();
             return Attempt::Failed {
                 status: 502,

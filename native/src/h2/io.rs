@@ -25,12 +25,19 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const BUDGET: u32 = 2000;
 /// Units the budget recovers per second.
 const RECOVERY_PER_SEC: u32 = 400;
+/// A new request (HEADERS) earns this much back: frames that come with real work are not a
+/// flood (gRPC clients send WINDOW_UPDATE and PING alongside their calls).
+const REQUEST_CREDIT: u32 = 8;
+/// Response bytes fastlb writes earn one unit back per this many: a client downloading fast
+/// sends WINDOW_UPDATEs in proportion.
+const BYTES_PER_CREDIT: u64 = 4096;
 /// A stream reset by the client costs this much: a handful of cancellations is normal (a page
 /// navigated away), hundreds a second are Rapid Reset, which costs the backends work.
 const RESET_COST: u32 = 20;
 
 /// Frame types (RFC 9113 6).
 const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -50,6 +57,8 @@ pub struct FrameMeter {
     spent: Cell<u32>,
     since: Cell<Option<Instant>>,
     tripped: Cell<bool>,
+    /// Bytes written not yet counted as a credit.
+    written: Cell<u64>,
     /// Streams the client reset (RST_STREAM frames read).
     pub resets: Cell<u64>,
     waker: RefCell<Option<Waker>>,
@@ -72,6 +81,7 @@ impl FrameMeter {
         let mut header = self.header.get();
         let mut have = self.header_len.get() as usize;
         let mut charged = 0u32;
+        let mut credit = 0u32;
         while !bytes.is_empty() {
             let skip = self.skip.get();
             if skip > 0 {
@@ -89,15 +99,32 @@ impl FrameMeter {
             }
             have = 0;
             let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            if header[3] == HEADERS {
+                credit += REQUEST_CREDIT;
+            }
             charged += self.cost(header[3], header[4], len);
             self.skip.set(len);
         }
         self.header.set(header);
         self.header_len.set(have as u8);
+        if credit > 0 {
+            self.spent.set(self.spent.get().saturating_sub(credit));
+        }
         if charged == 0 {
             return false;
         }
         self.charge(charged, now)
+    }
+
+    /// `n` bytes went out to the client.
+    pub fn wrote(&self, n: usize) {
+        let total = self.written.get() + n as u64;
+        let units = total / BYTES_PER_CREDIT;
+        self.written.set(total % BYTES_PER_CREDIT);
+        if units > 0 {
+            let units = units.min(u32::MAX as u64) as u32;
+            self.spent.set(self.spent.get().saturating_sub(units));
+        }
     }
 
     fn cost(&self, kind: u8, flags: u8, len: usize) -> u32 {
@@ -208,7 +235,12 @@ impl AsyncWrite for H2Io {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().conn.poll_write(cx, buf)
+        let this = self.get_mut();
+        let n = std::task::ready!(this.conn.poll_write(cx, buf))?;
+        if let Some(m) = &this.meter {
+            m.wrote(n);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

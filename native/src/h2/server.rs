@@ -70,9 +70,12 @@ pub async fn serve(
         _ => return,
     };
     let id = accepted.id;
-    ctx.metrics
-        .borrow_mut()
-        .record_h2(id, H2Event::ConnectionOpened, 1);
+    let _open = Counted::new(
+        ctx,
+        id,
+        H2Event::ConnectionOpened,
+        H2Event::ConnectionClosed,
+    );
     let client = ClientInfo {
         peer,
         tls: tls.as_deref(),
@@ -131,9 +134,9 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_millis(50), finishing).await;
     drop(streams);
     let resets = meter.resets.replace(0);
-    let mut m = ctx.metrics.borrow_mut();
-    m.record_h2(id, H2Event::ClientReset, resets);
-    m.record_h2(id, H2Event::ConnectionClosed, 1);
+    ctx.metrics
+        .borrow_mut()
+        .record_h2(id, H2Event::ClientReset, resets);
 }
 
 fn builder(settings: &Http2Config) -> h2::server::Builder {
@@ -167,18 +170,43 @@ async fn stream(
     respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let id = listener.id;
-    ctx.metrics
-        .borrow_mut()
-        .record_h2(id, H2Event::StreamOpened, 1);
+    let _open = Counted::new(
+        ctx,
+        listener.id,
+        H2Event::StreamOpened,
+        H2Event::StreamClosed,
+    );
     let mut outcome = Outcome::default();
     let logging = ctx.shared.access_log.load().is_some();
     handle(ctx, &listener, client, req, respond, &mut outcome, logging).await;
     let took = started.elapsed().as_micros() as u64;
     proxy::finish(ctx, &listener, client, &outcome, took);
-    ctx.metrics
-        .borrow_mut()
-        .record_h2(id, H2Event::StreamClosed, 1);
+}
+
+/// Counts an open stream or connection, and its end however it ends (a dropped future too).
+struct Counted<'a> {
+    ctx: &'a WorkerCtx,
+    listener: u16,
+    closed: H2Event,
+}
+
+impl<'a> Counted<'a> {
+    fn new(ctx: &'a WorkerCtx, listener: u16, opened: H2Event, closed: H2Event) -> Self {
+        ctx.metrics.borrow_mut().record_h2(listener, opened, 1);
+        Counted {
+            ctx,
+            listener,
+            closed,
+        }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.ctx.metrics.try_borrow_mut() {
+            m.record_h2(self.listener, self.closed, 1);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
