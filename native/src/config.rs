@@ -443,6 +443,12 @@ impl EngineConfig {
                     l.name
                 ));
             }
+            if l.protocol.is_http() != l.http2.is_some() {
+                return Err(format!(
+                    "listener {}: http2 settings wanted with http and https only",
+                    l.name
+                ));
+            }
             for (i, r) in l.routes.iter().enumerate() {
                 if r.redirect.is_some() {
                     continue;

@@ -182,11 +182,15 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
             }
             WorkerCmd::CloseBackend { backend, addr } => {
                 ctx.http.upstream.drop_idle(addr);
+                ctx.h2.upstreams.retire(addr);
                 track::close_backend(&backend);
                 ctx.udp
                     .close_where(&ctx, |s| Arc::ptr_eq(&s.backend, &backend));
             }
-            WorkerCmd::DropIdle { addr } => ctx.http.upstream.drop_idle(addr),
+            WorkerCmd::DropIdle { addr } => {
+                ctx.http.upstream.drop_idle(addr);
+                ctx.h2.upstreams.retire(addr);
+            }
             WorkerCmd::Snapshot { index, reply } => {
                 let _ = reply.send((index, ctx.metrics.borrow().clone()));
             }

@@ -70,6 +70,7 @@ pub async fn sweep_loop(ctx: std::rc::Rc<WorkerCtx>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         ctx.http.upstream.sweep();
+        ctx.h2.upstreams.sweep();
     }
 }
 
@@ -138,9 +139,7 @@ pub async fn serve(
     };
     loop {
         let listener = reloaded.as_deref().unwrap_or(&**accepted);
-        let Some(http) = listener.http.as_ref() else {
-            return None;
-        };
+        let http = listener.http.as_ref()?;
         let (mut req, head) =
             match read_request(ctx, listener, http, &mut client, &mut deadline).await {
                 Ok(r) => r,
@@ -183,9 +182,7 @@ pub async fn serve(
         }
         drop(tables);
         let listener = reloaded.as_deref().unwrap_or(&**accepted);
-        let Some(http) = listener.http.as_ref() else {
-            return None;
-        };
+        let http = listener.http.as_ref()?;
         let next = exchange(
             ctx,
             listener,

@@ -90,6 +90,19 @@ impl H2Upstreams {
         Slot(open)
     }
 
+    /// Retires every connection to `addr` (its backend was drained or removed): no new stream
+    /// goes on them, and each closes once its streams are done.
+    pub fn retire(&self, addr: SocketAddr) {
+        self.conns.borrow_mut().retain(|(a, _), list| {
+            if *a == addr {
+                for c in list.iter() {
+                    c.closed.set(true);
+                }
+            }
+            *a != addr
+        });
+    }
+
     /// Forgets the connections that ended.
     pub fn sweep(&self) {
         self.conns.borrow_mut().retain(|_, list| {

@@ -233,14 +233,7 @@ async fn handle(
     if let Some(limiter) = &http.rate_limit {
         if let Err(after) = limiter.check(client.peer.ip(), crate::balance::now_ns()) {
             ctx.metrics.borrow_mut().record_rate_limited(listener.id);
-            own_answer(
-                &mut sink,
-                outcome,
-                429,
-                grpc,
-                Answer::RetryAfter(after.into()),
-            )
-            .await;
+            own_answer(&mut sink, outcome, 429, grpc, Answer::RetryAfter(after)).await;
             return;
         }
     }
@@ -516,7 +509,7 @@ impl H2Body {
 
     /// Reads a body of known, small size whole, within the client's idle timeout.
     async fn prefetch(&mut self, idle: Duration) -> Result<(), ()> {
-        if self.complete || !self.length.is_some_and(|n| n <= BUFFERED_BODY_MAX) {
+        if self.complete || self.length.is_none_or(|n| n > BUFFERED_BODY_MAX) {
             return Ok(());
         }
         let read = async {
