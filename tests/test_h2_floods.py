@@ -103,7 +103,8 @@ class Backend:
         self.lock = threading.Lock()
         self._paths: list[str] = []
         self.errors: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -119,6 +120,9 @@ class Backend:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        self._reader.join(5)  # it ends at the pipe's EOF; then the pipe can be closed
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 @dataclass
@@ -188,6 +192,7 @@ def target(tmp_path_factory) -> Iterator[Target]:
             stderr=out,
         )
     legit_proc = None
+    legit_reader: threading.Thread | None = None
     try:
         try:
             wait_port(port, alive=lambda: proc.poll() is None)
@@ -197,7 +202,8 @@ def target(tmp_path_factory) -> Iterator[Target]:
             [sys.executable, "-c", LEGIT, f"http://127.0.0.1:{port}/legit"], stdout=subprocess.PIPE, text=True
         )
         legit = Legit(legit_proc)
-        threading.Thread(target=legit.read, daemon=True).start()
+        legit_reader = threading.Thread(target=legit.read, daemon=True)
+        legit_reader.start()
         time.sleep(1.0)  # warm up: imports, the connection, fastlb's pools
         start = time.monotonic()
         time.sleep(1.5)
@@ -209,6 +215,10 @@ def target(tmp_path_factory) -> Iterator[Target]:
         if legit_proc is not None:
             legit_proc.kill()
             legit_proc.wait()
+            if legit_reader is not None:
+                legit_reader.join(5)
+            if legit_proc.stdout is not None:
+                legit_proc.stdout.close()
         proc.terminate()
         try:
             proc.wait(30)

@@ -254,9 +254,11 @@ def test_certificate_chosen_by_sni_exact_then_wildcard_then_the_first(https_lb, 
     assert served_names(None) == ["site.test"]
 
 
-def test_alpn_offers_http11_only_until_http2_lands(https_lb):
+def test_alpn_picks_h2_when_offered_and_http11_otherwise(https_lb):
     port, _ = https_lb()
     out = s_client(port, "-servername", "site.test", "-alpn", "h2,http/1.1", data=b"")
+    assert "ALPN protocol: h2" in out, out
+    out = s_client(port, "-servername", "site.test", "-alpn", "http/1.1", data=b"")
     assert "ALPN protocol: http/1.1" in out, out
 
 

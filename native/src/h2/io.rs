@@ -195,6 +195,34 @@ impl H2Io {
     }
 }
 
+impl Drop for H2Io {
+    /// A server connection ends like an HTTP/1 one refused (nginx's lingering close, in its
+    /// cheapest form): FIN first, then what the client already sent is read away, so that the
+    /// close does not answer unread bytes with a reset, which can destroy the GOAWAY before the
+    /// client reads it. Never waits: only what is in the socket now is read.
+    fn drop(&mut self) {
+        if self.meter.is_none() {
+            return;
+        }
+        self.conn.shutdown_write();
+        let mut sink = [0u8; 4096];
+        for _ in 0..64 {
+            // SAFETY: recv into a local buffer on a socket this connection still owns.
+            let n = unsafe {
+                libc::recv(
+                    self.conn.fd(),
+                    sink.as_mut_ptr().cast(),
+                    sink.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+        }
+    }
+}
+
 impl AsyncRead for H2Io {
     fn poll_read(
         self: Pin<&mut Self>,
