@@ -24,7 +24,8 @@ listeners: an https one (ALPN h2 and http/1.1) in front of the HTTP/1.1 backend,
 - fastlb (--fastlb, default: the `fastlb` next to this Python): an https listener with
   `[listeners.tls]` and an http listener (h2c), both with `[listeners.http2]`
   max_concurrent_streams = 100 (HAProxy's default; nginx's is 128); the gRPC pool with
-  `http_version = "2"`; its default keepalive. Skipped, with `fastlb check`'s reason in the
+  `http_version = "2"`; `keepalive = NGINX_KEEPALIVE` on the HTTP/1.1 pool, as nginx's.
+  Skipped, with `fastlb check`'s reason in the
   JSON, when the build's config refuses that.
 All targets run from the start and each figure is taken for every target in turn, so that what
 is compared was measured within a minute or two.
@@ -277,6 +278,7 @@ pool = "grpc"
 
 [[pools]]
 name = "app"
+keepalive = {NGINX_KEEPALIVE}
 backends = [{{ address = "127.0.0.1:{BACKEND}" }}]
 health = {{ type = "none" }}
 
