@@ -46,6 +46,38 @@ struct Backend2 {
 #[derive(Default)]
 pub struct H2Upstreams {
     conns: RefCell<HashMap<(SocketAddr, u64), Vec<Backend2>>>,
+    /// Connections being opened, by backend: requests that found every open connection full
+    /// wait for one of these (up to `WAITERS_PER_CONNECT` each) instead of opening another.
+    opening: RefCell<HashMap<(SocketAddr, u64), Rc<Opening>>>,
+}
+
+/// Streams that may wait for one connection being opened: SETTINGS_MAX_CONCURRENT_STREAMS is
+/// not known before it is, and 100 is what servers commonly allow.
+const WAITERS_PER_CONNECT: usize = 99;
+
+struct Opening {
+    done: tokio::sync::Notify,
+    waiters: Cell<usize>,
+}
+
+/// Marks a connection being opened until dropped (connected or failed); wakes its waiters.
+pub(crate) struct OpeningGuard<'a> {
+    upstreams: &'a H2Upstreams,
+    key: (SocketAddr, u64),
+    opening: Rc<Opening>,
+}
+
+impl Drop for OpeningGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.upstreams.opening.borrow_mut();
+        if map
+            .get(&self.key)
+            .is_some_and(|o| Rc::ptr_eq(o, &self.opening))
+        {
+            map.remove(&self.key);
+        }
+        self.opening.done.notify_waiters();
+    }
 }
 
 /// A stream slot on a connection, given back when the exchange ends.
@@ -68,6 +100,37 @@ impl H2Upstreams {
             .find(|c| c.open.get() < c.send.current_max_send_streams().max(1))?;
         c.open.set(c.open.get() + 1);
         Some((c.send.clone(), Slot(c.open.clone())))
+    }
+
+    /// A connection with a free stream; when there is none but one is being opened with room
+    /// for another waiter, waits for it first.
+    async fn take_or_wait(&self, addr: SocketAddr, tag: u64) -> Option<(SendRequest<Bytes>, Slot)> {
+        if let Some(s) = self.take(addr, tag) {
+            return Some(s);
+        }
+        let opening = self.opening.borrow().get(&(addr, tag)).cloned()?;
+        if opening.waiters.get() >= WAITERS_PER_CONNECT {
+            return None;
+        }
+        opening.waiters.set(opening.waiters.get() + 1);
+        opening.done.notified().await;
+        self.take(addr, tag)
+    }
+
+    /// Marks a connection to `addr` as being opened, for as long as the guard lives.
+    pub(crate) fn opening(&self, addr: SocketAddr, tag: u64) -> OpeningGuard<'_> {
+        let opening = Rc::new(Opening {
+            done: tokio::sync::Notify::new(),
+            waiters: Cell::new(0),
+        });
+        self.opening
+            .borrow_mut()
+            .insert((addr, tag), opening.clone());
+        OpeningGuard {
+            upstreams: self,
+            key: (addr, tag),
+            opening,
+        }
     }
 
     fn add(
@@ -259,18 +322,22 @@ pub(crate) async fn exchange(
     let pool = req.pool;
     let backend = &pool.backends[req.backend];
     let addr = pool.settings[req.backend].addr;
-    let pooled = if req.fresh {
-        None
-    } else {
-        ctx.h2.upstreams.take(addr, req.sni_tag)
+    let pooled = match req.fresh {
+        true => None,
+        false => ctx.h2.upstreams.take_or_wait(addr, req.sni_tag).await,
     };
     let reused = pooled.is_some();
     let (send, _slot) = match pooled {
         Some(s) => s,
-        None => match connect(ctx, req, outcome).await {
-            Ok(s) => s,
-            Err(a) => return a,
-        },
+        None => {
+            // Requests arriving meanwhile wait for this connection rather than open their own
+            // (a burst of streams would otherwise open a connection each).
+            let _opening = ctx.h2.upstreams.opening(addr, req.sni_tag);
+            match connect(ctx, req, outcome).await {
+                Ok(s) => s,
+                Err(a) => return a,
+            }
+        }
     };
     if reused {
         outcome.connect_us = crate::proxy::outcome::NOT_MEASURED;
