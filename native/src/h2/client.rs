@@ -173,15 +173,6 @@ impl H2Upstreams {
             !list.is_empty()
         });
     }
-
-    /// Number of open connections (for tests).
-    pub fn len(&self) -> usize {
-        self.conns.borrow().values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Opens an HTTP/2 connection to backend `i` and starts its driver.

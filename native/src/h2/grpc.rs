@@ -5,7 +5,6 @@
 //! answered "trailers-only": one HEADERS frame with the status and END_STREAM. fastlb's own
 //! answers to gRPC calls take that form, because a gRPC client ignores the HTTP status.
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use std::time::Duration;
 
@@ -64,9 +63,6 @@ pub fn status_trailers(code: u8, message: &'static str) -> HeaderMap {
     h.insert("grpc-message", HeaderValue::from_static(message));
     h
 }
-
-/// An empty body chunk (for the h2 crate's send side, which takes `Bytes`).
-pub const EMPTY: Bytes = Bytes::new();
 
 #[cfg(test)]
 mod tests {
