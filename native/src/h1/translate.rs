@@ -9,7 +9,9 @@ use super::parse::{self, BodyKind, Method};
 use super::RESPONSE_LIMITS;
 use crate::h2::headers::{h1_fields, h1_request_head, Framing};
 use crate::net::Conn;
-use crate::proxy::exchange::{RequestBody, ResponseSink, UpstreamRequest};
+use crate::proxy::exchange::{
+    connect_backend, connect_failed, RequestBody, ResponseSink, UpstreamRequest,
+};
 use crate::proxy::outcome::{micros, NOT_MEASURED};
 use crate::proxy::{Attempt, Next, Outcome};
 use crate::worker::WorkerCtx;
@@ -114,20 +116,7 @@ async fn connect(
     timer
         .as_mut()
         .reset((t0 + Duration::from_millis(pool.timeouts.connect_ms.max(1))).into());
-    let tcp = crate::net::connect(pool.settings[req.backend].addr, timer.as_mut()).await;
-    let connected = match (tcp, &pool.tls) {
-        (Ok(tcp), Some(tls)) => {
-            let name = req
-                .sni
-                .cloned()
-                .or_else(|| crate::net::server_name(&backend.address));
-            match name {
-                Some(name) => Box::pin(crate::net::tls_handshake(tls, name, tcp, timer)).await,
-                None => Err(ErrorKind::InvalidInput.into()),
-            }
-        }
-        (tcp, _) => tcp.map(Conn::Plain),
-    };
+    let connected = connect_backend(req, timer).await;
     outcome.connect_us = micros(t0.elapsed());
     match connected {
         Ok(c) => {
@@ -136,17 +125,7 @@ async fn connect(
                 .record_backend_connect(backend.slot);
             Ok(c)
         }
-        Err(e) => {
-            if e.kind() == ErrorKind::TimedOut {
-                backend.fail_timeout();
-            } else {
-                backend.fail_connect();
-            }
-            Err(Attempt::Failed {
-                status: 502,
-                retryable: true,
-            })
-        }
+        Err(e) => Err(connect_failed(backend, &e)),
     }
 }
 

@@ -13,7 +13,9 @@ use super::io::H2Io;
 use super::{recv_chunk, send_all, CONNECTION_WINDOW, STREAM_WINDOW};
 use crate::metrics::H2Event;
 use crate::net::Conn;
-use crate::proxy::exchange::{RequestBody, ResponseSink, UpstreamRequest};
+use crate::proxy::exchange::{
+    connect_backend, connect_failed, RequestBody, ResponseSink, UpstreamRequest,
+};
 use crate::proxy::outcome::micros;
 use crate::proxy::{Attempt, Next, Outcome};
 use crate::worker::WorkerCtx;
@@ -23,7 +25,6 @@ use h2::{Ping, Reason, RecvStream, SendStream};
 use http::Request;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
@@ -189,20 +190,7 @@ async fn connect(
     let mut timer = pin!(tokio::time::sleep(Duration::from_millis(
         pool.timeouts.connect_ms.max(1)
     )));
-    let tcp = crate::net::connect(addr, timer.as_mut()).await;
-    let conn = match (tcp, &pool.tls) {
-        (Ok(tcp), Some(tls)) => {
-            let name = req
-                .sni
-                .cloned()
-                .or_else(|| crate::net::server_name(&backend.address));
-            match name {
-                Some(name) => crate::net::tls_handshake(tls, name, tcp, timer.as_mut()).await,
-                None => Err(ErrorKind::InvalidInput.into()),
-            }
-        }
-        (tcp, _) => tcp.map(Conn::Plain),
-    };
+    let conn = connect_backend(req, timer.as_mut()).await;
     let conn = conn.and_then(|c| match &c {
         // A TLS backend that did not agree to h2 would read our preface as garbage.
         Conn::Tls(s) if s.get_ref().1.alpn_protocol() != Some(b"h2") => {
@@ -214,15 +202,7 @@ async fn connect(
         Ok(c) => c,
         Err(e) => {
             outcome.connect_us = micros(t0.elapsed());
-            if e.kind() == ErrorKind::TimedOut {
-                backend.fail_timeout();
-            } else {
-                backend.fail_connect();
-            }
-            return Err(Attempt::Failed {
-                status: 502,
-                retryable: true,
-            });
+            return Err(connect_failed(backend, &e));
         }
     };
     let mut builder = h2::client::Builder::new();

@@ -6,6 +6,7 @@
 //! with splice: nothing there needs translating.)
 
 use crate::balance::Pool;
+use crate::proxy::Attempt;
 use bytes::Bytes;
 use h2::Reason;
 use http::{request, response, HeaderMap};
@@ -63,4 +64,46 @@ pub(crate) struct UpstreamRequest<'a> {
     pub fresh: bool,
     /// Affinity: the cookie to set on the response (name, token, ttl).
     pub set_cookie: Option<(&'a str, &'a [u8; 16], u64)>,
+}
+
+/// Connects to the request's backend within `timer`: TCP, then TLS when the pool has it (the
+/// name: the request's `sni`, else the backend's host).
+pub(crate) async fn connect_backend(
+    req: &UpstreamRequest<'_>,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> std::io::Result<crate::net::Conn> {
+    let pool = req.pool;
+    let tcp = crate::net::connect(pool.settings[req.backend].addr, timer.as_mut()).await;
+    match (tcp, &pool.tls) {
+        (Ok(tcp), Some(tls)) => {
+            let address = &pool.backends[req.backend].address;
+            let name = req
+                .sni
+                .cloned()
+                .or_else(|| crate::net::server_name(address));
+            match name {
+                // Boxed: only TLS pools pay for the handshake's future.
+                Some(name) => Box::pin(crate::net::tls_handshake(tls, name, tcp, timer)).await,
+                None => Err(std::io::ErrorKind::InvalidInput.into()),
+            }
+        }
+        (tcp, _) => tcp.map(crate::net::Conn::Plain),
+    }
+}
+
+/// Counts a failed connect against the backend: nothing was sent, so any request may go on to
+/// the next backend.
+pub(crate) fn connect_failed(
+    backend: &crate::balance::BackendState,
+    e: &std::io::Error,
+) -> Attempt {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        backend.fail_timeout();
+    } else {
+        backend.fail_connect();
+    }
+    Attempt::Failed {
+        status: 502,
+        retryable: true,
+    }
 }
