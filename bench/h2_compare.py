@@ -87,7 +87,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -101,6 +100,7 @@ from typing import Any
 from compare import rss_bytes
 from tls_compare import client_context, make_cert, summary, table
 
+import harness
 from harness import (
     busy,
     busy_builds,
@@ -292,31 +292,15 @@ health = {{ type = "none" }}
     return conf
 
 
-class Responder:
+class Responder(harness.Responder):
     """The gRPC backend, and its own counts (SIGUSR1): streams answered, connections accepted."""
 
     def __init__(self, exe: Path, d: Path, client_cpus: str) -> None:
-        self.log_path = d / "responder.log"
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", client_cpus, str(exe), str(BACKEND_GRPC)], stderr=self.log
-        )
+        super().__init__(exe, d, client_cpus, BACKEND_GRPC)
 
     def counts(self) -> tuple[int, int]:
-        lines = len(self.log_path.read_text().splitlines())
-        self.proc.send_signal(signal.SIGUSR1)
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            text = self.log_path.read_text().splitlines()
-            if len(text) > lines:
-                m = re.match(r"answered (\d+) accepted (\d+)", text[-1])
-                assert m, text[-1]
-                return int(m.group(1)), int(m.group(2))
-            time.sleep(0.01)
-        raise RuntimeError(
-            f"grpc_responder did not report its counts (exit status {self.proc.poll()}):"
-            f" {self.log_path.read_text()[-500:]}"
-        )
+        answered, accepted = self.report(r"answered (\d+) accepted (\d+)")
+        return answered, accepted
 
 
 def backend_counts() -> tuple[int, int]:

@@ -144,3 +144,31 @@ def stop_all(procs: list[subprocess.Popen[Any]]) -> None:
             p.wait(5)
         except Exception:
             p.kill()
+
+
+class Responder:
+    """A C backend under taskset (bench/*_responder.c) that prints its counts on SIGUSR1 to the
+    log its stderr goes to."""
+
+    def __init__(self, exe: Path, d: Path, cpus: str, port: int) -> None:
+        self.name = exe.name
+        self.log_path = d / "responder.log"
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(["taskset", "-c", cpus, str(exe), str(port)], stderr=self.log)
+
+    def report(self, pattern: str) -> tuple[int, ...]:
+        """The numbers of the next count line, which must match `pattern`."""
+        lines = len(self.log_path.read_text().splitlines())
+        self.proc.send_signal(signal.SIGUSR1)
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            text = self.log_path.read_text().splitlines()
+            if len(text) > lines:
+                m = re.match(pattern, text[-1])
+                assert m, text[-1]
+                return tuple(int(g) for g in m.groups())
+            time.sleep(0.01)
+        raise RuntimeError(
+            f"{self.name} did not report its counts (exit status {self.proc.poll()}):"
+            f" {self.log_path.read_text()[-500:]}"
+        )

@@ -55,7 +55,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +64,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import harness
 from harness import busy, busy_builds, cpu_seconds, cpu_times, cpus, process_tree, stop_all, wait_quiet
 
 HERE = Path(__file__).resolve().parent
@@ -154,29 +154,17 @@ health = {{ type = "none" }}
     return conf
 
 
-class Responder:
+class Responder(harness.Responder):
     """The backend process, and its own count of the queries it answered (SIGUSR1)."""
 
     def __init__(self, exe: Path, d: Path, cpus: str) -> None:
-        self.log_path = d / "responder.log"
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(["taskset", "-c", cpus, str(exe), str(BACKEND)], stderr=self.log)
+        super().__init__(exe, d, cpus, BACKEND)
         time.sleep(0.2)
         if self.proc.poll() is not None:
             sys.exit(f"dns_responder did not start: {self.log_path.read_text()}")
 
     def answered(self) -> int:
-        lines = len(self.log_path.read_text().splitlines())
-        self.proc.send_signal(signal.SIGUSR1)
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            text = self.log_path.read_text().splitlines()
-            if len(text) > lines:
-                m = re.match(r"answered (\d+)", text[-1])
-                assert m, text[-1]
-                return int(m.group(1))
-            time.sleep(0.01)
-        raise RuntimeError("dns_responder did not report its count")
+        return self.report(r"answered (\d+)")[0]
 
 
 def udp_counters() -> dict[str, int]:
