@@ -7,6 +7,8 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -120,3 +122,36 @@ def scrape(admin: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[s.name, tuple(sorted(s.labels.items()))] = s.value
     return out
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "python" / "fastlb" / "static" / "dashboard.html"
+
+
+class FakeAdmin:
+    """Serves the dashboard and a fixed /api/status on loopback (for dashboard tests in a real browser)."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        body = json.dumps(status).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/":
+                    data, kind = DASHBOARD.read_bytes(), "text/html"
+                else:
+                    data, kind = (body if self.path == "/api/status" else b"[]"), "application/json"
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -8,15 +8,14 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import threading
 import tomllib
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from admin import FakeAdmin
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
@@ -27,7 +26,6 @@ from fastlb.ctl import status_view
 from fastlb.metrics import families, render
 
 REPO = Path(__file__).resolve().parent.parent
-DASHBOARD = REPO / "python" / "fastlb" / "static" / "dashboard.html"
 DEFAULTS = {"max_concurrent_streams": 100, "max_header_list_size": 65_536}
 CERT = [{"cert": "certs/site.pem", "key": "certs/site.key"}]
 
@@ -483,36 +481,6 @@ def test_ctl_status_shows_h2_connections_and_streams() -> None:
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-class FakeAdmin:
-    """Serves the dashboard and a fixed /api/status on loopback."""
-
-    def __init__(self, status: dict[str, Any]) -> None:
-        body = json.dumps(status).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/":
-                    data, kind = DASHBOARD.read_bytes(), "text/html"
-                else:
-                    data, kind = (body if self.path == "/api/status" else b"[]"), "application/json"
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_dashboard_shows_h2_connections_and_streams() -> None:

@@ -17,13 +17,13 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Coroutine, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import dnslib
 import pytest
 import uvloop
+from admin import FakeAdmin
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastlb._native import engine_config_error
@@ -35,7 +35,6 @@ from fastlb.metrics import families, render
 from conftest import FakeEngine, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-DASHBOARD = REPO / "python" / "fastlb" / "static" / "dashboard.html"
 
 
 def udp_config(**listener: Any) -> dict[str, Any]:
@@ -562,36 +561,6 @@ def test_udp_metric_families_without_udp_listeners_have_no_series() -> None:
 # --- dashboard --------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-class FakeAdmin:
-    """Serves the dashboard and a fixed /api/status (STATUS with backends) on loopback."""
-
-    def __init__(self, status: dict[str, Any]) -> None:
-        body = json.dumps(status).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/":
-                    data, kind = DASHBOARD.read_bytes(), "text/html"
-                else:
-                    data, kind = (body if self.path == "/api/status" else b"[]"), "application/json"
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_dashboard_shows_udp_sessions_and_datagrams() -> None:
