@@ -84,6 +84,9 @@ pub async fn serve(
     let idle = Duration::from_millis(accepted.cfg.client_idle_ms.max(1));
     let mut idle_timer = pin!(tokio::time::sleep(idle));
     let mut going_away = false;
+    let mut generation = ctx.shared.tables.load().generation;
+    // A reload took the listener away (the entry held may be an older one than it closed).
+    let mut removed = false;
     let mut listener = current(ctx, accepted);
     loop {
         let resets = meter.resets.replace(0);
@@ -91,7 +94,7 @@ pub async fn serve(
             let mut m = ctx.metrics.borrow_mut();
             m.record_h2(id, H2Event::ClientReset, resets);
         }
-        let closing = ctx.stopping.get() || listener.closing.load(Relaxed);
+        let closing = ctx.stopping.get() || removed || listener.closing.load(Relaxed);
         if closing && !going_away {
             going_away = true;
             connection.graceful_shutdown();
@@ -109,7 +112,13 @@ pub async fn serve(
             }
             accepted_stream = connection.accept() => match accepted_stream {
                 Some(Ok((req, respond))) => {
-                    listener = current(ctx, accepted);
+                    // As HTTP/1 does per request: the tables are looked up again only after a
+                    // reload published new ones.
+                    let now = ctx.shared.tables.load().generation;
+                    if now != generation {
+                        generation = now;
+                        listener = current(ctx, accepted);
+                    }
                     streams.push(stream(ctx, listener.clone(), client, req, respond));
                 }
                 // A protocol error (the crate sent GOAWAY) or the connection ended.
@@ -125,7 +134,14 @@ pub async fn serve(
                 going_away = true;
                 connection.graceful_shutdown();
             }
-            _ = ctx.h2.goaway.notified(), if !going_away => {}
+            _ = ctx.h2.goaway.notified(), if !going_away => {
+                let tables = ctx.shared.tables.load();
+                generation = tables.generation;
+                match tables.listeners.get(&accepted.cfg.name) {
+                    Some(e) => listener = e.clone(),
+                    None => removed = true,
+                }
+            }
         }
     }
     // A stream whose last frame went out may still have its counting and logging to do;
