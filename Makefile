@@ -33,8 +33,8 @@ test: install-dev
 lint: install-dev
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/ruff check python tests bench tools
+	$(VENV)/bin/ruff format --check python tests bench tools
 	$(VENV)/bin/mypy
 
 ## bench: micro benchmarks and the side-by-side comparison; writes bench/RESULTS.md

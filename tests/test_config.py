@@ -9,13 +9,12 @@ import os
 import socket
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
+from example_certs import example_with_certificates
 
 from fastlb._native import MAX_RETRIES, Engine, engine_config_error
 from fastlb.config import Config, ConfigError, Duration, load_config, parse_config
@@ -377,28 +376,9 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert parse_config(cfg.model_dump(by_alias=True)) == cfg
 
 
-def with_certificates(example: Path, folder: Path) -> Path:
-    """`example` itself, or, when its listeners name certificate files (the repo ships no keys),
-    a copy in `folder` beside certificates and keys made here at the paths it names."""
-    data = tomllib.loads(example.read_text())
-    pairs = [c for x in data.get("listeners", []) for c in x.get("tls", {}).get("certificates", [])]
-    if not pairs:
-        return example
-    ca = trustme.CA()
-    for pair in pairs:
-        leaf = ca.issue_cert("example.com", "*.example.com")
-        for rel, blob in ((pair["cert"], b"".join(b.bytes() for b in leaf.cert_chain_pems)),
-                          (pair["key"], leaf.private_key_pem.bytes())):  # fmt: skip
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_bytes(blob)
-    copy_path = folder / example.name
-    copy_path.write_text(example.read_text())
-    return copy_path
-
-
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_load(path: Path, tmp_path: Path) -> None:
-    cfg = load_config(with_certificates(path, tmp_path))
+    cfg = load_config(example_with_certificates(path, tmp_path))
     engine = cfg.to_engine()
     assert set(engine) == ENGINE_KEYS and engine["listeners"] and engine["pools"]
 
@@ -1273,7 +1253,7 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_cli_check_ok(path: Path, tmp_path: Path) -> None:
-    result = run_check(with_certificates(path, tmp_path))
+    result = run_check(example_with_certificates(path, tmp_path))
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
 
 

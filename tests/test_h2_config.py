@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import trustme
 from admin import FakeAdmin
+from example_certs import config_with_certificates
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
@@ -308,25 +308,8 @@ def test_cli_check(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
 # --- the example and the documented configs --------------------------------------------------
 
 
-def with_certificates(text: str, root: Path) -> Path:
-    """Writes the config `text` into `root`, beside a certificate and key at every path its
-    listeners name (the repo ships no keys); returns the config file's path."""
-    data = tomllib.loads(text)
-    ca = trustme.CA()
-    for listener in data.get("listeners", []):
-        for pair in listener.get("tls", {}).get("certificates", []):
-            leaf = ca.issue_cert("api.example.com", "*.example.com")
-            for rel, blob in ((pair["cert"], b"".join(b.bytes() for b in leaf.cert_chain_pems)),
-                              (pair["key"], leaf.private_key_pem.bytes())):  # fmt: skip
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / rel).write_bytes(blob)
-    path = root / "fastlb.toml"
-    path.write_text(text)
-    return path
-
-
 def test_example_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = with_certificates((REPO / "examples" / "grpc.toml").read_text(), tmp_path)
+    path = config_with_certificates((REPO / "examples" / "grpc.toml").read_text(), tmp_path)
     assert cli_main(["check", "-c", str(path)]) == 0
     assert capsys.readouterr() == ("ok\n", "")
     engine = load_config(path).to_engine()
@@ -352,7 +335,7 @@ def test_documented_h2_configs_check(tmp_path: Path, doc: str) -> None:
     for k, text in enumerate(h2):
         folder = tmp_path / str(k)
         folder.mkdir()
-        load_config(with_certificates(text, folder)).to_engine()
+        load_config(config_with_certificates(text, folder)).to_engine()
 
 
 # --- the native engine takes the JSON (once the data plane has http2) -------------------------

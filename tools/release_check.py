@@ -22,6 +22,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from example_certs import example_with_certificates
+
 ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist"
 SUPPORTED = ("3.11", "3.12", "3.13")
@@ -145,7 +147,10 @@ def check_install(python: str, wheel: Path, work: Path) -> str:
     fastlb = venv / "bin" / "fastlb"
     version = subprocess.run([str(fastlb), "--version"], check=True, capture_output=True, text=True)
     for example in sorted((ROOT / "examples").glob("*.toml")):
-        done = subprocess.run([str(fastlb), "check", "-c", str(example)], capture_output=True, text=True)
+        folder = work / "examples" / example.stem
+        folder.mkdir(parents=True)
+        config = example_with_certificates(example, folder)
+        done = subprocess.run([str(fastlb), "check", "-c", str(config)], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.strip() == "ok", (example.name, done.stderr)
     smoke(fastlb, work)
     return version.stdout.strip()
