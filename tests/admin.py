@@ -14,12 +14,28 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def api(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One admin API call: (status, decoded JSON, or the text for non-JSON answers)."""
+def api(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One admin API call: (status, decoded JSON, or the text for non-JSON answers). It is sent
+    as `fastlb ctl` sends it (`X-Fastlb-Admin: 1`, a JSON body, the token if any); `headers`
+    add to or replace those (a value of None removes one)."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        c.request(method, path, body=data)
+        sent = {"X-Fastlb-Admin": "1"}
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        sent.update(headers or {})
+        c.request(method, path, body=data, headers={k: v for k, v in sent.items() if v is not None})
         r = c.getresponse()
         raw = r.read()
         if (r.getheader("content-type") or "").startswith("application/json"):

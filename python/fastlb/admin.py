@@ -4,11 +4,15 @@ so `/healthz` answers while a scrape or a reload is under way.
 
 Errors are JSON objects, `{"error": "..."}`: 404 for unknown pools, backends and paths, 400 for
 bad bodies and refused reloads (with `errors`, one line per problem), 405 for a wrong method.
+Who may ask what (Host, CSRF, tokens) is fastlb.admin_guard's; the audit trail is at
+`GET /api/events`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from fastlb.config import split_host_port
+from fastlb.admin_guard import Guard
+from fastlb.config import Admin, AdminTls, Config, split_host_port
 from fastlb.control import ControlPlane, ReloadError
 from fastlb.metrics import render
 
@@ -101,6 +106,13 @@ async def alerts(request: web.Request) -> web.Response:
     return _json(request.app[CONTROL].alerts.as_json())
 
 
+async def events(request: web.Request) -> web.Response:
+    since = request.query.get("since", "0")
+    if not since.isdigit():
+        return _error(400, "since: the id of the last event seen (an integer)")
+    return _json(request.app[CONTROL].audit.as_json(int(since)))
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = render(await request.app[CONTROL].status())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -127,8 +139,8 @@ async def reload(request: web.Request) -> web.Response:
     )
 
 
-def build_app(control: ControlPlane) -> web.Application:
-    app = web.Application(middlewares=[_json_errors])
+def build_app(control: ControlPlane, scheme: str = "http") -> web.Application:
+    app = web.Application(middlewares=[Guard(control, scheme).middleware, _json_errors])
     app[CONTROL] = control
     backend = "/api/pools/{pool}/backends/{address}"
     app.router.add_get("/healthz", healthz)
@@ -138,18 +150,67 @@ def build_app(control: ControlPlane) -> web.Application:
     app.router.add_put(f"{backend}/weight", weight)
     app.router.add_post("/api/reload", reload)
     app.router.add_get("/api/alerts", alerts)
+    app.router.add_get("/api/events", events)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", dashboard)
     app.router.add_static("/static/", STATIC)
     return app
 
 
-async def start_admin(control: ControlPlane, bind: str) -> web.AppRunner:
-    """Serves the admin API on `bind` (host:port) until the runner is cleaned up."""
-    host, port = split_host_port(bind, bind=True)
-    runner = web.AppRunner(build_app(control), access_log=None, handle_signals=False)
+def _load_chain(ctx: ssl.SSLContext, tls: AdminTls) -> None:
+    """The certificate and key as read and checked at load (fastlb.certs), through a memfd:
+    what was validated is what is served, even if the files change in between."""
+    pem = tls._pem
+    assert pem is not None, "parse_config reads admin.tls"
+    fd = os.memfd_create("fastlb-admin-cert")
+    try:
+        os.write(fd, (pem.chain_pem.rstrip() + "\n" + pem.key_pem).encode())
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def tls_context(tls: AdminTls) -> ssl.SSLContext:
+    """HTTPS for the admin API: TLS 1.2+ (or 1.3), HTTP/1.1; with `client_ca`, a client
+    certificate signed by it is required (mTLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    _load_chain(ctx, tls)
+    if tls._client_ca_pem is not None:
+        ctx.load_verify_locations(cadata=tls._client_ca_pem)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _follow_reloads(control: ControlPlane, running: Admin, ctx: ssl.SSLContext | None) -> None:
+    """After a reload: a new admin certificate is served to the next handshakes; what cannot
+    change without a restart (bind, TLS on or off, the client CA) is logged."""
+
+    def follow(config: Config) -> None:
+        new = config.admin
+        if new.bind != running.bind:
+            log.warning("admin.bind: the admin API stays on %s until a restart", running.bind)
+        if (new.tls is None) != (running.tls is None) or (
+            new.tls is not None and running.tls is not None and new.tls.client_ca != running.tls.client_ca
+        ):
+            log.warning("admin.tls: turning TLS on or off, or a new client_ca, takes effect at restart")
+        elif ctx is not None and new.tls is not None:
+            _load_chain(ctx, new.tls)
+
+    control.reload_hooks.append(follow)
+
+
+async def start_admin(control: ControlPlane, admin: Admin) -> web.AppRunner:
+    """Serves the admin API on `admin.bind` (host:port) until the runner is cleaned up."""
+    host, port = split_host_port(admin.bind, bind=True)
+    ctx = tls_context(admin.tls) if admin.tls is not None else None
+    scheme = "https" if ctx is not None else "http"
+    runner = web.AppRunner(build_app(control, scheme), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ctx)
     await site.start()
-    log.info("admin API on http://%s/", bind)
+    _follow_reloads(control, admin, ctx)
+    guarded = "tokens" if admin.tokens is not None else "no tokens"
+    log.info("admin API on %s://%s/ (%s)", scheme, admin.bind, guarded)
     return runner

@@ -1,4 +1,4 @@
-"""The `fastlb` command: serve, check, demo, ctl. Argument parsing only: the serve lifecycle is
+"""The `fastlb` command: serve, check, demo, ctl, admin-token. Argument parsing only: the serve lifecycle is
 `fastlb.server`.
 
 Exit codes: 0 ok, 1 runtime failure (e.g. a port already taken), 2 bad config or bad usage.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastlb import __version__
 from fastlb._native import BUILD
+from fastlb.admin_auth import ROLES, TOKEN_NAME, digest, new_token
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.ctl import add_ctl_parser, run_ctl
 from fastlb.server import EXIT_OK, EXIT_USAGE, Server
@@ -46,7 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin", default="127.0.0.1:9901", help='admin API address or "off" (default %(default)s)'
     )
     add_ctl_parser(sub)
+    token = sub.add_parser(
+        "admin-token", help="make an admin API token: prints it and the line for admin.tokens_file"
+    )
+    token.add_argument("name", help="who holds it (shown in the audit trail)")
+    token.add_argument("role", choices=ROLES, help="read: status and metrics; operate: also changes")
     return parser
+
+
+def cmd_admin_token(name: str, role: str) -> int:
+    """The token goes to stdout's first line (for `| head -1 > file`); the tokens-file line,
+    which holds only its SHA-256, to the second."""
+    if not TOKEN_NAME.fullmatch(name):
+        print(f"fastlb: name {name!r}: 1..64 letters, digits, '_', '.', '@' or '-'", file=sys.stderr)
+        return EXIT_USAGE
+    token = new_token()
+    print(token)
+    print(f"{name} {role} {digest(token).hex()}")
+    print(
+        "first line: the token (give it to its holder, shown once); second: add it to the file"
+        " admin.tokens_file names, then reload",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 def _print_errors(err: ConfigError) -> None:
@@ -99,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args.config)
     if args.command == "ctl":
         return run_ctl(args)
+    if args.command == "admin-token":
+        return cmd_admin_token(args.name, args.role)
     if args.command == "demo":
         from fastlb.demo import run_demo
 

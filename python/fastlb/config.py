@@ -101,6 +101,12 @@ Choices where the contract is silent:
       h2 on https still needs "h2" in tls.alpn (the default offers it). The `grpc` check
       speaks HTTP/2 whatever the pool's http_version (a gRPC server speaks nothing else);
       `service` is grpc-only.
+    - The admin API on an address beyond loopback (a wildcard, a name other than localhost)
+      needs `tokens_file` or mTLS (`tls.client_ca`), unless `insecure = true`: an error naming
+      admin.bind otherwise. The tokens file is read at load and at every reload; a bad line is
+      an error naming it (`admin.tokens_file: line 3: ...`), an empty file a warning (only the
+      `open` paths answer). The admin certificate may name IP addresses only (no DNS names
+      needed: operators often reach it by address).
     - pools.tls.verify is true/false; "required"/"none" (CONTRACT.md's spelling) mean the same.
       health type "https" may be used with or without [pools.tls] (without: verify against the
       system's roots).
@@ -136,6 +142,8 @@ from pydantic import (
 from pydantic_core import CoreSchema, core_schema
 
 from fastlb._native import MAX_RETRIES
+from fastlb.admin_auth import Token as AdminToken
+from fastlb.admin_auth import default_allowed_hosts, is_loopback_host, parse_tokens
 from fastlb.certs import CertKeyPem, Files
 
 __all__ = [
@@ -529,10 +537,54 @@ class Runtime(_Model):
     max_connections: Annotated[int, Field(ge=0)] = 50_000
 
 
+def _open_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        raise ValueError("must be a path starting with /")
+    return text
+
+
+def _allowed_host(text: str) -> str:
+    if text in ("*", "<ip>"):
+        return text
+    name = text[1:] if text.startswith(".") else text
+    if not (_HOSTNAME.fullmatch(name) or _ip(name)):
+        raise ValueError('must be a host name, an address, ".domain" (and its subdomains), "<ip>" or "*"')
+    return text
+
+
+class AdminTls(_Model):
+    """`[admin].tls`: the admin API over HTTPS; with `client_ca`, clients must present a
+    certificate it signed (mTLS)."""
+
+    cert: FilePath
+    key: FilePath
+    client_ca: FilePath | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    _pem: CertKeyPem | None = PrivateAttr(default=None)  # read by parse_config
+    _client_ca_pem: str | None = PrivateAttr(default=None)
+
+
 class Admin(_Model):
-    """`[admin]`: admin API, /metrics and dashboard."""
+    """`[admin]`: admin API, /metrics and dashboard, and who may use them (docs/security.md)."""
 
     bind: Annotated[str, AfterValidator(_admin_bind)] = "127.0.0.1:9901"
+    tokens_file: FilePath | None = None  # lines "NAME ROLE SHA256HEX"; re-read on reload
+    open: list[Annotated[str, AfterValidator(_open_path)]] = ["/healthz", "/metrics"]
+    allowed_hosts: list[Annotated[str, AfterValidator(_allowed_host)]] | None = None  # None: bind + localhost
+    insecure: bool = False  # serve a non-loopback bind without tokens (or mTLS)
+    tls: AdminTls | None = None
+    _tokens: list[AdminToken] | None = PrivateAttr(default=None)  # read by parse_config
+
+    @property
+    def tokens(self) -> list[AdminToken] | None:
+        """The tokens file's entries; None without `tokens_file` (no token is asked for)."""
+        return self._tokens
+
+    def hosts(self) -> list[str]:
+        """`allowed_hosts`, or its default for this bind."""
+        if self.allowed_hosts is not None:
+            return list(self.allowed_hosts)
+        return default_allowed_hosts(split_host_port(self.bind, bind=True)[0] if self.bind != "off" else "")
 
 
 class Log(_Model):
@@ -1272,6 +1324,21 @@ def _pool_errors(i: int, pool: Pool) -> list[str]:
     return errors
 
 
+def _admin_errors(admin: Admin) -> list[str]:
+    if admin.bind == "off" or admin.insecure:
+        return []
+    host = split_host_port(admin.bind, bind=True)[0]
+    if is_loopback_host(host) or admin.tokens_file is not None:
+        return []
+    if admin.tls is not None and admin.tls.client_ca is not None:
+        return []
+    return [
+        f"admin.bind: {admin.bind} is reachable beyond this machine, and anyone who reaches it could"
+        " drain backends and reload: set admin.tokens_file (fastlb admin-token NAME ROLE makes"
+        " tokens) or admin.tls.client_ca, or admin.insecure = true to serve it open"
+    ]
+
+
 def _semantic_errors(cfg: Config) -> list[str]:
     """Checks that span fields; each error names the field it is about."""
     errors = _duplicates("listeners", [x.name for x in cfg.listeners], "listener")
@@ -1284,6 +1351,7 @@ def _semantic_errors(cfg: Config) -> list[str]:
     for i, listener in enumerate(cfg.listeners):
         errors += _listener_errors(i, listener, cfg, pools)
     errors += _udp_health_errors(cfg)
+    errors += _admin_errors(cfg.admin)
     binds: list[Endpoint | None] = [_literal_endpoint(x.bind, bind=True) for x in cfg.listeners]
     backends = {
         (i, j): _literal_endpoint(b.address, bind=False)
@@ -1393,6 +1461,24 @@ def _pydantic_errors(exc: ValidationError) -> list[str]:
 # --- entry points -----------------------------------------------------------------------------
 
 
+def _read_admin_files(admin: Admin, files: Files) -> None:
+    if admin.tokens_file is not None:
+        data = files.read("admin.tokens_file", admin.tokens_file)
+        if data is not None:
+            tokens, problems = parse_tokens(data.decode("utf-8", "replace"))
+            files.errors += [f"admin.tokens_file: {admin.tokens_file}: {line}" for line in problems]
+            admin._tokens = tokens
+            if not tokens and not problems:
+                files.warnings.append(
+                    f"admin.tokens_file: {admin.tokens_file} has no tokens: only {admin.open} answer"
+                )
+    tls = admin.tls
+    if tls is not None:
+        tls._pem = files.cert_and_key("admin.tls", tls.cert, tls.key, server=False)
+        if tls.client_ca is not None:
+            tls._client_ca_pem = files.ca_bundle("admin.tls.client_ca", tls.client_ca)
+
+
 def _read_files(cfg: Config, base: Path) -> tuple[list[str], list[str]]:
     """Reads and checks every certificate, key and CA file (fastlb.certs), keeping their text
     on the models for `to_engine()`; returns (errors, warnings)."""
@@ -1411,6 +1497,7 @@ def _read_files(cfg: Config, base: Path) -> tuple[list[str], list[str]]:
                     f'{at}.client_ca: not used with client_auth = "off"'
                     " (clients are not asked for a certificate)"
                 )
+    _read_admin_files(cfg.admin, files)
     for i, pool in enumerate(cfg.pools):
         ptls = pool.tls
         if ptls is None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastlb.alerts import Alerts
+from fastlb.audit import AuditLog
 from fastlb.config import Config, ConfigError, Duration, Pool
 from fastlb.engine import AdminState, Engine
 from fastlb.health import HealthChecker
@@ -85,6 +86,9 @@ class ControlPlane:
         self.started = time.time()
         self.reloads = 0
         self.alerts = Alerts(engine.config.alerts, self.status)
+        self.audit = AuditLog()
+        # called with the new config after each reload that took (the admin API's TLS)
+        self.reload_hooks: list[Callable[[Config], None]] = []
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -188,6 +192,8 @@ class ControlPlane:
         self.reloads += 1
         self.checker.update()
         self.alerts.update(self.engine.config.alerts)
+        for hook in self.reload_hooks:
+            hook(self.engine.config)
         ids = self._backend_ids()
         for bid in old_ids - ids:
             self._forget(bid)

@@ -1,18 +1,26 @@
 """`fastlb ctl`: the admin API from a shell, as readable tables (or `--json` for scripts).
 
 Exit codes: 0 done, 1 the admin API cannot be reached or failed, 2 the request was refused
-(unknown pool or backend, bad weight, invalid config on reload) or bad usage.
+(unknown pool or backend, bad weight, invalid config on reload, a missing or wrong token) or bad
+usage.
+
+Every request carries `X-Fastlb-Admin: 1` (the API refuses state changes without it) and, with
+`--token-file` or `$FASTLB_ADMIN_TOKEN`, `Authorization: Bearer TOKEN`. `--admin
+https://HOST:PORT` speaks TLS (`--cacert` for a private CA, `--cert`/`--key` for mTLS).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -40,14 +48,54 @@ class CtlError(Exception):
         self.errors = errors or []
 
 
+@dataclass(frozen=True)
+class AdminClient:
+    """Where the admin API is and how to be let in."""
+
+    url: str  # http://HOST:PORT or https://HOST:PORT, no trailing slash
+    token: str | None = None
+    tls: ssl.SSLContext | None = None
+
+    @property
+    def where(self) -> str:
+        return self.url.split("://", 1)[1]
+
+
+def admin_client(args: argparse.Namespace) -> AdminClient:
+    """From `--admin`, `--token-file` / $FASTLB_ADMIN_TOKEN and the TLS flags; CtlError (2)
+    for a token file that cannot be read."""
+    admin = args.admin.rstrip("/")
+    url = admin if admin.startswith(("http://", "https://")) else f"http://{admin}"
+    token = os.environ.get("FASTLB_ADMIN_TOKEN") or None
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text().strip() or None
+        except OSError as err:
+            raise CtlError(f"--token-file: cannot read {args.token_file}: {err.strerror or err}", 2) from None
+    tls = None
+    if url.startswith("https://"):
+        tls = ssl.create_default_context(cafile=args.cacert)
+        if args.cert is not None:
+            tls.load_cert_chain(args.cert, args.key)
+    return AdminClient(url, token, tls)
+
+
 def add_ctl_parser(sub: Any) -> None:
     ctl = sub.add_parser("ctl", help="talk to a running fastlb through its admin API")
     ctl.add_argument(
         "--admin",
         default=os.environ.get("FASTLB_ADMIN", DEFAULT_ADMIN),
-        metavar="HOST:PORT",
+        metavar="[https://]HOST:PORT",
         help="admin API address (default $FASTLB_ADMIN or %(default)s)",
     )
+    ctl.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="a file holding the admin token (default: $FASTLB_ADMIN_TOKEN, if set)",
+    )
+    ctl.add_argument("--cacert", metavar="FILE", help="CA of an https admin API (default: the system's)")
+    ctl.add_argument("--cert", metavar="FILE", help="client certificate for an admin API that asks for one")
+    ctl.add_argument("--key", metavar="FILE", help="the client certificate's key (default: in --cert)")
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
     # `--json` is accepted after the action too (`fastlb ctl status --json`)
     json_flag = argparse.ArgumentParser(add_help=False)
@@ -67,48 +115,44 @@ def add_ctl_parser(sub: Any) -> None:
     w.add_argument("address")
     w.add_argument("weight", type=int)
     actions.add_parser("reload", help="re-read the config file (as SIGHUP does)", parents=[json_flag])
+    ev = actions.add_parser("events", help="the audit trail: recent state changes", parents=[json_flag])
+    ev.add_argument("--since", type=int, default=0, help="only events after this id")
     top = actions.add_parser("top", help="status, refreshed every second until Ctrl-C")
     top.add_argument("--count", type=int, default=0, help="stop after this many refreshes (0: never)")
 
 
-def call(admin: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def call(admin: AdminClient, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One admin API call; CtlError with the API's message when it refuses."""
     data = None if body is None else orjson.dumps(body)
-    req = urllib.request.Request(f"http://{admin}{path}", data=data, method=method)
+    req = urllib.request.Request(f"{admin.url}{path}", data=data, method=method)
+    req.add_header("X-Fastlb-Admin", "1")
+    if admin.token is not None:
+        req.add_header("Authorization", f"Bearer {admin.token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S, context=admin.tls) as resp:
             return orjson.loads(resp.read())
     except urllib.error.HTTPError as err:
         try:
             answer = orjson.loads(err.read())
         except orjson.JSONDecodeError:
             answer = {"error": f"HTTP {err.code}"}
-        code = 2 if err.code in (400, 404) else 1
+        code = 2 if err.code in (400, 401, 403, 404, 421, 429) else 1
         raise CtlError(str(answer.get("error", err.code)), code, answer.get("errors")) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise CtlError(f"cannot reach the admin API at {admin}: {reason}", 1) from None
+        raise CtlError(f"cannot reach the admin API at {admin.where}: {reason}", 1) from None
 
 
 def run_ctl(args: argparse.Namespace) -> int:
     # Wide enough for addresses and notes when piped (rich assumes 80 columns then).
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-    if args.action == "top":
-        return run_top(args.admin, args.count, console)
-    quoted = ""
-    if args.action not in ("status", "reload"):
-        quoted = f"/api/pools/{_q(args.pool)}/backends/{_q(args.address)}"
     try:
-        if args.action == "status":
-            answer = call(args.admin, "GET", "/api/status")
-        elif args.action == "reload":
-            answer = call(args.admin, "POST", "/api/reload")
-        elif args.action == "weight":
-            answer = call(args.admin, "PUT", f"{quoted}/weight", {"weight": args.weight})
-        else:
-            answer = call(args.admin, "POST", f"{quoted}/{args.action}")
+        admin = admin_client(args)
+        if args.action == "top":
+            return run_top(admin, args.count, console)
+        answer = _ask(admin, args)
     except CtlError as err:
         print(f"fastlb ctl: {err}", file=sys.stderr)
         for line in err.errors:
@@ -124,16 +168,42 @@ def run_ctl(args: argparse.Namespace) -> int:
             print(f"warning: {line}", file=sys.stderr)
     elif args.action == "weight":
         console.print(f"{answer['backend']}: weight {answer['weight']}")
+    elif args.action == "events":
+        print_events(console, answer["events"])
     else:
         console.print(f"{answer['backend']}: {args.action} done")
     return 0
+
+
+def _ask(admin: AdminClient, args: argparse.Namespace) -> Any:
+    if args.action == "status":
+        return call(admin, "GET", "/api/status")
+    if args.action == "reload":
+        return call(admin, "POST", "/api/reload")
+    if args.action == "events":
+        return call(admin, "GET", f"/api/events?since={args.since}")
+    quoted = f"/api/pools/{_q(args.pool)}/backends/{_q(args.address)}"
+    if args.action == "weight":
+        return call(admin, "PUT", f"{quoted}/weight", {"weight": args.weight})
+    return call(admin, "POST", f"{quoted}/{args.action}")
+
+
+def print_events(console: Console, events: list[dict[str, Any]]) -> None:
+    table = Table(title="audit trail", title_justify="left")
+    for col in ("id", "time", "actor", "client", "action", "target", "result"):
+        table.add_column(col, justify="right" if col == "id" else "left")
+    for e in events:
+        cells = [str(e[k]) for k in ("id", "time", "actor", "client", "action", "target")]
+        result = Text(e["result"], style="" if e["result"] == "ok" else "red")
+        table.add_row(*(Text(c) for c in cells), result)  # Text: no markup from what clients sent
+    console.print(table)
 
 
 def _q(part: str) -> str:
     return urllib.parse.quote(part, safe=":")
 
 
-def run_top(admin: str, count: int, console: Console) -> int:
+def run_top(admin: AdminClient, count: int, console: Console) -> int:
     """A live `status`: the table redrawn in place every second."""
     shown = 0
     try:

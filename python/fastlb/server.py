@@ -75,7 +75,7 @@ class Server:
         admin = None
         if engine.config.admin.bind != "off":
             try:
-                admin = await start_admin(control, engine.config.admin.bind)
+                admin = await start_admin(control, engine.config.admin)
             except OSError as err:
                 log.error("admin.bind: cannot listen on %s: %s", engine.config.admin.bind, err)
                 await control.stop()
@@ -150,11 +150,15 @@ def raise_open_file_limit(config: Config) -> int:
 
 
 async def _reload(control: ControlPlane) -> None:
+    """A SIGHUP: reload, and put it in the audit trail as the admin API's reloads are."""
     try:
         await control.reload()
     except ReloadError as err:
         for line in err.errors:
             log.error("reload refused, keeping the running config: %s", line)
+        control.audit.record("signal", "SIGHUP", "reload", "", 0, "; ".join(err.errors))
+    else:
+        control.audit.record("signal", "SIGHUP", "reload", "", 0, "ok")
 
 
 def _run_loop(main: Awaitable[int]) -> int:
