@@ -125,6 +125,8 @@ LISTENER_KEYS = {
     "http2",
 }
 ROUTE_KEYS = {
+    "name",
+    "split_affinity",
     "host",
     "path_prefix",
     "path_exact",
@@ -260,6 +262,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "routes": [
             {
+                "name": "0",
                 "host": "api.example.com",
                 "path_prefix": "/api/v1/",
                 "path_exact": None,
@@ -271,8 +274,10 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 1}],
+                "split_affinity": None,
             },
             {
+                "name": "1",
                 "host": None,
                 "path_prefix": None,
                 "path_exact": None,
@@ -284,6 +289,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 95}, {"pool": "v2", "weight": 5}],
+                "split_affinity": None,
             },
         ],
     }
@@ -862,6 +868,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "routes": [
             {
+                "name": "0",
                 "host": "api.example.com",
                 "path_prefix": "/api/",
                 "path_exact": None,
@@ -873,8 +880,10 @@ def test_listener_l7_keys_to_engine() -> None:
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 1}],
+                "split_affinity": None,
             },
             {
+                "name": "1",
                 "host": "*.example.com",
                 "path_prefix": None,
                 "path_exact": "/health",
@@ -886,8 +895,10 @@ def test_listener_l7_keys_to_engine() -> None:
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "app", "weight": 1}],
+                "split_affinity": None,
             },
             {
+                "name": "2",
                 "host": None,
                 "path_prefix": None,
                 "path_exact": None,
@@ -899,6 +910,7 @@ def test_listener_l7_keys_to_engine() -> None:
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 0}, {"pool": "v2", "weight": 1}],
+                "split_affinity": None,
             },
         ],
     }

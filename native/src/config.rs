@@ -202,6 +202,9 @@ pub struct RateLimitConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// The route's `name`, or its index as a decimal string: how the admin API names it
+    /// (live split weights) and what its counters are kept under across reloads.
+    pub name: String,
     #[serde(deserialize_with = "required")]
     pub host: Option<String>,
     #[serde(deserialize_with = "required")]
@@ -222,6 +225,17 @@ pub struct RouteConfig {
     pub sni: Option<String>,
     #[serde(deserialize_with = "required")]
     pub redirect: Option<RedirectConfig>,
+    /// Sticky A/B groups: a client the split placed keeps its pool by this cookie.
+    #[serde(deserialize_with = "required")]
+    pub split_affinity: Option<SplitAffinityConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitAffinityConfig {
+    pub cookie: String,
+    /// Max-Age of the cookie; 0: a session cookie.
+    pub ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

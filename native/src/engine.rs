@@ -7,7 +7,9 @@
 
 use crate::accesslog::AccessLog;
 use crate::balance::{AdminState, BackendState, Pool};
-use crate::config::{BackendConfig, EngineConfig, HttpVersion, ListenerConfig, Protocol};
+use crate::config::{
+    BackendConfig, EngineConfig, HttpVersion, ListenerConfig, Protocol, SplitConfig,
+};
 use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
 use crate::proxy::HttpListener;
@@ -42,8 +44,10 @@ pub enum EngineError {
     Bind(String, SocketAddr, io::Error),
     /// Something else at the OS level (threads, sockets).
     Io(io::Error),
-    /// A pool or backend that does not exist.
+    /// A pool, backend, listener or route that does not exist.
     NotFound(String),
+    /// A runtime change that cannot be made (split weights that do not fit the route).
+    Invalid(String),
     /// The engine was stopped.
     Stopped,
 }
@@ -56,7 +60,7 @@ impl fmt::Display for EngineError {
                 write!(f, "listeners.{name}: cannot bind {addr}: {e}")
             }
             EngineError::Io(e) => write!(f, "{e}"),
-            EngineError::NotFound(m) => write!(f, "{m}"),
+            EngineError::NotFound(m) | EngineError::Invalid(m) => write!(f, "{m}"),
             EngineError::Stopped => write!(f, "engine stopped"),
         }
     }
@@ -120,6 +124,9 @@ pub struct Engine {
     backends: HashMap<String, KnownBackend>,
     /// Ids the workers count by, per listener, pool and backend name; kept across reloads.
     ids: Ids,
+    /// Split weights set at runtime, by (listener, route name): the route's split with the
+    /// live weights. Kept across a reload unless the file's split for the route changed.
+    split_overrides: HashMap<(String, String), Vec<SplitConfig>>,
     /// Each udp listener's session count, by name; kept across reloads.
     udp_sessions: HashMap<String, Arc<AtomicUsize>>,
     /// Each worker's last metrics snapshot (used when one does not answer in time).
@@ -144,6 +151,7 @@ impl Engine {
             config: config.clone(),
             backends: HashMap::new(),
             ids: Ids::default(),
+            split_overrides: HashMap::new(),
             udp_sessions: HashMap::new(),
             last_metrics: vec![WorkerMetrics::default(); n],
             window: LatencyWindow::default(),
@@ -193,7 +201,10 @@ impl Engine {
             .map(|old| old.name.clone())
             .collect();
         let before = self.shared.tables.load_full();
-        self.publish(&config)?;
+        let kept = self.kept_overrides(&config);
+        let live = with_overrides(&config, &kept);
+        self.publish(&live)?;
+        self.split_overrides = kept;
         if let Err(e) = self.set_access_log(config.access_log.as_deref()) {
             // The new tables are in; only the log target could not change.
             eprintln!("fastlb: access log: {e}");
@@ -262,8 +273,96 @@ impl Engine {
         weight: u32,
     ) -> Result<(), EngineError> {
         self.backend(pool, address)?.set_weight(weight.min(1000));
-        let config = self.config.clone();
-        self.publish(&config)
+        let live = with_overrides(&self.config, &self.split_overrides);
+        self.publish(&live)
+    }
+
+    /// Sets the live weights of split route `route` (its name) of `listener`: one weight per
+    /// pool of the route's split, each 0..=1000, not all 0. Applies to the next request on
+    /// every worker (new tables are published).
+    pub fn set_split_weights(
+        &mut self,
+        listener: &str,
+        route: &str,
+        weights: &[(String, u32)],
+    ) -> Result<(), EngineError> {
+        let split = self.split_of(listener, route)?;
+        let mut names: Vec<&str> = split.iter().map(|s| s.pool.as_str()).collect();
+        let mut given: Vec<&str> = weights.iter().map(|(p, _)| p.as_str()).collect();
+        names.sort_unstable();
+        given.sort_unstable();
+        if names != given {
+            return Err(EngineError::Invalid(format!(
+                "weights: give one for each pool of the split, and only those: {}",
+                names.join(", ")
+            )));
+        }
+        if let Some((p, w)) = weights.iter().find(|(_, w)| *w > 1000) {
+            return Err(EngineError::Invalid(format!(
+                "weights.{p}: {w} is above 1000"
+            )));
+        }
+        if weights.iter().all(|(_, w)| *w == 0) {
+            return Err(EngineError::Invalid(
+                "weights: at least one pool needs a weight above 0".into(),
+            ));
+        }
+        let live: Vec<SplitConfig> = split
+            .iter()
+            .map(|s| SplitConfig {
+                pool: s.pool.clone(),
+                weight: weights
+                    .iter()
+                    .find(|(p, _)| *p == s.pool)
+                    .map_or(0, |(_, w)| *w),
+            })
+            .collect();
+        let mut overrides = self.split_overrides.clone();
+        overrides.insert((listener.to_string(), route.to_string()), live);
+        self.publish(&with_overrides(&self.config, &overrides))?;
+        self.split_overrides = overrides;
+        Ok(())
+    }
+
+    /// The file's split of a route, or why there is none.
+    fn split_of(&self, listener: &str, route: &str) -> Result<&[SplitConfig], EngineError> {
+        let l = self
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == listener)
+            .ok_or_else(|| EngineError::NotFound(format!("unknown listener '{listener}'")))?;
+        let r = l.routes.iter().find(|r| r.name == route).ok_or_else(|| {
+            EngineError::NotFound(format!("listener '{listener}' has no route '{route}'"))
+        })?;
+        if r.redirect.is_some() || !l.protocol.is_http() {
+            return Err(EngineError::Invalid(format!(
+                "route '{route}' of listener '{listener}' has no split (a redirect or an SNI route)"
+            )));
+        }
+        Ok(&r.split)
+    }
+
+    /// The runtime split weights a reload to `new` keeps: those of routes whose split is the
+    /// same in the running file and in the new one (else the file wins, as for backend weights).
+    fn kept_overrides(&self, new: &EngineConfig) -> HashMap<(String, String), Vec<SplitConfig>> {
+        let split = |config: &EngineConfig, (l, r): &(String, String)| {
+            config
+                .listeners
+                .iter()
+                .find(|x| x.name == *l)
+                .and_then(|x| x.routes.iter().find(|y| y.name == *r))
+                .filter(|y| y.redirect.is_none())
+                .map(|y| y.split.clone())
+        };
+        self.split_overrides
+            .iter()
+            .filter(|(key, _)| {
+                let old = split(&self.config, key);
+                old.is_some() && old == split(new, key)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Sets a backend's admin state. Draining or disabling also closes the workers' parked
@@ -379,6 +478,7 @@ impl Engine {
                 .collect(),
             pool_order: self.config.pools.iter().map(|p| p.name.as_str()).collect(),
             ids: &self.ids,
+            configured: &self.config,
             merged: &merged,
             window: &mut self.window,
             connections_active,
@@ -471,7 +571,14 @@ impl Engine {
         let mut listeners = HashMap::new();
         for l in &config.listeners {
             let http = match l.protocol.is_http() {
-                true => Some(HttpListener::build(l, pools).map_err(EngineError::Config)?),
+                true => {
+                    let ids: Vec<u16> = l
+                        .routes
+                        .iter()
+                        .map(|r| self.ids.route(&l.name, &r.name))
+                        .collect();
+                    Some(HttpListener::build(l, pools, &ids).map_err(EngineError::Config)?)
+                }
                 false => None,
             };
             let tls = match &l.tls {
@@ -523,6 +630,25 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop(Duration::ZERO);
     }
+}
+
+/// `config` with the runtime split weights in place of the file's.
+fn with_overrides(
+    config: &EngineConfig,
+    overrides: &HashMap<(String, String), Vec<SplitConfig>>,
+) -> EngineConfig {
+    let mut live = config.clone();
+    if overrides.is_empty() {
+        return live;
+    }
+    for l in &mut live.listeners {
+        for r in &mut l.routes {
+            if let Some(split) = overrides.get(&(l.name.clone(), r.name.clone())) {
+                r.split = split.clone();
+            }
+        }
+    }
+    live
 }
 
 /// Whether a reload keeps a listener's sockets: same name, address and transport.

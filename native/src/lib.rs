@@ -39,6 +39,7 @@ fn to_py(e: EngineError) -> PyErr {
     match e {
         EngineError::Config(_) => PyValueError::new_err(e.to_string()),
         EngineError::NotFound(_) => PyKeyError::new_err(e.to_string()),
+        EngineError::Invalid(_) => PyValueError::new_err(e.to_string()),
         _ => NativeError::new_err(e.to_string()),
     }
 }
@@ -169,6 +170,17 @@ impl PyEngine {
         weight: u32,
     ) -> PyResult<()> {
         py.detach(|| self.with(|e| e.set_weight(pool, address, weight)))
+    }
+
+    /// Live weights of a split route: `[(pool, weight), ...]`, one per pool of its split.
+    fn set_split_weights(
+        &self,
+        py: Python<'_>,
+        listener: &str,
+        route: &str,
+        weights: Vec<(String, u32)>,
+    ) -> PyResult<()> {
+        py.detach(|| self.with(|e| e.set_split_weights(listener, route, &weights)))
     }
 }
 

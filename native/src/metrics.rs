@@ -161,6 +161,17 @@ impl Durations {
     }
 }
 
+/// "Not on a route a split chose the pool of" in an outcome.
+pub const NO_ROUTE: u16 = u16::MAX;
+
+/// What one split route sent to one of its pools: the figures a canary is judged by.
+#[derive(Debug, Clone, Default)]
+pub struct RouteCounts {
+    pub requests: u64,
+    pub responses_5xx: u64,
+    pub durations: Durations,
+}
+
 /// Everything one worker counted since it started.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerMetrics {
@@ -172,6 +183,8 @@ pub struct WorkerMetrics {
     pub durations: HashMap<(u16, u16), Durations, Xxh3DefaultBuilder>,
     /// Per backend: the same durations, for its p50/p99.
     pub backend_durations: HashMap<u32, Durations, Xxh3DefaultBuilder>,
+    /// Per (route id, pool id) of split routes.
+    pub routes: HashMap<(u16, u16), RouteCounts, Xxh3DefaultBuilder>,
 }
 
 const COUNTING: bool = !cfg!(feature = "no-counting");
@@ -295,6 +308,18 @@ impl WorkerMetrics {
         }
     }
 
+    /// A response to a request split route `route` sent to `pool`.
+    #[inline]
+    pub fn record_route(&mut self, route: u16, pool: u16, code: u16, duration_us: u64) {
+        if !COUNTING || route == NO_ROUTE || pool == NO_POOL {
+            return;
+        }
+        let c = self.routes.entry((route, pool)).or_default();
+        c.requests += 1;
+        c.responses_5xx += u64::from((500..600).contains(&code));
+        c.durations.record(duration_us);
+    }
+
     /// `n` datagrams of `bytes` in all went `direction` on udp listener `listener`; from and to
     /// clients they count as the listener's bytes too.
     #[inline]
@@ -393,6 +418,12 @@ impl WorkerMetrics {
         for (k, d) in &other.backend_durations {
             self.backend_durations.entry(*k).or_default().merge(d);
         }
+        for (k, r) in &other.routes {
+            let m = self.routes.entry(*k).or_default();
+            m.requests += r.requests;
+            m.responses_5xx += r.responses_5xx;
+            m.durations.merge(&r.durations);
+        }
     }
 }
 
@@ -406,10 +437,23 @@ pub const BUCKETS_US: [u64; 17] = [
 /// Cumulative counts at each of `BUCKETS_US` (Prometheus `le` semantics, at the histogram's
 /// 1% resolution).
 pub fn cumulative_buckets(h: &Hist) -> Vec<u64> {
-    BUCKETS_US
-        .iter()
-        .map(|&le| h.count_between(0, le))
-        .collect()
+    cumulative_at(h, &BUCKETS_US)
+}
+
+pub fn cumulative_at(h: &Hist, bounds: &[u64]) -> Vec<u64> {
+    bounds.iter().map(|&le| h.count_between(0, le)).collect()
+}
+
+/// Bounds of the split routes' latency buckets, in microseconds: 100 µs to 100 s in steps of
+/// ~15%, fine enough that a canary's p99 taken from the buckets of one interval is within a
+/// step of the exact one (the Prometheus buckets above are 2-2.5x apart).
+pub fn route_buckets_us() -> Vec<u64> {
+    let mut bounds = vec![100u64];
+    while *bounds.last().expect("not empty") < HIST_MAX_US {
+        let next = (*bounds.last().expect("not empty") as f64 * 1.15).ceil() as u64;
+        bounds.push(next.min(HIST_MAX_US));
+    }
+    bounds
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! JSON the control plane reads (/api/status, /metrics, alerts, the dashboard).
 
 use crate::balance::{AdminState, BackendState};
-use crate::metrics::{cumulative_buckets, Durations, Hist, WorkerMetrics, BUCKETS_US};
+use crate::config::{EngineConfig, ListenerConfig, RouteConfig};
+use crate::metrics::{
+    cumulative_at, cumulative_buckets, route_buckets_us, Durations, Hist, WorkerMetrics, BUCKETS_US,
+};
 use crate::metrics::{
     H2Event, UdpCounts, H2_EVENTS, NO_BACKEND, NO_POOL, UDP_DIRECTIONS, UDP_DROPS,
 };
@@ -18,6 +21,7 @@ pub struct Ids {
     listeners: HashMap<String, u16>,
     pools: HashMap<String, u16>,
     backends: HashMap<String, u32>,
+    routes: HashMap<(String, String), u16>,
     listener_names: Vec<String>,
     pool_names: Vec<String>,
     /// Backend slot -> (pool, address).
@@ -43,6 +47,25 @@ impl Ids {
         self.pools.insert(name.to_string(), id);
         self.pool_names.push(name.to_string());
         id
+    }
+
+    /// A route's id, by its listener and its name.
+    pub fn route(&mut self, listener: &str, route: &str) -> u16 {
+        let next = self.routes.len() as u16;
+        *self
+            .routes
+            .entry((listener.to_string(), route.to_string()))
+            .or_insert(next)
+    }
+
+    fn route_id(&self, listener: &str, route: &str) -> Option<u16> {
+        self.routes
+            .get(&(listener.to_string(), route.to_string()))
+            .copied()
+    }
+
+    fn pool_id(&self, pool: &str) -> Option<u16> {
+        self.pools.get(pool).copied()
     }
 
     pub fn backend(&mut self, pool: &str, address: &str) -> u32 {
@@ -107,6 +130,8 @@ struct StatsJson<'a> {
     connections_active: usize,
     /// Upper bounds (seconds) of the duration buckets.
     buckets_s: Vec<f64>,
+    /// Upper bounds (microseconds) of the routes' `latency_buckets`.
+    route_latency_buckets_us: Vec<u64>,
     listeners: Vec<ListenerJson<'a>>,
     responses: Vec<ResponseJson<'a>>,
     pools: Vec<PoolJson<'a>>,
@@ -132,6 +157,33 @@ struct ListenerJson<'a> {
     udp: Option<UdpJson>,
     /// http/https listeners: HTTP/2 connections and streams; None for the others.
     http2: Option<H2Json>,
+    /// http/https listeners: each route, its split and what it sent to each pool.
+    routes: Option<Vec<RouteJson<'a>>>,
+}
+
+#[derive(Serialize)]
+struct RouteJson<'a> {
+    name: &'a str,
+    index: usize,
+    /// None for a redirect route.
+    split: Option<SplitJson<'a>>,
+    affinity_cookie: Option<&'a str>,
+    /// Per pool of the split, since start: responses, 5xx among them, and cumulative latency
+    /// counts at `route_latency_buckets_us`.
+    pools: BTreeMap<&'a str, RoutePoolJson>,
+}
+
+#[derive(Serialize)]
+struct SplitJson<'a> {
+    live: BTreeMap<&'a str, u32>,
+    configured: BTreeMap<&'a str, u32>,
+}
+
+#[derive(Serialize)]
+struct RoutePoolJson {
+    requests: u64,
+    responses_5xx: u64,
+    latency_buckets: Vec<u64>,
 }
 
 #[derive(Serialize)]
@@ -284,6 +336,64 @@ pub struct StatsInput<'a> {
     pub window: &'a mut LatencyWindow,
     pub connections_active: usize,
     pub log_dropped: u64,
+    /// The file's config (the tables hold the live split weights).
+    pub configured: &'a EngineConfig,
+}
+
+/// The routes of http listener `live` (as published) with the file's weights beside the live
+/// ones and the per-pool figures.
+fn routes_json<'a>(
+    live: &'a ListenerConfig,
+    configured: &'a EngineConfig,
+    ids: &Ids,
+    merged: &WorkerMetrics,
+    bounds: &[u64],
+) -> Vec<RouteJson<'a>> {
+    let file = configured.listeners.iter().find(|l| l.name == live.name);
+    live.routes
+        .iter()
+        .enumerate()
+        .map(|(index, r)| {
+            let file_route = file.and_then(|l| l.routes.iter().find(|x| x.name == r.name));
+            let weights = |route: &'a RouteConfig| -> BTreeMap<&'a str, u32> {
+                route
+                    .split
+                    .iter()
+                    .map(|s| (s.pool.as_str(), s.weight))
+                    .collect()
+            };
+            let split = r.redirect.is_none().then(|| SplitJson {
+                live: weights(r),
+                configured: file_route.map(weights).unwrap_or_default(),
+            });
+            let route_id = ids.route_id(&live.name, &r.name);
+            let pools = r
+                .split
+                .iter()
+                .map(|s| {
+                    let counts = route_id
+                        .zip(ids.pool_id(&s.pool))
+                        .and_then(|key| merged.routes.get(&key));
+                    let json = RoutePoolJson {
+                        requests: counts.map_or(0, |c| c.requests),
+                        responses_5xx: counts.map_or(0, |c| c.responses_5xx),
+                        latency_buckets: counts.map_or_else(
+                            || vec![0; bounds.len()],
+                            |c| cumulative_at(&c.durations.hist, bounds),
+                        ),
+                    };
+                    (s.pool.as_str(), json)
+                })
+                .collect();
+            RouteJson {
+                name: &r.name,
+                index,
+                split,
+                affinity_cookie: r.split_affinity.as_ref().map(|a| a.cookie.as_str()),
+                pools,
+            }
+        })
+        .collect()
 }
 
 fn ms(us: u64) -> f64 {
@@ -316,7 +426,9 @@ pub fn to_json(input: StatsInput<'_>) -> String {
         window,
         connections_active,
         log_dropped,
+        configured,
     } = input;
+    let route_bounds = route_buckets_us();
     let empty = Default::default();
     let listeners = listener_order
         .iter()
@@ -355,6 +467,10 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                 tls_handshakes: handshakes(&c.tls_handshakes),
                 udp: e.udp.as_ref().map(|_| udp_json(&c.udp)),
                 http2: e.http.as_ref().map(|_| h2_json(&c.h2)),
+                routes: e
+                    .http
+                    .as_ref()
+                    .map(|_| routes_json(&e.cfg, configured, ids, merged, &route_bounds)),
             }
         })
         .collect();
@@ -458,6 +574,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
     serde_json::to_string(&StatsJson {
         connections_active,
         buckets_s: BUCKETS_US.iter().map(|&us| us as f64 / 1e6).collect(),
+        route_latency_buckets_us: route_bounds.clone(),
         listeners,
         responses,
         pools,

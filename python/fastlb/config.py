@@ -1657,7 +1657,9 @@ class _Engine:
                 if rate is None
                 else {"requests_per_second": float(rate.requests_per_second), "burst": rate.burst}
             ),
-            "routes": [_Engine.route(r) for r in x.routes],
+            "routes": [
+                _Engine.route(r) | {"name": str(k), "split_affinity": None} for k, r in enumerate(x.routes)
+            ],
             "udp": (
                 None
                 if udp is None

@@ -21,9 +21,11 @@ use crate::balance::{hash_key, Pool};
 use crate::config::HttpVersion;
 use crate::h2::io::PREFACE;
 use crate::l4::forward;
+use crate::metrics::NO_ROUTE;
 use crate::net::Conn;
 use crate::proxy::outcome::{micros, ClientInfo, NOT_MEASURED};
 use crate::proxy::route::{RequestView, Target};
+use crate::proxy::split::GroupCookie;
 use crate::proxy::tries::{self, Tries};
 use crate::proxy::{self, record_refused, Attempt, Ended, HttpListener, Next, Outcome, RequestLog};
 use crate::tables::ListenerEntry;
@@ -434,8 +436,12 @@ enum Refusal {
 /// Where a request goes, decided synchronously from its head.
 struct Plan {
     pool: Arc<Pool>,
-    /// Index of the route that matched; None: the listener's default pool.
-    route: Option<usize>,
+    /// Index of the route that matched, and the id its requests are counted under; NO_ROUTE
+    /// for both: the listener's default pool (u16s keep the connection's future small).
+    route: u16,
+    route_id: u16,
+    /// `split_affinity`: the group cookie to give a client the split placed just now.
+    group: Option<Box<GroupCookie>>,
     key: u64,
     /// The backend the affinity cookie names, if usable.
     pinned: Option<usize>,
@@ -674,13 +680,13 @@ fn plan(
         headers: &headers,
         peer,
     };
-    let (route, pool) = match http.routes.select(&view) {
-        Some((i, Target::Pool(pool))) => (Some(i), pool.clone()),
+    let (route, pool, group) = match http.routes.select(&view) {
+        Some((i, Target::Pool(pool, group))) => (Some(i), pool.clone(), group.map(Box::new)),
         Some((_, Target::Redirect(r))) => {
             rewrite::redirect_location(out, r, &view, tls.is_some());
             return Err(Refusal::Redirect(r.code));
         }
-        None => (None, listener.pool.clone()),
+        None => (None, listener.pool.clone(), None),
     };
     let key = proxy::request_key(&pool.hash_key, &view);
     let pinned = proxy::pinned_backend(&pool, &view);
@@ -716,7 +722,9 @@ fn plan(
         expect_continue: head.expect_continue && head.version == Version::Http11,
         upgrade,
         pool,
-        route,
+        route: route.map_or(NO_ROUTE, |i| i as u16),
+        route_id: route.map_or(NO_ROUTE, |i| http.routes.id(i)),
+        group,
         sni,
         sni_tag,
     })
@@ -847,8 +855,9 @@ async fn exchange_counted(
         }
     };
     outcome.pool = plan.pool.id;
+    outcome.route = plan.route_id;
     if let Some(log) = outcome.log.as_deref_mut() {
-        log.route = plan.route;
+        log.route = (plan.route != NO_ROUTE).then_some(plan.route as usize);
         log.pool = plan.pool.name.clone();
         if log.request_id.is_empty() {
             log.request_id = generated_request_id(&out);
@@ -1335,13 +1344,9 @@ impl Exchange<'_, '_> {
         let mut left = BodyLeft::new(head.body);
         let close_after = !self.plan.keep_alive || matches!(left, BodyLeft::UntilClose);
         self.out.clear();
-        let set_cookie = match (&pool.affinity, self.plan.pinned) {
-            (Some(a), pinned) if pinned != Some(i) => {
-                Some((a.cookie.as_str(), &pool.affinity_tokens[i], a.ttl_ms))
-            }
-            _ => None,
-        };
         {
+            let set_cookies =
+                proxy::set_cookies(pool, i, self.plan.pinned, self.plan.group.as_deref());
             let headers = ctx.http.headers.borrow();
             rewrite::response_head(
                 &mut self.out,
@@ -1351,7 +1356,7 @@ impl Exchange<'_, '_> {
                     close: close_after,
                     http10_keep_alive: !close_after && self.plan.version == Version::Http10,
                 },
-                set_cookie,
+                &set_cookies,
             );
         }
         resp.consume(head.len);
@@ -1511,7 +1516,7 @@ mod tests {
         )));
         let pools = HashMap::from([("app".to_string(), pool.clone())]);
         let entry = ListenerEntry {
-            http: Some(HttpListener::build(&listener, &pools).unwrap()),
+            http: Some(HttpListener::build(&listener, &pools, &[]).unwrap()),
             cfg: listener,
             pool,
             id: 0,

@@ -7,6 +7,7 @@
 
 use super::parse::{named_in_connection, HeaderKind, HeaderSpan, RequestHead, Span, Version};
 use crate::config::RedirectConfig;
+use crate::proxy::exchange::SetCookies;
 use crate::proxy::route::{find_cookie, RequestView};
 use crate::tls::SessionInfo;
 use std::io::Write;
@@ -260,7 +261,7 @@ pub fn response_head(
     buf: &[u8],
     headers: &[HeaderSpan],
     conn: ClientConnection,
-    set_cookie: Option<(&str, &[u8; 16], u64)>,
+    set_cookies: &SetCookies<'_>,
 ) {
     out.extend_from_slice(status_line(buf));
     let has_connection = connection_lists_fields(buf, headers);
@@ -278,15 +279,9 @@ pub fn response_head(
         }
         push_header(out, buf, h);
     }
-    if let Some((name, token, ttl_ms)) = set_cookie {
+    for cookie in set_cookies.iter().flatten() {
         out.extend_from_slice(b"Set-Cookie: ");
-        out.extend_from_slice(name.as_bytes());
-        out.push(b'=');
-        out.extend_from_slice(token);
-        out.extend_from_slice(b"; Path=/; HttpOnly");
-        if ttl_ms > 0 {
-            let _ = write!(out, "; Max-Age={}", ttl_ms.div_ceil(1000));
-        }
+        cookie.write_value(out);
         out.extend_from_slice(b"\r\n");
     }
     if conn.close {

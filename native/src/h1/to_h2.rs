@@ -263,14 +263,7 @@ impl ResponseSink for H1Sink<'_, '_> {
                 .headers
                 .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(0));
         }
-        h1_response_head(
-            &mut self.out,
-            &parts,
-            self.version,
-            self.close,
-            framing,
-            None,
-        );
+        h1_response_head(&mut self.out, &parts, self.version, self.close, framing);
         self.write().await
     }
 
@@ -347,12 +340,8 @@ impl Tries for H1ToH2<'_, '_, '_, '_, '_> {
 
     async fn attempt(&mut self, i: usize) -> Attempt {
         let pool = &*self.plan.pool;
-        let set_cookie = match &pool.affinity {
-            Some(a) if self.plan.pinned != Some(i) => {
-                Some((a.cookie.as_str(), &pool.affinity_tokens[i], a.ttl_ms))
-            }
-            _ => None,
-        };
+        let set_cookies =
+            crate::proxy::set_cookies(pool, i, self.plan.pinned, self.plan.group.as_deref());
         let req = UpstreamRequest {
             listener: self.listener.id,
             pool,
@@ -363,7 +352,7 @@ impl Tries for H1ToH2<'_, '_, '_, '_, '_> {
             deadline: None,
             client_idle_ms: self.listener.cfg.client_idle_ms,
             fresh: self.fresh,
-            set_cookie,
+            set_cookies,
         };
         self.body.rewind();
         crate::h2::client::exchange(self.ctx, &req, &mut self.body, self.sink, self.outcome).await

@@ -284,18 +284,7 @@ async fn response(
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = http::StatusCode::from_u16(head.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
     parts.headers = headers;
-    if let Some((name, token, ttl_ms)) = req.set_cookie {
-        let mut v = format!(
-            "{name}={}; Path=/; HttpOnly",
-            String::from_utf8_lossy(token)
-        );
-        if ttl_ms > 0 {
-            v.push_str(&format!("; Max-Age={}", ttl_ms.div_ceil(1000)));
-        }
-        if let Ok(v) = http::HeaderValue::try_from(v) {
-            parts.headers.append(http::header::SET_COOKIE, v);
-        }
-    }
+    crate::proxy::exchange::add_set_cookies(&mut parts.headers, &req.set_cookies);
     resp.consume(head.len);
     let no_body = matches!(head.body, BodyKind::None | BodyKind::Length(0));
     if sink.head(parts, no_body).await.is_err() {

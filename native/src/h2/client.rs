@@ -392,7 +392,7 @@ pub(crate) async fn exchange(
     outcome.status = status;
     let (mut parts, mut download) = head.into_parts();
     super::headers::strip_hop_by_hop(&mut parts.headers);
-    add_cookie(&mut parts, req.set_cookie);
+    crate::proxy::exchange::add_set_cookies(&mut parts.headers, &req.set_cookies);
     let end = download.is_end_stream();
     if sink.head(parts, end).await.is_err() {
         return Attempt::Broken;
@@ -445,22 +445,6 @@ fn upstream_uri(req: &UpstreamRequest<'_>) -> http::Uri {
         .path_and_query(if pq.is_empty() { "/" } else { pq })
         .build()
         .unwrap_or_else(|_| uri.clone())
-}
-
-fn add_cookie(parts: &mut http::response::Parts, cookie: Option<(&str, &[u8; 16], u64)>) {
-    let Some((name, token, ttl_ms)) = cookie else {
-        return;
-    };
-    let mut v = format!(
-        "{name}={}; Path=/; HttpOnly",
-        String::from_utf8_lossy(token)
-    );
-    if ttl_ms > 0 {
-        v.push_str(&format!("; Max-Age={}", ttl_ms.div_ceil(1000)));
-    }
-    if let Ok(v) = http::HeaderValue::try_from(v) {
-        parts.headers.append(http::header::SET_COOKIE, v);
-    }
 }
 
 fn stale_or_failed(reused: bool) -> Attempt {

@@ -299,7 +299,6 @@ pub fn h1_response_head(
     version: Version,
     close: bool,
     framing: Framing,
-    set_cookie: Option<(&str, &str, u64)>,
 ) {
     let status = parts.status;
     let _ = write!(
@@ -318,13 +317,6 @@ pub fn h1_response_head(
             continue;
         }
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    if let Some((cookie, token, ttl_ms)) = set_cookie {
-        let _ = write!(out, "set-cookie: {cookie}={token}; Path=/; HttpOnly");
-        if ttl_ms > 0 {
-            let _ = write!(out, "; Max-Age={}", ttl_ms / 1000);
-        }
-        out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::None => {}

@@ -17,11 +17,12 @@ use super::{recv_chunk, send_all, CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW}
 use crate::balance::Pool;
 use crate::config::{Http2Config, HttpVersion};
 use crate::h1::io::Deadline;
-use crate::metrics::H2Event;
+use crate::metrics::{H2Event, NO_ROUTE};
 use crate::net::Conn;
 use crate::proxy::exchange::{RequestBody, ResponseSink, UpstreamRequest};
 use crate::proxy::outcome::ClientInfo;
 use crate::proxy::route::{RequestView, Target};
+use crate::proxy::split::GroupCookie;
 use crate::proxy::tries::{self, Tries};
 use crate::proxy::{self, Attempt, Ended, Outcome, RequestLog};
 use crate::tables::ListenerEntry;
@@ -261,15 +262,15 @@ async fn handle(
         parts: &parts,
         peer: client.peer,
     };
-    let (route, pool) = match http.routes.select(&view) {
-        Some((i, Target::Pool(pool))) => (Some(i), pool.clone()),
+    let (route, pool, group) = match http.routes.select(&view) {
+        Some((i, Target::Pool(pool, group))) => (Some(i), pool.clone(), group),
         Some((_, Target::Redirect(r))) => {
             let mut location = Vec::new();
             crate::h1::rewrite::redirect_location(&mut location, r, &view, client.tls.is_some());
             own_answer(&mut sink, outcome, r.code, grpc, Answer::Location(location)).await;
             return;
         }
-        None => (None, listener.pool.clone()),
+        None => (None, listener.pool.clone(), None),
     };
     let key = proxy::request_key(&pool.hash_key, &view);
     let pinned = proxy::pinned_backend(&pool, &view);
@@ -283,6 +284,7 @@ async fn handle(
         (None, _) => 0,
     };
     outcome.pool = pool.id;
+    outcome.route = route.map_or(NO_ROUTE, |i| http.routes.id(i));
     let to_h2 = pool.http_version == HttpVersion::Http2;
     forward_request(
         &mut parts.headers,
@@ -313,6 +315,7 @@ async fn handle(
         pool: &pool,
         key,
         pinned,
+        group,
         sni: sni.as_ref(),
         sni_tag,
         grpc_deadline: grpc::timeout(&parts.headers).map(|d| started + d),
@@ -420,6 +423,7 @@ struct StreamExchange<'a, 't> {
     pool: &'a Arc<Pool>,
     key: u64,
     pinned: Option<usize>,
+    group: Option<GroupCookie>,
     sni: Option<&'a ServerName<'static>>,
     sni_tag: u64,
     grpc_deadline: Option<Instant>,
@@ -445,12 +449,7 @@ impl Tries for StreamExchange<'_, '_> {
 
     async fn attempt(&mut self, i: usize) -> Attempt {
         let pool: &Pool = self.pool;
-        let set_cookie = match &pool.affinity {
-            Some(a) if self.pinned != Some(i) => {
-                Some((a.cookie.as_str(), &pool.affinity_tokens[i], a.ttl_ms))
-            }
-            _ => None,
-        };
+        let set_cookies = proxy::set_cookies(pool, i, self.pinned, self.group.as_ref());
         let req = UpstreamRequest {
             listener: self.listener.id,
             pool,
@@ -461,7 +460,7 @@ impl Tries for StreamExchange<'_, '_> {
             deadline: self.grpc_deadline,
             client_idle_ms: self.listener.cfg.client_idle_ms,
             fresh: self.fresh,
-            set_cookie,
+            set_cookies,
         };
         if self.body.replayable() {
             self.body.rewind();

@@ -62,8 +62,51 @@ pub(crate) struct UpstreamRequest<'a> {
     pub client_idle_ms: u64,
     /// Skip idle connections (one was found closed).
     pub fresh: bool,
-    /// Affinity: the cookie to set on the response (name, token, ttl).
-    pub set_cookie: Option<(&'a str, &'a [u8; 16], u64)>,
+    /// The cookies fastlb adds to the response.
+    pub set_cookies: SetCookies<'a>,
+}
+
+/// A cookie fastlb sets on a response: a backend affinity cookie, or a split's group cookie.
+#[derive(Clone, Copy)]
+pub struct SetCookie<'a> {
+    pub name: &'a str,
+    pub value: &'a [u8; 16],
+    /// Max-Age, rounded up to whole seconds; 0: a session cookie.
+    pub ttl_ms: u64,
+}
+
+/// What fastlb adds to a response: [the pool's affinity cookie, the split's group cookie].
+pub type SetCookies<'a> = [Option<SetCookie<'a>>; 2];
+
+impl SetCookie<'_> {
+    /// The field value: `name=value; Path=/; HttpOnly[; Max-Age=N]`.
+    pub fn write_value(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.name.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(self.value);
+        out.extend_from_slice(b"; Path=/; HttpOnly");
+        if self.ttl_ms > 0 {
+            let _ = std::io::Write::write_fmt(
+                out,
+                format_args!("; Max-Age={}", self.ttl_ms.div_ceil(1000)),
+            );
+        }
+    }
+
+    pub fn header_value(&self) -> Option<http::HeaderValue> {
+        let mut v = Vec::with_capacity(64);
+        self.write_value(&mut v);
+        http::HeaderValue::from_bytes(&v).ok()
+    }
+}
+
+/// Adds `cookies` to a response's fields.
+pub fn add_set_cookies(headers: &mut http::HeaderMap, cookies: &SetCookies<'_>) {
+    for cookie in cookies.iter().flatten() {
+        if let Some(v) = cookie.header_value() {
+            headers.append(http::header::SET_COOKIE, v);
+        }
+    }
 }
 
 /// Connects to the request's backend within `timer`: TCP, then TLS when the pool has it (the
@@ -105,5 +148,31 @@ pub(crate) fn connect_failed(
     Attempt::Failed {
         status: 502,
         retryable: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_cookie_values() {
+        let value = *b"0123456789abcdef";
+        let mut out = Vec::new();
+        let c = SetCookie {
+            name: "ab",
+            value: &value,
+            ttl_ms: 1_500,
+        };
+        c.write_value(&mut out);
+        assert_eq!(out, b"ab=0123456789abcdef; Path=/; HttpOnly; Max-Age=2");
+        let session = SetCookie { ttl_ms: 0, ..c };
+        assert_eq!(
+            session.header_value().unwrap(),
+            "ab=0123456789abcdef; Path=/; HttpOnly"
+        );
+        let mut headers = http::HeaderMap::new();
+        add_set_cookies(&mut headers, &[Some(c), Some(session)]);
+        assert_eq!(headers.get_all(http::header::SET_COOKIE).iter().count(), 2);
     }
 }

@@ -10,13 +10,16 @@ pub mod exchange;
 pub mod outcome;
 pub mod ratelimit;
 pub mod route;
+pub mod split;
 pub mod tries;
 
 use crate::balance::{hash_key, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::h1::parse::Limits;
+use exchange::{SetCookie, SetCookies};
 use ratelimit::RateLimiter;
 use route::{find_query_param, RequestView, RouteTable};
+use split::GroupCookie;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,8 +35,13 @@ pub struct HttpListener {
 }
 
 impl HttpListener {
-    pub fn build(cfg: &ListenerConfig, pools: &HashMap<String, Arc<Pool>>) -> Result<Self, String> {
-        let routes = RouteTable::build(&cfg.routes, pools)
+    /// `route_ids`: what each route's requests are counted under (crate::metrics::RouteCounts).
+    pub fn build(
+        cfg: &ListenerConfig,
+        pools: &HashMap<String, Arc<Pool>>,
+        route_ids: &[u16],
+    ) -> Result<Self, String> {
+        let routes = RouteTable::build_with_ids(&cfg.routes, pools, route_ids)
             .map_err(|e| format!("listener {}: {e}", cfg.name))?;
         Ok(HttpListener {
             routes,
@@ -72,6 +80,32 @@ pub fn pinned_backend(pool: &Pool, view: &impl RequestView) -> Option<usize> {
     let a = pool.affinity.as_ref()?;
     view.cookie(a.cookie.as_bytes())
         .and_then(|token| pool.pinned(token))
+}
+
+/// The cookies to set on a response from backend `backend` of `pool`: the affinity cookie
+/// unless the request already named that backend, and the split's group cookie when the split
+/// placed the client just now.
+pub fn set_cookies<'a>(
+    pool: &'a Pool,
+    backend: usize,
+    pinned: Option<usize>,
+    group: Option<&'a GroupCookie>,
+) -> SetCookies<'a> {
+    let affinity = pool
+        .affinity
+        .as_ref()
+        .filter(|_| pinned != Some(backend))
+        .map(|a| SetCookie {
+            name: &a.cookie,
+            value: &pool.affinity_tokens[backend],
+            ttl_ms: a.ttl_ms,
+        });
+    let group = group.map(|g| SetCookie {
+        name: &g.name,
+        value: &g.token,
+        ttl_ms: g.ttl_ms,
+    });
+    [affinity, group]
 }
 
 /// The status of an answer fastlb makes itself, as a gRPC status code (for a gRPC client,

@@ -2,7 +2,7 @@
 //! every protocol on either side.
 
 use crate::accesslog::Line;
-use crate::metrics::{ResponseKey, NO_BACKEND, NO_POOL};
+use crate::metrics::{ResponseKey, NO_BACKEND, NO_POOL, NO_ROUTE};
 use crate::tables::ListenerEntry;
 use crate::tls::SessionInfo;
 use crate::worker::WorkerCtx;
@@ -15,6 +15,8 @@ pub struct Outcome {
     /// counted as 499, nginx's "client closed request").
     pub status: u16,
     pub pool: u16,
+    /// The split route that chose the pool (NO_ROUTE: none).
+    pub route: u16,
     /// The backend that answered, or the last one tried.
     pub backend: u32,
     /// Request bytes sent to backends, response bytes sent to the client.
@@ -46,6 +48,7 @@ impl Default for Outcome {
         Outcome {
             status: 0,
             pool: NO_POOL,
+            route: NO_ROUTE,
             backend: NO_BACKEND,
             bytes_in: 0,
             bytes_out: 0,
@@ -123,6 +126,7 @@ pub fn finish(
         },
     };
     m.record_done(key, took_us);
+    m.record_route(outcome.route, outcome.pool, key.code, took_us);
     drop(m);
     if outcome.log.is_some() {
         if let Some(log) = ctx.shared.access_log.load().as_ref() {

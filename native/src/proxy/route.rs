@@ -9,14 +9,13 @@
 //! route says `/a%20b` to match a request for `/a%20b` (decoding would let `/%61dmin` and
 //! `/admin` route alike only sometimes, depending on how the client encoded it).
 
-use crate::balance::round_robin::smooth_sequence;
+use super::split::{GroupCookie, Split};
 use crate::balance::Pool;
 use crate::config::{RedirectConfig, RouteConfig};
-use crossbeam_utils::CachePadded;
+use crate::metrics::NO_ROUTE;
 use regex::bytes::{Regex, RegexBuilder};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// What routing needs from a request; implemented by the HTTP connection code over its
@@ -173,31 +172,11 @@ fn as_v6(ip: IpAddr) -> u128 {
     }
 }
 
-/// The pools of one route and the smooth weighted sequence over them.
-struct Split {
-    pools: Vec<Arc<Pool>>,
-    /// One period of the smooth weighted round robin over the weights (zero weights absent).
-    sequence: Vec<u32>,
-    /// Shared by every worker; padded because it is written on every request while the
-    /// routes around it are only read.
-    next: CachePadded<AtomicUsize>,
-}
-
-impl Split {
-    #[inline]
-    fn pick(&self) -> &Arc<Pool> {
-        // A single pool (the common case) skips the shared counter altogether.
-        let i = match self.sequence.len() {
-            1 => self.sequence[0],
-            len => self.sequence[self.next.fetch_add(1, Relaxed) % len],
-        };
-        &self.pools[i as usize]
-    }
-}
-
 type Pairs = Box<[(Box<[u8]>, Box<[u8]>)]>;
 
 struct Route {
+    /// What its requests are counted under per pool (crate::metrics::RouteCounts).
+    id: u16,
     host: Option<HostMatch>,
     path_prefix: Option<Box<[u8]>>,
     path_exact: Option<Box<[u8]>>,
@@ -217,7 +196,8 @@ enum Action {
 
 /// Where a request goes.
 pub enum Target<'a> {
-    Pool(&'a Arc<Pool>),
+    /// The pool, and the group cookie to set when a `split_affinity` split placed the client.
+    Pool(&'a Arc<Pool>, Option<GroupCookie>),
     /// fastlb answers with a redirect.
     Redirect(&'a RedirectConfig),
 }
@@ -225,7 +205,7 @@ pub enum Target<'a> {
 impl Target<'_> {
     pub fn pool(&self) -> Option<&Arc<Pool>> {
         match self {
-            Target::Pool(p) => Some(p),
+            Target::Pool(p, _) => Some(p),
             Target::Redirect(_) => None,
         }
     }
@@ -310,15 +290,36 @@ impl RouteTable {
         routes: &[RouteConfig],
         pools: &HashMap<String, Arc<Pool>>,
     ) -> Result<RouteTable, String> {
+        Self::build_with_ids(routes, pools, &[])
+    }
+
+    /// As `build`, each route counted under its id in `ids` (NO_ROUTE where none is given).
+    pub fn build_with_ids(
+        routes: &[RouteConfig],
+        pools: &HashMap<String, Arc<Pool>>,
+        ids: &[u16],
+    ) -> Result<RouteTable, String> {
         let routes = routes
             .iter()
             .enumerate()
-            .map(|(i, r)| Self::build_route(r, pools).map_err(|e| format!("route {i}: {e}")))
+            .map(|(i, r)| {
+                let id = ids.get(i).copied().unwrap_or(NO_ROUTE);
+                Self::build_route(r, pools, id).map_err(|e| format!("route {i}: {e}"))
+            })
             .collect::<Result<_, _>>()?;
         Ok(RouteTable { routes })
     }
 
-    fn build_route(r: &RouteConfig, pools: &HashMap<String, Arc<Pool>>) -> Result<Route, String> {
+    /// The id route `index` is counted under.
+    pub fn id(&self, index: usize) -> u16 {
+        self.routes.get(index).map_or(NO_ROUTE, |r| r.id)
+    }
+
+    fn build_route(
+        r: &RouteConfig,
+        pools: &HashMap<String, Arc<Pool>>,
+        id: u16,
+    ) -> Result<Route, String> {
         let host = r.host.as_deref().map(HostMatch::parse).transpose()?;
         let path_regex = r
             .path_regex
@@ -339,9 +340,10 @@ impl RouteTable {
             .collect::<Result<_, _>>()?;
         let action = match &r.redirect {
             Some(redirect) => Action::Redirect(redirect.clone()),
-            None => Action::Split(Self::build_split(r, pools)?),
+            None => Action::Split(Split::build(r, pools)?),
         };
         Ok(Route {
+            id,
             host,
             path_prefix: r.path_prefix.as_ref().map(|p| p.as_bytes().into()),
             path_exact: r.path_exact.as_ref().map(|p| p.as_bytes().into()),
@@ -356,29 +358,6 @@ impl RouteTable {
         })
     }
 
-    fn build_split(r: &RouteConfig, pools: &HashMap<String, Arc<Pool>>) -> Result<Split, String> {
-        let split_pools = r
-            .split
-            .iter()
-            .map(|s| {
-                pools
-                    .get(&s.pool)
-                    .cloned()
-                    .ok_or_else(|| format!("unknown pool {}", s.pool))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let weights: Vec<u32> = r.split.iter().map(|s| s.weight).collect();
-        let sequence = smooth_sequence(&weights);
-        if sequence.is_empty() {
-            return Err("split: no pool with a weight above 0".into());
-        }
-        Ok(Split {
-            pools: split_pools,
-            sequence,
-            next: CachePadded::new(AtomicUsize::new(0)),
-        })
-    }
-
     /// The first matching route's index and the pool it sends this request to; None when no
     /// route matches (the listener's default pool applies).
     pub fn select(&self, req: &impl RequestView) -> Option<(usize, Target<'_>)> {
@@ -387,7 +366,10 @@ impl RouteTable {
             .enumerate()
             .find(|(_, r)| r.matches(req))
             .map(|(i, r)| match &r.action {
-                Action::Split(split) => (i, Target::Pool(split.pick())),
+                Action::Split(split) => {
+                    let (pool, group) = split.pick(req);
+                    (i, Target::Pool(pool, group))
+                }
                 Action::Redirect(redirect) => (i, Target::Redirect(redirect)),
             })
     }
@@ -1047,5 +1029,92 @@ mod tests {
         assert!(e.contains("route 1") && e.contains("split"), "{e}");
         let e = err(RouteConfig::default());
         assert!(e.contains("route 1") && e.contains("split"), "{e}");
+    }
+
+    fn ab_route(weights: &[(&str, u32)]) -> RouteTable {
+        let split = weights
+            .iter()
+            .map(|&(pool, weight)| SplitConfig {
+                pool: pool.into(),
+                weight,
+            })
+            .collect();
+        let route = RouteConfig {
+            split,
+            split_affinity: Some(crate::config::SplitAffinityConfig {
+                cookie: "ab".into(),
+                ttl_ms: 86_400_000,
+            }),
+            ..Default::default()
+        };
+        RouteTable::build(&[route], &pools()).unwrap()
+    }
+
+    fn placed(t: &RouteTable, cookie: Option<&'static str>) -> (String, Option<GroupCookie>) {
+        let req = Req {
+            cookie,
+            ..Default::default()
+        };
+        match t.select(&req).unwrap().1 {
+            Target::Pool(p, group) => (p.name.clone(), group),
+            Target::Redirect(_) => panic!("a split route"),
+        }
+    }
+
+    #[test]
+    fn split_affinity_places_newcomers_by_weight_and_keeps_their_group() {
+        let t = ab_route(&[("a", 1), ("b", 1)]);
+        let mut given = HashMap::new();
+        for _ in 0..100 {
+            let (pool, group) = placed(&t, None);
+            let group = group.expect("a newcomer gets its group's cookie");
+            assert_eq!((&*group.name, group.ttl_ms), ("ab", 86_400_000));
+            given.insert(pool, group.token);
+        }
+        assert_eq!(given.len(), 2);
+        assert_ne!(given["a"], given["b"]);
+        assert_eq!(given["a"], super::super::split::group_token("a"));
+        // a returning client follows its cookie, whatever the sequence would say, and is not
+        // given it again
+        let a_cookie: &'static str =
+            Box::leak(format!("x=1; ab={}", std::str::from_utf8(&given["a"]).unwrap()).into());
+        for _ in 0..10 {
+            assert_eq!(placed(&t, Some(a_cookie)), ("a".to_string(), None));
+        }
+        // an unknown value is a newcomer
+        assert!(placed(&t, Some("ab=0123456789abcdef")).1.is_some());
+    }
+
+    #[test]
+    fn split_affinity_replaces_a_group_whose_pool_left_the_split() {
+        let t = ab_route(&[("a", 0), ("b", 1)]);
+        let token = super::super::split::group_token("a");
+        let cookie: &'static str =
+            Box::leak(format!("ab={}", std::str::from_utf8(&token).unwrap()).into());
+        let (pool, group) = placed(&t, Some(cookie));
+        assert_eq!(pool, "b");
+        assert_eq!(group.unwrap().token, super::super::split::group_token("b"));
+    }
+
+    #[test]
+    fn routes_are_counted_under_their_ids() {
+        let t = RouteTable::build_with_ids(
+            &[RouteConfig {
+                split: to("a"),
+                ..Default::default()
+            }],
+            &pools(),
+            &[7],
+        )
+        .unwrap();
+        assert_eq!((t.id(0), t.id(1)), (7, NO_ROUTE));
+        let plain = RouteTable::build(
+            &[RouteConfig {
+                split: to("a"),
+                ..Default::default()
+            }],
+            &pools(),
+        );
+        assert_eq!(plain.unwrap().id(0), NO_ROUTE);
     }
 }
