@@ -237,6 +237,7 @@ def test_sni_routes_on_a_tcp_listener(folder: Folder) -> None:
     assert listener["tls"] is None
     assert listener["routes"] == [
         {
+            "name": str(k),
             "host": None,
             "path_prefix": None,
             "path_exact": None,
@@ -248,8 +249,9 @@ def test_sni_routes_on_a_tcp_listener(folder: Folder) -> None:
             "sni": sni,
             "redirect": None,
             "split": [{"pool": pool, "weight": 1}],
+            "split_affinity": None,
         }
-        for sni, pool in (("*.example.com", "other"), ("db.internal", "app"))
+        for k, (sni, pool) in enumerate((("*.example.com", "other"), ("db.internal", "app")))
     ]
 
 
