@@ -23,7 +23,10 @@ Defaults (a key left out means this):
               HAProxy's tune.bufsize), max_headers = 100 (1..=1000; HAProxy's limit is 101);
               tls (https/tls only, required there): min_version = "1.2", alpn = ["h2",
               "http/1.1"] for https and none for tls, client_auth = "off", session_tickets = true;
-              routes: redirect.code = 301;
+              routes: redirect.code = 301; name = the route's index ("0", "1", ...);
+              canary = {steps = [5, 25, 50, 100], interval = "1m", max_error_rate = 0.01,
+              max_p99_ratio = 1.5, min_requests = 100} (pool is required);
+              split_affinity.ttl = "30d" ("0s": a session cookie);
               http2 (http/https only; h2c with prior knowledge on http, ALPN h2 on https):
               max_concurrent_streams = 100 (1..=10000; more streams are refused with
               REFUSED_STREAM), max_header_list_size = 65536 (1024..=1048576 bytes);
@@ -71,6 +74,13 @@ Choices where the contract is silent:
     - Alert expressions are `METRIC OP NUMBER`; METRIC is one of ALERT_METRICS, OP one of
       < <= > >= == !=; latency_p99 is in seconds, error_rate a fraction.
     - Split weights follow backend weights (integers 0..=1000); a pool may appear once per split.
+    - Route names are unique per listener and follow the name syntax; an all-digit name must be
+      the route's own index (a URL's `{route}` is a name or an index: one route either way).
+    - `canary` and `split_affinity` are for split routes of http/https listeners only. A canary's
+      split has 2 pools or more, `canary.pool` is one of them, and the others need a weight
+      above 0 (they take the traffic back on a rollback). `steps` are percentages of the
+      canary pool, strictly increasing, 1..=100, and must end at 100 (reaching it is the
+      promotion). `interval` may be below a second. Durations also take "d" (days).
     - `path_regex` uses the data plane's syntax (Rust `regex`): no look-around and no
       backreferences; a pattern it cannot compile is a config error, with its reason. Python's
       `re` is not consulted (it would refuse valid patterns such as `(?<name>...)` or `\\z`).
@@ -182,20 +192,20 @@ class ConfigError(ValueError):
 
 # --- durations --------------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|d|h|m|s))+")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION_HINT = 'must be a duration with a unit, e.g. "5s"'
 
 
 class Duration(int):
-    """A duration in whole milliseconds; the file writes it with a unit ("250ms", "1.5s", "1m")."""
+    """A duration in whole milliseconds; the file writes it with a unit ("250ms", "1.5s", "1m", "30d")."""
 
     @classmethod
     def parse(cls, text: str) -> Duration:
-        """Parses "250ms" / "1.5s" / "1m30s" / "2h"; raises ValueError naming the problem."""
+        """Parses "250ms" / "1.5s" / "1m30s" / "2h" / "30d"; raises ValueError naming the problem."""
         if not _DURATION.fullmatch(text):
-            raise ValueError(f"{_DURATION_HINT} (units: ms, s, m, h), not {json.dumps(text)}")
+            raise ValueError(f"{_DURATION_HINT} (units: ms, s, m, h, d), not {json.dumps(text)}")
         total = sum(float(n) * _UNIT_MS[u] for n, u in _DURATION_PART.findall(text))
         return cls(round(total))
 
@@ -648,9 +658,42 @@ class Redirect(_Model):
     path: Annotated[str, AfterValidator(_redirect_path)] | None = None
 
 
+def _steps(steps: list[int]) -> list[int]:
+    if not steps:
+        raise ValueError("must not be empty")
+    for k, step in enumerate(steps):
+        if not 1 <= step <= 100:
+            raise ValueError(f"[{k}] = {step}: each step is a percentage from 1 to 100")
+        if k and step <= steps[k - 1]:
+            raise ValueError(f"[{k}] = {step}: steps must increase ({steps[k - 1]} before it)")
+    if steps[-1] != 100:
+        raise ValueError(f"must end at 100 (the canary's whole share), not {steps[-1]}")
+    return steps
+
+
+class Canary(_Model):
+    """`canary = { pool, steps, ... }` on a split route: fastlb.canary drives its weights."""
+
+    pool: str  # the canary pool, one of the split's
+    # the canary pool's share of the route, in percent, one step per interval; ends at 100
+    steps: Annotated[list[int], AfterValidator(_steps)] = [5, 25, 50, 100]
+    interval: PositiveDuration = Duration.parse("1m")
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01  # canary 5xx / canary responses
+    max_p99_ratio: Annotated[float, Field(gt=0)] = 1.5  # canary p99 / the other pools' p99
+    min_requests: Annotated[int, Field(ge=0)] = 100  # canary requests in an interval to judge it
+
+
+class SplitAffinity(_Model):
+    """`split_affinity = { cookie, ttl }`: sticky A/B groups; "0s" ttl: a session cookie."""
+
+    cookie: Token
+    ttl: Duration = Duration.parse("30d")
+
+
 class Route(_Model):
     """One `[[listeners.routes]]` entry: all given conditions must hold; first match wins."""
 
+    name: Name | None = None  # how the admin API names it (default: its index)
     host: Annotated[str, AfterValidator(_route_host)] | None = None
     path_prefix: Annotated[str, AfterValidator(_path)] | None = None
     path_exact: Annotated[str, AfterValidator(_path)] | None = None
@@ -663,6 +706,8 @@ class Route(_Model):
     redirect: Redirect | None = None  # http/https: answer with a redirect instead of a pool
     pool: str | None = None
     split: list[SplitEntry] | None = None
+    canary: Canary | None = None  # http/https split routes: a self-driving canary release
+    split_affinity: SplitAffinity | None = None  # http/https split routes: sticky groups
 
 
 class CertKey(_Model):
@@ -1071,7 +1116,7 @@ def _route_errors(at: str, route: Route, pools: dict[str, int], protocol: Protoc
     if route.redirect is not None:
         errors += _redirect_errors(at, route, protocol)
     else:
-        errors += _target_errors(at, route, pools)
+        errors += _target_errors(at, route, pools) + _canary_errors(at, route)
     matchers = [m for m in ("path_prefix", "path_exact", "path_regex") if getattr(route, m)]
     if len(matchers) > 1:
         errors.append(f"{at}.{matchers[1]}: only one of path_prefix, path_exact, path_regex")
@@ -1114,7 +1159,9 @@ def _redirect_errors(at: str, route: Route, protocol: Protocol) -> list[str]:
     redirect = route.redirect
     assert redirect is not None
     errors = [
-        f"{at}.{key}: a redirect route has no {key}" for key in ("pool", "split") if getattr(route, key)
+        f"{at}.{key}: a redirect route has no {key}"
+        for key in ("pool", "split", "canary", "split_affinity")
+        if getattr(route, key)
     ]
     if redirect.scheme is None and redirect.host is None and redirect.path is None:
         errors.append(f"{at}.redirect: give at least one of scheme, host, path")
@@ -1129,8 +1176,8 @@ def _sni_route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]
     if route.sni is None:
         errors.append(f"{at}.sni: required on a tcp listener (its routes match the TLS SNI)")
     for key in Route.model_fields:
-        if key in route.model_fields_set and key not in ("sni", "pool"):
-            errors.append(f"{at}.{key}: not on a tcp listener (a route there has only sni and pool)")
+        if key in route.model_fields_set and key not in ("sni", "pool", "name"):
+            errors.append(f"{at}.{key}: not on a tcp listener (a route there has only name, sni and pool)")
     if route.pool is None:
         if "split" not in route.model_fields_set:
             errors.append(f"{at}.pool: required")
@@ -1172,6 +1219,53 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         return errors
     for j, route in enumerate(lst.routes):
         errors += _route_errors(f"{at}.routes[{j}]", route, pools, lst.protocol)
+    return errors + _route_name_errors(at, lst.routes)
+
+
+def route_name(index: int, route: Route) -> str:
+    """The name the admin API, the engine and the metrics know a route by: its `name`, or its
+    index as a decimal string."""
+    return route.name if route.name is not None else str(index)
+
+
+def _route_name_errors(at: str, routes: list[Route]) -> list[str]:
+    """Route names are unique per listener; an all-digit name must be the route's own index (so
+    `{route}` in a URL names one route, whether it has a name or not)."""
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for j, route in enumerate(routes):
+        name = route_name(j, route)
+        if route.name is not None and route.name.isdigit() and route.name != str(j):
+            errors.append(
+                f"{at}.routes[{j}].name: an all-digit name must be the route's own index ({j}):"
+                f" {route.name!r} reads as the index of another route"
+            )
+        elif name in seen:
+            errors.append(f"{at}.routes[{j}].name: duplicate route name {name!r} ({at}.routes[{seen[name]}])")
+        seen.setdefault(name, j)
+    return errors
+
+
+def _canary_errors(at: str, route: Route) -> list[str]:
+    """`canary` and `split_affinity` want a split: a canary of two pools or more, the canary
+    one of them, and the others able to take the traffic back."""
+    errors: list[str] = []
+    for key in ("canary", "split_affinity"):
+        if getattr(route, key) is not None and route.split is None:
+            errors.append(f"{at}.{key}: only on a split route (split = [...]), not on pool = ...")
+    canary, split = route.canary, route.split
+    if canary is None or split is None:
+        return errors
+    names = [e.pool for e in split]
+    if len(names) < 2:
+        errors.append(f"{at}.canary: the split needs at least 2 pools (the canary and a baseline)")
+    elif canary.pool not in names:
+        errors.append(f"{at}.canary.pool: {canary.pool!r} is not a pool of the split ({', '.join(names)})")
+    elif sum(e.weight for e in split if e.pool != canary.pool) == 0:
+        errors.append(
+            f"{at}.split: the pools other than the canary {canary.pool!r} need a weight above 0"
+            " (they take the traffic back on a rollback)"
+        )
     return errors
 
 
@@ -1657,9 +1751,7 @@ class _Engine:
                 if rate is None
                 else {"requests_per_second": float(rate.requests_per_second), "burst": rate.burst}
             ),
-            "routes": [
-                _Engine.route(r) | {"name": str(k), "split_affinity": None} for k, r in enumerate(x.routes)
-            ],
+            "routes": [_Engine.route(k, r) for k, r in enumerate(x.routes)],
             "udp": (
                 None
                 if udp is None
@@ -1725,18 +1817,19 @@ class _Engine:
         }
 
     @staticmethod
-    def route(r: Route) -> dict[str, Any]:
-        """`RouteConfig`: host and sni lower-case without a trailing dot, header names
-        lower-case, networks with host bits cleared, `pool = "x"` as a one-entry split, a
-        redirect with no split."""
+    def route(index: int, r: Route) -> dict[str, Any]:
+        """`RouteConfig`: its name (or index), host and sni lower-case without a trailing dot,
+        header names lower-case, networks with host bits cleared, `pool = "x"` as a one-entry
+        split, a redirect with no split; `canary` stays here (the control plane drives it)."""
         if r.redirect is not None:
             split = []
         elif r.split is None:
             split = [{"pool": r.pool, "weight": 1}]
         else:
             split = [{"pool": e.pool, "weight": e.weight} for e in r.split]
-        redirect = r.redirect
+        redirect, affinity = r.redirect, r.split_affinity
         return {
+            "name": route_name(index, r),
             "host": None if r.host is None else r.host.lower().rstrip("."),
             "path_prefix": r.path_prefix,
             "path_exact": r.path_exact,
@@ -1757,6 +1850,9 @@ class _Engine:
                 }
             ),
             "split": split,
+            "split_affinity": (
+                None if affinity is None else {"cookie": affinity.cookie, "ttl_ms": affinity.ttl.ms}
+            ),
         }
 
     def pool(self, i: int, pool: Pool, resolved: dict[tuple[int, int], Endpoint]) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 The engine owns every backend's runtime state (admin state, health verdict, weight), keyed by
 its id `pool/address` and kept across reloads; the control plane reads it here rather than
-keeping a copy. Calls that can wait (`update`, `stats`, `set_backend_weight`, `stop`) are for a
-thread, never the event loop: see `fastlb.control`.
+keeping a copy. Calls that can wait (`update`, `stats`, `set_backend_weight`,
+`set_split_weights`, `stop`) are for a thread, never the event loop: see `fastlb.control`.
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ class Engine:
 
     def set_backend_weight(self, pool: str, address: str, weight: int) -> None:
         self._native.set_backend_weight(pool, address, weight)
+
+    def set_split_weights(self, listener: str, route: str, weights: dict[str, int]) -> None:
+        """Live weights of a split route (`route`: its name, or its index as a string), one per
+        pool of its split; they apply to the next request on every worker and stay across a
+        reload that keeps the route's split as it was (else the file wins). KeyError for an
+        unknown listener or route, ValueError for a redirect route, pools that are not exactly
+        the split's, a weight above 1000, or all weights 0. Rebuilds tables: call it in a thread."""
+        self._native.set_split_weights(listener, route, list(weights.items()))
 
     def set_backend_scale(self, pool: str, address: str, per_mille: int) -> None:
         """Slow start: the share of its weight the backend gets now (1000 = all of it)."""
