@@ -59,9 +59,9 @@ def backends() -> Iterator[Callable[..., Backend]]:
 
 @pytest.fixture
 def hb() -> Iterator[Callable[..., HttpBackend]]:
-    """`hb(name, mode=..., status_override=..., port=...)` starts an HTTP backend
-    (tests/httpbackend.py); all are closed after the test, which fails if a backend's handler
-    raised."""
+    """`hb(name, mode=..., status_override=..., port=..., fail_every=..., delay_ms=...)` starts
+    an HTTP backend (tests/httpbackend.py); all are closed after the test, which fails if a
+    backend's handler raised."""
     started: list[HttpBackend] = []
 
     def start(
@@ -70,8 +70,12 @@ def hb() -> Iterator[Callable[..., HttpBackend]]:
         status_override: int | None = None,
         port: int = 0,
         tls: ssl.SSLContext | None = None,
+        fail_every: int = 0,
+        delay_ms: int = 0,
     ) -> HttpBackend:
-        b = HttpBackend(name, mode, status_override, port=port, tls=tls)
+        b = HttpBackend(
+            name, mode, status_override, port=port, tls=tls, fail_every=fail_every, delay_ms=delay_ms
+        )
         started.append(b)
         return b
 

@@ -19,7 +19,9 @@ Answers per path (every response carries `X-Backend: <name>`):
     /big/N          200, N bytes of `payload(N)`
     anything else   200, body name
 HEAD gets the headers a GET would get and no body. `status_override` answers every request
-(except /die) with that status and body name. `mode="reset"` resets every accepted connection
+(except /die) with that status and body name. `fail_every = N` answers every Nth request (1st,
+N+1th, ...) with 500 instead (a canary that fails some of its requests); `delay_ms` waits that
+long before every answer (a slow backend). `mode="reset"` resets every accepted connection
 at once (SO_LINGER 0).
 """
 
@@ -118,7 +120,12 @@ class HttpBackend:
         status_override: int | None = None,
         port: int = 0,
         tls: ssl.SSLContext | None = None,
+        fail_every: int = 0,
+        delay_ms: int = 0,
     ) -> None:
+        self.fail_every = fail_every
+        self.delay_s = delay_ms / 1000
+        self._answered = 0
         self.tls = tls  # serve HTTPS: each accepted socket is wrapped (its handshake in its thread)
         self.tls_resumed: list[bool] = []  # per TLS connection: whether its session was resumed
         if mode not in ("normal", "reset", "one-shot"):
@@ -315,6 +322,14 @@ class HttpBackend:
 
         if path == "/die":
             return False
+        if self.delay_s and self._stop.wait(self.delay_s):
+            return False
+        if self.fail_every:
+            with self.lock:
+                self._answered += 1
+                fail = self._answered % self.fail_every == 1 % self.fail_every
+            if fail:
+                return self._respond(conn, 500, name, keep, head_only)
         if self.status_override is not None:
             return self._respond(conn, self.status_override, name, keep, head_only)
         if path.startswith("/sleep/"):

@@ -2,8 +2,10 @@
 runs on a worker, and what waits on the data plane (stats, reload, weights) waits in a thread,
 so `/healthz` answers while a scrape or a reload is under way.
 
-Errors are JSON objects, `{"error": "..."}`: 404 for unknown pools, backends and paths, 400 for
-bad bodies and refused reloads (with `errors`, one line per problem), 405 for a wrong method.
+Errors are JSON objects, `{"error": "..."}`: 404 for unknown pools, backends, listeners, routes
+(or a route without a canary) and paths, 400 for bad bodies, unknown canary actions and refused
+reloads (with `errors`, one line per problem), 405 for a wrong method, 409 for a canary action
+its state does not allow (resume a promoted canary).
 Who may ask what (Host, CSRF, tokens) is fastlb.admin_guard's; the audit trail is at
 `GET /api/events`.
 """
@@ -22,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fastlb.admin_guard import Guard
+from fastlb.canary import ACTIONS, CanaryConflict
 from fastlb.config import Admin, AdminTls, Config, split_host_port
 from fastlb.control import ControlPlane, ReloadError
 from fastlb.metrics import render
@@ -102,6 +105,58 @@ async def weight(request: web.Request) -> web.Response:
     return _json({"ok": True, "backend": f"{pool}/{address}", "weight": body["weight"]})
 
 
+async def _body(request: web.Request, shape: str) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the 400 to answer."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as err:
+        return _error(400, f"body: not JSON ({err.msg})")
+    if not isinstance(body, dict):
+        return _error(400, f"body: expected {shape}")
+    return body
+
+
+async def split(request: web.Request) -> web.Response:
+    """PUT .../routes/{route}/split {"weights": {"v1": 50, "v2": 50}}: live split weights."""
+    control = request.app[CONTROL]
+    listener, route = request.match_info["listener"], request.match_info["route"]
+    body = await _body(request, '{"weights": {"POOL": N, ...}}')
+    if isinstance(body, web.Response):
+        return body
+    if "weights" not in body:
+        return _error(400, 'weights: required, e.g. {"weights": {"v1": 50, "v2": 50}}')
+    if set(body) - {"weights"}:
+        return _error(400, f"body: unknown field {sorted(set(body) - {'weights'})[0]!r}")
+    try:
+        paused = await control.set_split(listener, route, body["weights"])
+    except KeyError as err:
+        return _error(404, str(err.args[0]))
+    except ValueError as err:
+        return _error(400, str(err))
+    answer: dict[str, Any] = {"ok": True, "route": f"{listener}/{route}", "weights": body["weights"]}
+    answer["canary_paused"] = paused
+    if paused:
+        answer["note"] = "the route's canary is paused (resume it to let it drive the weights again)"
+    return _json(answer)
+
+
+async def canary(request: web.Request) -> web.Response:
+    """POST .../routes/{route}/canary/{action}: pause, resume, promote, rollback."""
+    control = request.app[CONTROL]
+    listener, route, action = (request.match_info[k] for k in ("listener", "route", "action"))
+    if action not in ACTIONS:
+        return _error(400, f"action: one of {', '.join(ACTIONS)}, not {action!r}")
+    try:
+        release = await control.canary(listener, route, action)
+    except KeyError as err:
+        return _error(404, str(err.args[0]))
+    except CanaryConflict as err:
+        return _error(409, str(err))
+    except ValueError as err:
+        return _error(400, str(err))
+    return _json({"ok": True, "route": f"{listener}/{route}", "action": action, "canary": release.as_json()})
+
+
 async def alerts(request: web.Request) -> web.Response:
     return _json(request.app[CONTROL].alerts.as_json())
 
@@ -148,6 +203,9 @@ def build_app(control: ControlPlane, scheme: str = "http") -> web.Application:
     for action in ("drain", "enable", "disable"):
         app.router.add_post(f"{backend}/{action}", _backend_action(action))
     app.router.add_put(f"{backend}/weight", weight)
+    route = "/api/listeners/{listener}/routes/{route}"
+    app.router.add_put(f"{route}/split", split)
+    app.router.add_post(f"{route}/canary/{{action}}", canary)
     app.router.add_post("/api/reload", reload)
     app.router.add_get("/api/alerts", alerts)
     app.router.add_get("/api/events", events)

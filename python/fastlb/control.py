@@ -13,6 +13,8 @@ drive. It decides; the data plane (`Engine`) only receives the decisions.
 - Draining: no new connections or requests; the backend is `drained` once idle, and at the
   pool's `drain_timeout` whatever is still open to it is closed.
 - Reload: validate, then swap; an invalid file changes nothing.
+- Splits: live split weights (`set_split`) are the engine's, kept across a reload unless the
+  file's split of the route changed; canary releases (`fastlb.canary`) set them each interval.
 - The event loop never waits on the data plane: stats snapshots (which wait for the workers),
   reloads (file, DNS, table building) and weight changes (table rebuilds) run in a thread.
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 from fastlb.alerts import Alerts
 from fastlb.audit import AuditLog
+from fastlb.canary import Canaries, Release
 from fastlb.config import Config, ConfigError, Duration, Pool
 from fastlb.engine import AdminState, Engine
 from fastlb.health import HealthChecker
@@ -87,6 +90,7 @@ class ControlPlane:
         self.reloads = 0
         self.alerts = Alerts(engine.config.alerts, self.status)
         self.audit = AuditLog()
+        self.canaries = Canaries(engine, self.stats, self.audit)
         # called with the new config after each reload that took (the admin API's TLS)
         self.reload_hooks: list[Callable[[Config], None]] = []
 
@@ -95,6 +99,7 @@ class ControlPlane:
     def start(self) -> None:
         self.checker.start()
         self.alerts.start()
+        self.canaries.start()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_ejections(), name="ejections")
 
     async def stop(self) -> None:
@@ -106,6 +111,7 @@ class ControlPlane:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.canaries.stop()
         await self.alerts.stop()
         await self.checker.stop()
 
@@ -162,6 +168,31 @@ class ControlPlane:
         await asyncio.to_thread(self.engine.set_backend_weight, pool, address, weight)
         log.info("backend %s weight %d", bid, weight)
 
+    async def set_split(self, listener: str, route: str, weights: object) -> bool:
+        """Live weights of a split route, one per pool of its split (0..1000, not all 0); a
+        running canary of the route is paused. Returns whether one was. KeyError for an unknown
+        listener or route, ValueError naming the field for bad weights."""
+        if not isinstance(weights, dict) or not weights:
+            raise ValueError('weights: an object of pool names to weights, e.g. {"v1": 50, "v2": 50}')
+        for pool, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 1000:
+                raise ValueError(f"weights.{pool}: an integer from 0 to 1000")
+        given = {str(pool): int(w) for pool, w in weights.items()}
+
+        async def apply() -> None:
+            await asyncio.to_thread(self.engine.set_split_weights, listener, route, given)
+
+        paused = await self.canaries.manual_split(listener, route, apply)
+        said = " ".join(f"{pool}={w}" for pool, w in given.items())
+        log.info(
+            "route %s/%s: split weights %s%s", listener, route, said, "; its canary paused" if paused else ""
+        )
+        return paused
+
+    async def canary(self, listener: str, route: str, action: str) -> Release:
+        """pause | resume | promote | rollback the canary of a route (fastlb.canary)."""
+        return await self.canaries.act(listener, route, action)
+
     async def reload(self) -> Config:
         """Re-reads the config file and applies it; ReloadError (nothing changed) if it is
         invalid or cannot be applied. Reading, resolving and table building run in a thread;
@@ -192,6 +223,7 @@ class ControlPlane:
         self.reloads += 1
         self.checker.update()
         self.alerts.update(self.engine.config.alerts)
+        self.canaries.update(self.engine.config)
         for hook in self.reload_hooks:
             hook(self.engine.config)
         ids = self._backend_ids()
@@ -250,8 +282,32 @@ class ControlPlane:
             "reloads": self.reloads,
             "stopping": self.stopping,
             "connections_active": stats["connections_active"],
-            "listeners": stats["listeners"],
+            "listeners": [self._listener_status(li) for li in stats["listeners"]],
             "pools": pools,
+        }
+
+    def _listener_status(self, li: dict[str, Any]) -> dict[str, Any]:
+        """A listener as the engine counts it, with its routes (http/https; null on the others):
+        name, split (live and the file's weights), requests and 5xx per pool, and the canary."""
+        routes = li.get("routes")
+        if routes is None:
+            return li
+        return {
+            **li,
+            "routes": [
+                {
+                    "name": r["name"],
+                    "index": r["index"],
+                    "split": r["split"],
+                    "affinity_cookie": r["affinity_cookie"],
+                    "pools": {
+                        pool: {"requests": c["requests"], "responses_5xx": c["responses_5xx"]}
+                        for pool, c in r["pools"].items()
+                    },
+                    "canary": self.canaries.status(li["name"], r["name"]),
+                }
+                for r in routes
+            ],
         }
 
     def _backend_status(self, cfg: Pool, b: dict[str, Any], now: float) -> dict[str, Any]:
