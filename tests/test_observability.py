@@ -254,7 +254,13 @@ def test_default_alerts_are_listed(hb, fastlb):
     port, admin = free_port(), free_port()
     fastlb(http_config(port, [pool("app", [a.address])], admin=f"127.0.0.1:{admin}"), port)
     names = [x["name"] for x in api(admin, "GET", "/api/alerts")[1]]
-    assert names == ["UnhealthyBackends", "HighErrorRate", "HighLatencyP99", "ManyDraining"]
+    assert names == [
+        "UnhealthyBackends",
+        "HighErrorRate",
+        "HighLatencyP99",
+        "ManyDraining",
+        "CanaryRolledBack",
+    ]
 
 
 # --- dashboard --------------------------------------------------------------------------------

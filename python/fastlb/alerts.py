@@ -1,4 +1,4 @@
-"""Alerts: `[[alerts]]` rules (the seed's four when the config has none), evaluated every
+"""Alerts: `[[alerts]]` rules (DEFAULT_ALERTS when the config has none), evaluated every
 `EVAL_S` against the engine's counters, listed at `GET /api/alerts`, logged when they fire and
 when they clear.
 
@@ -10,6 +10,8 @@ Metrics a rule may use:
 - `latency_p99`: seconds, the 99th percentile of http request durations over the last 5
   minutes, at the duration histogram's bucket bounds (the bucket's upper bound).
 - `draining_backends`: backends draining or drained, all pools.
+- `canary_rolled_back`: canary releases (fastlb.canary) in state `rolled_back`, all routes; the
+  default rule CanaryRolledBack fires on the first.
 
 A rule whose condition holds becomes `pending`, then `firing` once it has held for `for`; it is
 `ok` again as soon as the condition stops holding.
@@ -200,7 +202,17 @@ class Alerts:
             ]
             return float(len(names)), ", ".join(names)
 
+        def rolled_back(_: float) -> tuple[float | None, str]:
+            names = [
+                f"{li['name']}/{r['name']}"
+                for li in status["listeners"]
+                for r in li.get("routes") or []
+                if r.get("canary") is not None and r["canary"]["state"] == "rolled_back"
+            ]
+            return float(len(names)), ", ".join(names)
+
         return {
+            "canary_rolled_back": rolled_back,
             "healthy_backends": healthy,
             "error_rate": error_rate,
             "latency_p99": latency_p99,

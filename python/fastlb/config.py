@@ -175,7 +175,7 @@ TLS_PROTOCOLS = ("https", "tls")  # TLS terminated here: [listeners.tls] require
 UDP_HEALTH = ("dns", "udp", "none")  # the health types of a pool only udp listeners use
 HTTPS_ALPN = ("h2", "http/1.1")  # what an https listener speaks, and offers by default
 HASH_ALGORITHMS = ("ip_hash", "consistent_hash", "maglev")
-ALERT_METRICS = ("healthy_backends", "draining_backends", "error_rate", "latency_p99")
+ALERT_METRICS = ("healthy_backends", "draining_backends", "error_rate", "latency_p99", "canary_rolled_back")
 LOOPBACKS: frozenset[IPAddr] = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
 
 
@@ -938,6 +938,7 @@ DEFAULT_ALERTS: list[dict[str, str]] = [
     {"name": "HighErrorRate", "expr": "error_rate > 0.01", "for": "1m"},
     {"name": "HighLatencyP99", "expr": "latency_p99 > 0.5", "for": "1m"},
     {"name": "ManyDraining", "expr": "draining_backends > 1", "for": "5m"},
+    {"name": "CanaryRolledBack", "expr": "canary_rolled_back > 0", "for": "0s"},
 ]
 
 

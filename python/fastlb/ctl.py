@@ -1,8 +1,8 @@
 """`fastlb ctl`: the admin API from a shell, as readable tables (or `--json` for scripts).
 
 Exit codes: 0 done, 1 the admin API cannot be reached or failed, 2 the request was refused
-(unknown pool or backend, bad weight, invalid config on reload, a missing or wrong token) or bad
-usage.
+(unknown pool, backend, listener or route, bad weight, a canary action its state does not allow,
+invalid config on reload, a missing or wrong token) or bad usage.
 
 Every request carries `X-Fastlb-Admin: 1` (the API refuses state changes without it) and, with
 `--token-file` or `$FASTLB_ADMIN_TOKEN`, `Authorization: Bearer TOKEN`. `--admin
@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 DEFAULT_ADMIN = "127.0.0.1:9901"
+CANARY_ACTIONS = ("pause", "resume", "promote", "rollback")
 TIMEOUT_S = 10.0
 
 STATE_STYLE = {
@@ -114,6 +115,20 @@ def add_ctl_parser(sub: Any) -> None:
     w.add_argument("pool")
     w.add_argument("address")
     w.add_argument("weight", type=int)
+    sp = actions.add_parser("split", help="set a split route's weights live", parents=[json_flag])
+    sp.add_argument("listener")
+    sp.add_argument("route", help="the route's name, or its index")
+    sp.add_argument(
+        "weights", nargs="+", metavar="POOL=W", help="one per pool of the split, e.g. v1=50 v2=50"
+    )
+    ca = actions.add_parser(
+        "canary", help="pause, resume, promote or roll back a route's canary", parents=[json_flag]
+    )
+    ca.add_argument("listener")
+    ca.add_argument("route", help="the route's name, or its index")
+    ca.add_argument(
+        "canary_action", metavar="ACTION", choices=CANARY_ACTIONS, help=" | ".join(CANARY_ACTIONS)
+    )
     actions.add_parser("reload", help="re-read the config file (as SIGHUP does)", parents=[json_flag])
     ev = actions.add_parser("events", help="the audit trail: recent state changes", parents=[json_flag])
     ev.add_argument("--since", type=int, default=0, help="only events after this id")
@@ -138,7 +153,7 @@ def call(admin: AdminClient, method: str, path: str, body: dict[str, Any] | None
             answer = orjson.loads(err.read())
         except orjson.JSONDecodeError:
             answer = {"error": f"HTTP {err.code}"}
-        code = 2 if err.code in (400, 401, 403, 404, 421, 429) else 1
+        code = 2 if err.code in (400, 401, 403, 404, 409, 421, 429) else 1
         raise CtlError(str(answer.get("error", err.code)), code, answer.get("errors")) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
@@ -170,6 +185,13 @@ def run_ctl(args: argparse.Namespace) -> int:
         console.print(f"{answer['backend']}: weight {answer['weight']}")
     elif args.action == "events":
         print_events(console, answer["events"])
+    elif args.action == "split":
+        weights = " ".join(f"{pool}={w}" for pool, w in answer["weights"].items())
+        note = "; its canary is paused" if answer.get("canary_paused") else ""
+        console.print(f"{answer['route']}: split {weights}{note}")
+    elif args.action == "canary":
+        c = answer["canary"]
+        console.print(f"{answer['route']}: canary {c['state']}, {c['pool']} at {c['weight']}%")
     else:
         console.print(f"{answer['backend']}: {args.action} done")
     return 0
@@ -182,10 +204,26 @@ def _ask(admin: AdminClient, args: argparse.Namespace) -> Any:
         return call(admin, "POST", "/api/reload")
     if args.action == "events":
         return call(admin, "GET", f"/api/events?since={args.since}")
+    if args.action in ("split", "canary"):
+        route = f"/api/listeners/{_q(args.listener)}/routes/{_q(args.route)}"
+        if args.action == "canary":
+            return call(admin, "POST", f"{route}/canary/{args.canary_action}")
+        return call(admin, "PUT", f"{route}/split", {"weights": _weights(args.weights)})
     quoted = f"/api/pools/{_q(args.pool)}/backends/{_q(args.address)}"
     if args.action == "weight":
         return call(admin, "PUT", f"{quoted}/weight", {"weight": args.weight})
     return call(admin, "POST", f"{quoted}/{args.action}")
+
+
+def _weights(pairs: list[str]) -> dict[str, int]:
+    """`v1=50 v2=50` as {"v1": 50, "v2": 50}; CtlError (2) for anything else."""
+    weights: dict[str, int] = {}
+    for pair in pairs:
+        pool, sep, value = pair.partition("=")
+        if not sep or not pool or not value.isdigit():
+            raise CtlError(f"split: {pair!r} is not POOL=WEIGHT (e.g. v1=50)", 2)
+        weights[pool] = int(value)
+    return weights
 
 
 def print_events(console: Console, events: list[dict[str, Any]]) -> None:
@@ -251,6 +289,9 @@ def status_view(status: dict[str, Any]) -> Group:
             "-" if h2 is None else str(h2["streams_active"]),
         )
     parts.append(listeners)
+    routes = _routes_table(status["listeners"])
+    if routes is not None:
+        parts.append(routes)
     for pool in status["pools"]:
         total = len(pool["backends"])
         table = Table(
@@ -294,6 +335,45 @@ def status_view(status: dict[str, Any]) -> Group:
             )
         parts.append(table)
     return Group(*parts)
+
+
+CANARY_STYLE = {"running": "cyan", "paused": "yellow", "promoted": "green", "rolled_back": "bold red"}
+
+
+def _routes_table(listeners: list[dict[str, Any]]) -> Table | None:
+    """Split routes (two pools or more, or a canary): live weights beside the file's, and the
+    canary's state; None when there is none."""
+    table = Table(title="split routes", title_justify="left")
+    for col in ("listener", "route", "live", "configured", "canary", "last interval"):
+        table.add_column(col)
+    rows = 0
+    for li in listeners:
+        for r in li.get("routes") or []:
+            split, canary = r["split"], r["canary"]
+            if split is None or (len(split["live"]) < 2 and canary is None):
+                continue
+            state, figures = "-", "-"
+            if canary is not None:
+                style = CANARY_STYLE.get(canary["state"], "")
+                step = f"step {canary['step'] + 1}/{len(canary['steps'])}"
+                state = f"[{style}]{canary['state']}[/] {canary['pool']} {canary['weight']}% ({step})"
+                last = canary["last"]
+                if last is not None:
+                    figures = f"canary {_figures(last['canary'])}; baseline {_figures(last['baseline'])}"
+            table.add_row(
+                li["name"], r["name"], _split(split["live"]), _split(split["configured"]), state, figures
+            )
+            rows += 1
+    return table if rows else None
+
+
+def _split(weights: dict[str, int]) -> str:
+    return " ".join(f"{pool}={w}" for pool, w in weights.items())
+
+
+def _figures(f: dict[str, Any]) -> str:
+    p99 = "-" if f["p99_ms"] is None else f"{f['p99_ms']:.1f}ms"
+    return f"{f['requests']} req {f['error_rate']:.1%} 5xx p99 {p99}"
 
 
 def _ms(v: float | None) -> str:

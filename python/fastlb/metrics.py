@@ -122,6 +122,26 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     yield from (healthy, bytes_total, log_dropped, handshakes)
     yield from _udp(listeners)
     yield from _http2(listeners)
+    yield from _splits(listeners)
+
+
+def _splits(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The live share of each pool of every split route of two pools or more (a canary's
+    included), in percent of the route's traffic."""
+    weight = GaugeMetricFamily(
+        "fastlb_canary_weight",
+        "Live share of the route's requests a pool of its split gets, in percent (split routes of 2+ pools).",
+        labels=["listener", "route", "pool"],
+    )
+    for li in listeners:
+        for r in li.get("routes") or []:
+            live = (r["split"] or {}).get("live", {})
+            total = sum(live.values())
+            if len(live) < 2 or total <= 0:
+                continue
+            for pool, w in live.items():
+                weight.add_metric([li["name"], r["name"], pool], round(100 * w / total, 3))
+    yield weight
 
 
 def _udp(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
