@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -488,3 +489,39 @@ def test_status_routes_shape(hb, fastlb):
         "interval": "1h",
     }
     assert json.dumps(c)  # plain JSON all through
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_dashboard_routes_panel_and_canary_buttons(hb, fastlb):
+    """The Routes panel in a real browser: live vs configured weights, the canary's state, and
+    its buttons driving the API."""
+    assert CHROMIUM, "the dashboard test needs Debian's chromium (apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+
+    v1, v2 = hb("v1"), hb("v2")
+    port, admin = free_port(), free_port()
+    fastlb(canary_config(port, admin, v1, v2, {"pool": "v2", "interval": "1h"}), port)
+    assert wait_until(lambda: decisions(canary_of(admin)) == ["start"], 5)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{admin}/")
+            row = page.locator('tr[data-route="web/checkout"]')
+            row.wait_for(timeout=10_000)
+            assert row.locator("[data-testid=canary-state]").inner_text() == "running"
+            assert row.locator("[data-testid=live]").inner_text() == "v1=95 v2=5"
+            assert row.locator("[data-testid=configured]").inner_text() == "v1=95 v2=5"
+            assert "start at 5%" in page.locator('tr[data-history="web/checkout"]').inner_text()
+            row.locator("button[data-action=promote]").click()
+            state = "document.querySelector('tr[data-route=\"web/checkout\"] [data-testid=canary-state]')"
+            page.wait_for_function(f"() => {state}.textContent === 'promoted'", timeout=10_000)
+            assert canary_of(admin)["state"] == "promoted"
+            assert row.locator("[data-testid=live]").inner_text() == "v1=0 v2=100"
+            row.locator("button[data-action=rollback]").click()
+            page.wait_for_function(f"() => {state}.textContent === 'rolled_back'", timeout=10_000)
+            assert route_of(admin)["split"]["live"] == {"v1": 100, "v2": 0}
+        finally:
+            browser.close()
