@@ -210,14 +210,17 @@ def test_failing_canary_is_rolled_back_at_its_first_judged_interval_and_gets_not
 
 
 def test_healthy_canary_walks_every_step_to_promoted(hb, fastlb):
-    v1, v2 = hb("v1", delay_ms=5), hb("v2", delay_ms=5)
+    """Two like backends: every judged interval passes, and the canary is promoted. (The p99
+    ratio gets room: with ~20 canary requests an interval, its p99 is about their slowest, and a
+    loaded machine's scheduling hiccup is not what this test is about.)"""
+    v1, v2 = hb("v1", delay_ms=10), hb("v2", delay_ms=10)
     port, admin = free_port(), free_port()
     canary = {
         "pool": "v2",
         "steps": [10, 50, 100],
-        "interval": "300ms",
+        "interval": "400ms",
         "min_requests": 5,
-        "max_p99_ratio": 4,
+        "max_p99_ratio": 10,
     }
     proc = fastlb(canary_config(port, admin, v1, v2, canary), port)
     stream = Stream(port, threads=4, limit_s=40).start()

@@ -360,7 +360,11 @@ class Canaries:
             async with r.lock:
                 if r.generation != generation or r.state != "running":
                     return
-                await self._judge(r, before, now)
+                try:
+                    await self._judge(r, before, now)
+                except (KeyError, ValueError) as err:  # a reload took the route or its pools away
+                    log.error("canary %s: cannot set its weights, stops driving: %s", r.name, err)
+                    return
             before = now
 
     async def _counts(self, r: Release) -> tuple[dict[str, Counts], list[int]] | None:
