@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from admin import Stream, api, scrape
+from h2util import H2Client
 from httputil import http_config, pool
 
 from fastlb.canary import Counts, Figures, decide, quantile_ms, split_weights
@@ -471,6 +472,29 @@ def test_split_affinity_places_new_clients_by_the_weights_and_keeps_their_group(
                 assert r.getheader("set-cookie") is None  # a member is not placed again
         finally:
             conn.close()
+
+
+def test_split_affinity_and_route_counts_over_http2(hb, fastlb):
+    """An h2c client (prior knowledge) is placed in a group and given its cookie like an HTTP/1
+    one, keeps it on later streams, and its streams count on the route's pools."""
+    v1, v2 = hb("v1"), hb("v2")
+    port, admin = free_port(), free_port()
+    split = [{"pool": "v1", "weight": 1}, {"pool": "v2", "weight": 1}]
+    affinity = {"cookie": "ab-test", "ttl": "1h"}
+    fastlb(canary_config(port, admin, v1, v2, None, split, split_affinity=affinity), port)
+    with H2Client(port) as c:
+        placed = [c.get("/") for _ in range(4)]
+        assert sorted(r.header("x-backend") or "" for r in placed) == ["v1", "v1", "v2", "v2"]
+        for r in placed:
+            cookie = r.header("set-cookie") or ""
+            assert cookie.startswith("ab-test=") and cookie.endswith("Max-Age=3600"), cookie
+        group, first = placed[0].header("set-cookie").split(";")[0], placed[0].header("x-backend")
+        for _ in range(6):
+            r = c.get("/", headers=[("cookie", group)])
+            assert (r.header("x-backend"), r.header("set-cookie")) == (first, None)
+    pools = route_of(admin)["pools"]
+    assert sum(pools[p]["requests"] for p in ("v1", "v2")) == 10
+    assert pools[first]["requests"] == 8 and pools[first]["responses_5xx"] == 0
 
 
 def test_status_routes_shape(hb, fastlb):
