@@ -123,6 +123,7 @@ LISTENER_KEYS = {
     "routes",
     "udp",
     "http2",
+    "proxy_protocol",
 }
 ROUTE_KEYS = {
     "name",
@@ -260,6 +261,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "rate_limit": {"requests_per_second": 100.0, "burst": 200},
         "udp": None,
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
+        "proxy_protocol": None,
         "routes": [
             {
                 "name": "0",
@@ -866,6 +868,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "rate_limit": {"requests_per_second": 2.5, "burst": 3},
         "udp": None,
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
+        "proxy_protocol": None,
         "routes": [
             {
                 "name": "0",

@@ -69,6 +69,9 @@ pub struct ListenerConfig {
     /// http and https: the HTTP/2 side (h2c with prior knowledge, h2 by ALPN).
     #[serde(deserialize_with = "required")]
     pub http2: Option<Http2Config>,
+    /// PROXY protocol on accepted connections (tcp, tls, http, https); None: off.
+    #[serde(deserialize_with = "required")]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
 }
 
 /// `[listeners.http2]`.
@@ -228,6 +231,16 @@ pub struct RouteConfig {
     /// Sticky A/B groups: a client the split placed keeps its pool by this cookie.
     #[serde(deserialize_with = "required")]
     pub split_affinity: Option<SplitAffinityConfig>,
+}
+
+/// `proxy_protocol = { accept, from }`: who may send a PROXY header (v1 or v2), and whether
+/// every connection must carry one.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    pub required: bool,
+    /// Networks (`addr/len`) trusted to send one.
+    pub from: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -12,9 +12,10 @@ use crate::config::{
 };
 use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
+use crate::proxy::route::Cidr;
 use crate::proxy::HttpListener;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
-use crate::tables::{ListenerEntry, Shared, Tables};
+use crate::tables::{ListenerEntry, ProxyAccept, Shared, Tables};
 use crate::udp::UdpListener;
 use crate::worker::{self, ListenSocket, WorkerCmd};
 
@@ -601,8 +602,26 @@ impl Engine {
                 cfg,
                 sessions: self.udp_sessions.entry(l.name.clone()).or_default().clone(),
             });
+            let proxy = match &l.proxy_protocol {
+                Some(p) => Some(ProxyAccept {
+                    required: p.required,
+                    from: p
+                        .from
+                        .iter()
+                        .map(|c| Cidr::parse(c))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| {
+                            EngineError::Config(format!(
+                                "listener {}: proxy_protocol.from {e}",
+                                l.name
+                            ))
+                        })?,
+                }),
+                None => None,
+            };
             let entry = ListenerEntry {
                 cfg: l.clone(),
+                proxy,
                 pool: pools[&l.pool].clone(),
                 id: self.ids.listener(&l.name),
                 http,

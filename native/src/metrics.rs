@@ -36,6 +36,8 @@ pub struct ListenerCounts {
     pub dropped_max_connections: u64,
     pub dropped_no_backend: u64,
     pub dropped_rate_limited: u64,
+    /// A PROXY header missing, malformed, late or from a source not trusted to send one.
+    pub dropped_proxy_protocol: u64,
     /// http: answered 400/408/431 for malformed input.
     pub bad_requests: u64,
     /// http: requests whose head was read.
@@ -244,6 +246,13 @@ impl WorkerMetrics {
     }
 
     #[inline]
+    pub fn record_proxy_refused(&mut self, listener: u16) {
+        if COUNTING {
+            self.listener(listener).dropped_proxy_protocol += 1;
+        }
+    }
+
+    #[inline]
     pub fn record_bad_request(&mut self, listener: u16) {
         if COUNTING {
             self.listener(listener).bad_requests += 1;
@@ -388,6 +397,7 @@ impl WorkerMetrics {
             m.dropped_max_connections += l.dropped_max_connections;
             m.dropped_no_backend += l.dropped_no_backend;
             m.dropped_rate_limited += l.dropped_rate_limited;
+            m.dropped_proxy_protocol += l.dropped_proxy_protocol;
             m.bad_requests += l.bad_requests;
             m.requests += l.requests;
             m.bytes_in += l.bytes_in;

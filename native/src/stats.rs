@@ -252,6 +252,7 @@ struct Dropped {
     no_backend: u64,
     rate_limited: u64,
     bad_request: u64,
+    proxy_protocol: u64,
 }
 
 #[derive(Serialize)]
@@ -458,6 +459,7 @@ pub fn to_json(input: StatsInput<'_>) -> String {
                     max_connections: c.dropped_max_connections,
                     no_backend: c.dropped_no_backend,
                     rate_limited: c.dropped_rate_limited,
+                    proxy_protocol: c.dropped_proxy_protocol,
                     bad_request: c.bad_requests,
                 },
                 bytes_in: c.bytes_in,

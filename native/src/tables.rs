@@ -6,6 +6,7 @@ use crate::accesslog::AccessLog;
 use crate::balance::Pool;
 use crate::config::ListenerConfig;
 use crate::l4::passthrough::SniRoutes;
+use crate::proxy::route::Cidr;
 use crate::proxy::HttpListener;
 use crate::tls::server::TlsShared;
 use crate::udp::UdpListener;
@@ -73,9 +74,16 @@ pub struct ListenerEntry {
     pub sni: Option<SniRoutes>,
     /// udp: session settings and the process-wide session count.
     pub udp: Option<UdpListener>,
+    /// PROXY protocol on accepted connections: whether required, and the trusted sources.
+    pub proxy: Option<ProxyAccept>,
     /// The listener was removed by a reload: its connections finish what they are doing and
     /// close.
     pub closing: AtomicBool,
+}
+
+pub struct ProxyAccept {
+    pub required: bool,
+    pub from: Vec<Cidr>,
 }
 
 /// `FASTLB_SPLICE_THRESHOLD` (bytes) overrides the measured default; only benchmarks set it.

@@ -9,7 +9,7 @@ use crate::h1::{self, HttpWorker};
 use crate::l4;
 use crate::l4::forward::RelayBuffers;
 use crate::metrics::WorkerMetrics;
-use crate::net::Conn;
+use crate::net::{proxy_header, Conn};
 use crate::tables::{ListenerEntry, Shared};
 use crate::tls::{self, HandshakeResult, SessionInfo};
 use crate::track;
@@ -259,6 +259,9 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                     ctx: &ctx,
                     listener: &entry,
                 };
+                let Some((stream, peer)) = proxied(&ctx, &entry, stream, peer).await else {
+                    return;
+                };
                 match TcpStream::from_std(stream) {
                     Ok(stream) => l4::serve(&ctx, Conn::Plain(stream), peer, &entry).await,
                     Err(e) => eprintln!("fastlb: listener {}: {e}", entry.cfg.name),
@@ -269,6 +272,9 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                 let _guard = ConnGuard {
                     ctx: &ctx,
                     listener: &entry,
+                };
+                let Some((stream, peer)) = proxied(&ctx, &entry, stream, peer).await else {
+                    return;
                 };
                 let client = ClientSocket::new(stream);
                 if let Some(h2c) = h1::serve(&ctx, client, None, peer, &entry).await {
@@ -283,6 +289,9 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
                 let _guard = ConnGuard {
                     ctx: &ctx,
                     listener: &entry,
+                };
+                let Some((stream, peer)) = proxied(&ctx, &entry, stream, peer).await else {
+                    return;
                 };
                 let Some(tls) = accept_tls(&ctx, &entry, stream).await else {
                     return;
@@ -323,6 +332,64 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, listener: AsyncFd<std::ne
         };
     }
 }
+
+/// PROXY protocol: the connection and the client its header names (the peer itself without a
+/// header, or with a LOCAL one); None: refused and counted (missing where required, malformed,
+/// late, or sent by a source not in `from`). Listeners without it pay one branch.
+#[inline]
+async fn proxied(
+    ctx: &WorkerCtx,
+    entry: &ListenerEntry,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<(std::net::TcpStream, SocketAddr)> {
+    let Some(accept) = &entry.proxy else {
+        return Some((stream, peer));
+    };
+    // Boxed: the reading state is freed once the header is in, not carried by the connection.
+    let read = Box::pin(read_proxy_header(accept, &entry.cfg, stream, peer));
+    match read.await {
+        Ok(accepted) => Some(accepted),
+        Err(why) => {
+            ctx.metrics.borrow_mut().record_proxy_refused(entry.id);
+            if std::env::var_os("FASTLB_DEBUG_PROXY").is_some() {
+                eprintln!(
+                    "fastlb: listener {}: {peer}: PROXY header refused: {why:?}",
+                    entry.cfg.name
+                );
+            }
+            None
+        }
+    }
+}
+
+async fn read_proxy_header(
+    accept: &crate::tables::ProxyAccept,
+    cfg: &crate::config::ListenerConfig,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(std::net::TcpStream, SocketAddr), proxy_header::Refused> {
+    use proxy_header::{Header, Refused};
+    let trusted = accept.from.iter().any(|c| c.contains(peer.ip()));
+    if !trusted && accept.required {
+        return Err(Refused::Bad("source not in proxy_protocol.from"));
+    }
+    let mut tcp = TcpStream::from_std(stream).map_err(Refused::Io)?;
+    let limit = match cfg.header_read_ms {
+        0 => PROXY_HEADER_MAX,
+        ms => Duration::from_millis(ms),
+    };
+    let header = proxy_header::read(&mut tcp, accept.required, limit).await?;
+    let client = match header {
+        Some(_) if !trusted => return Err(Refused::Bad("a PROXY header from an untrusted source")),
+        Some(Header::Proxied(client)) => client,
+        Some(Header::Local) | None => peer,
+    };
+    Ok((tcp.into_std().map_err(Refused::Io)?, client))
+}
+
+/// How long a PROXY header may take on a listener without `header_read`.
+const PROXY_HEADER_MAX: Duration = Duration::from_secs(10);
 
 /// Runs the server side of a TLS handshake within the listener's `header_read` timeout, and
 /// counts how it ended. None: it failed (the connection is closed).

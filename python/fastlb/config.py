@@ -111,6 +111,8 @@ Choices where the contract is silent:
       h2 on https still needs "h2" in tls.alpn (the default offers it). The `grpc` check
       speaks HTTP/2 whatever the pool's http_version (a gRPC server speaks nothing else);
       `service` is grpc-only.
+    - `proxy_protocol` (accept "optional" or "required") needs `from` (the balancers trusted to
+      send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
     - The admin API on an address beyond loopback (a wildcard, a name other than localhost)
       needs `tokens_file` or mTLS (`tls.client_ca`), unless `insecure = true`: an error naming
       admin.bind otherwise. The tokens file is read at load and at every reload; a bad line is
@@ -731,6 +733,14 @@ class ListenerTls(_Model):
     _client_ca_pem: str | None = PrivateAttr(default=None)
 
 
+class ProxyProtocol(_Model):
+    """`proxy_protocol = { accept, from }`: PROXY protocol headers (v1 and v2) from the load
+    balancer in front, read before anything else (before TLS); only `from` may send one."""
+
+    accept: Literal["off", "optional", "required"] = "off"
+    from_: Annotated[list[Annotated[str, AfterValidator(_cidr)]], Field(alias="from")] = []
+
+
 class Listener(_Model):
     name: Name
     bind: Annotated[str, AfterValidator(_bind_address)]
@@ -744,6 +754,7 @@ class Listener(_Model):
     routes: list[Route] = []
     udp: Udp | None = None  # udp listeners: always set (the defaults when the table is absent)
     http2: Http2 | None = None  # http/https listeners: always set (the defaults when absent)
+    proxy_protocol: ProxyProtocol = Field(default_factory=ProxyProtocol)
 
     @property
     def is_http(self) -> bool:
@@ -1190,6 +1201,14 @@ def _sni_route_errors(at: str, route: Route, pools: dict[str, int]) -> list[str]
 def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
     at = f"listeners[{i}]"
     errors: list[str] = []
+    pp = lst.proxy_protocol
+    if pp.accept != "off" and lst.protocol == "udp":
+        errors.append(f"{at}.proxy_protocol: not for udp listeners (a PROXY header precedes a TCP stream)")
+    elif pp.accept != "off" and not pp.from_:
+        errors.append(
+            f"{at}.proxy_protocol.from: list the load balancers allowed to send PROXY headers"
+            ' (a header from anyone else closes the connection), e.g. ["10.0.0.0/8"]'
+        )
     if lst.pool not in pools:
         errors.append(f"{at}.pool: unknown pool {lst.pool!r}")
     if lst.protocol in TLS_PROTOCOLS and lst.tls is None:
@@ -1769,6 +1788,14 @@ class _Engine:
                 else {
                     "max_concurrent_streams": http2.max_concurrent_streams,
                     "max_header_list_size": http2.max_header_list_size,
+                }
+            ),
+            "proxy_protocol": (
+                None
+                if x.proxy_protocol.accept == "off"
+                else {
+                    "required": x.proxy_protocol.accept == "required",
+                    "from": [str(ipaddress.ip_network(c, strict=False)) for c in x.proxy_protocol.from_],
                 }
             ),
         }

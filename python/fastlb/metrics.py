@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-DROP_REASONS = ("max_connections", "no_backend", "rate_limited", "bad_request")
+DROP_REASONS = ("max_connections", "no_backend", "rate_limited", "bad_request", "proxy_protocol")
 FAILURE_KINDS = ("connect", "timeout", "reset", "5xx")
 UDP_DIRECTIONS = ("in", "out", "to_backend", "from_backend")
 UDP_DROP_REASONS = ("max_sessions", "no_backend", "send_error", "unreachable")

@@ -1508,6 +1508,7 @@ mod tests {
             tls: None,
             udp: None,
             http2: None,
+            proxy_protocol: None,
         };
         let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",
@@ -1523,6 +1524,7 @@ mod tests {
             tls: None,
             sni: None,
             udp: None,
+            proxy: None,
             closing: Default::default(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -7,6 +7,7 @@
 //! has no kTLS, and splice cannot see plaintext.
 
 pub mod connect;
+pub mod proxy_header;
 pub mod relay;
 
 use crate::l4::forward::{read_clearing, write_now};

@@ -130,13 +130,14 @@ impl HostMatch {
 
 /// One network of `source_cidr`; addresses are kept as IPv6 (IPv4 as `::ffff:a.b.c.d`) so
 /// that a v4 network matches a v4 client and an IPv4-mapped v6 client alike.
-struct Cidr {
+/// A network (`addr/len`), IPv4 mapped into IPv6 so one comparison serves both.
+pub struct Cidr {
     net: u128,
     mask: u128,
 }
 
 impl Cidr {
-    fn parse(text: &str) -> Result<Cidr, String> {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
         let (addr, len) = match text.trim().split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (text.trim(), None),
@@ -160,6 +161,12 @@ impl Cidr {
             net: as_v6(addr) & mask,
             mask,
         })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        as_v6(ip) & self.mask == self.net
     }
 }
 

@@ -1,0 +1,322 @@
+"""PROXY protocol in (CONTRACT.md `proxy_protocol = { accept, from }`): real `fastlb serve`
+processes, raw sockets for exact headers (v1, v2, split across segments, malformed), curl's
+`--haproxy-protocol`, and Debian's HAProxy (`send-proxy-v2`) in front; real backends behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from admin import scrape
+from httputil import http_config, pool
+
+from fastlb.config import ConfigError, parse_config
+
+from backends import echo
+from conftest import free_port, wait_port, wait_until
+from l4util import l4_config
+
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+GET = b"GET /headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+
+
+def v1(src: str, sport: int = 51000) -> bytes:
+    family = "TCP6" if ":" in src else "TCP4"
+    dst = "::1" if ":" in src else "127.0.0.1"
+    return f"PROXY {family} {src} {dst} {sport} 80\r\n".encode()
+
+
+def v2(src: str | None, sport: int = 51000, tlvs: bytes = b"") -> bytes:
+    """A v2 PROXY header for TCP over IPv4 from `src`; None: a LOCAL header (health checks)."""
+    if src is None:
+        return V2_SIG + bytes([0x20, 0x00]) + struct.pack("!H", len(tlvs)) + tlvs
+    body = socket.inet_aton(src) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", sport, 80) + tlvs
+    return V2_SIG + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def exchange(port: int, *parts: bytes, pause: float = 0.0, half_close: bool = False) -> bytes:
+    """Sends `parts` (pausing between them, so each goes in its own segment), reads to EOF (a
+    reset counts as the end)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # a refused connection may be closed before everything is sent
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
+            for k, part in enumerate(parts):
+                if k and pause:
+                    time.sleep(pause)
+                s.sendall(part)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+def forwarded_for(answer: bytes) -> list[str]:
+    """The X-Forwarded-For values the backend saw (its /headers answer), [] if none answered."""
+    if b"\r\n\r\n" not in answer:
+        return []
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0]:
+        return []
+    return [v for n, v in json.loads(body) if n.lower() == "x-forwarded-for"]
+
+
+def http_with_proxy(port: int, admin: int, backends: list[str], accept: str, trusted: str, **kw: Any) -> str:
+    config = http_config(port, [pool("app", backends)], admin=f"127.0.0.1:{admin}", **kw)
+    return config.replace(
+        'protocol = "http"\n',
+        f'protocol = "http"\nproxy_protocol = {{ accept = "{accept}", from = ["{trusted}"] }}\n',
+        1,
+    )
+
+
+def dropped(admin: int) -> float:
+    return scrape(admin).get(
+        ("fastlb_connections_dropped_total", (("listener", "web"), ("reason", "proxy_protocol"))), 0.0
+    )
+
+
+def test_v1_and_v2_name_the_client_for_the_backend(hb, fastlb):
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "required", "127.0.0.0/8"), port)
+    base = dropped(admin)  # the fixture's own check that the port is open sent no header
+    assert forwarded_for(exchange(port, v1("203.0.113.9") + GET)) == ["203.0.113.9"]
+    assert forwarded_for(exchange(port, v1("2001:db8::9") + GET)) == ["2001:db8::9"]
+    assert forwarded_for(exchange(port, v2("198.51.100.7") + GET)) == ["198.51.100.7"]
+    alpn = bytes([0x01]) + struct.pack("!H", 2) + b"h2"  # TLVs are skipped
+    assert forwarded_for(exchange(port, v2("198.51.100.8", tlvs=alpn) + GET)) == ["198.51.100.8"]
+    # LOCAL (a health check of the balancer in front): the connection's own address
+    assert forwarded_for(exchange(port, v2(None) + GET)) == ["127.0.0.1"]
+    assert len(a.received) == 5 and dropped(admin) == base
+
+
+def test_a_header_split_across_segments_is_waited_for(hb, fastlb):
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "required", "127.0.0.0/8"), port)
+    header = v2("192.0.2.44")
+    assert forwarded_for(exchange(port, header[:5], header[5:20], header[20:] + GET, pause=0.05)) == [
+        "192.0.2.44"
+    ]
+    line = v1("192.0.2.45")
+    assert forwarded_for(exchange(port, line[:9], line[9:], GET, pause=0.05)) == ["192.0.2.45"]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        GET,  # no header where one is required
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 99999 80\r\n" + GET,
+        b"PROXY TCP4 nonsense\r\n" + GET,
+        V2_SIG + bytes([0x21, 0x11]) + struct.pack("!H", 4) + b"\x00" * 4 + GET,  # too short for TCP4
+        V2_SIG + bytes([0x31, 0x11, 0, 12]) + b"\x00" * 12 + GET,  # version 3
+        b"PROXY " + b"x" * 200,  # no CRLF within 107 bytes
+    ],
+    ids=["missing", "bad-port", "bad-fields", "v2-short", "v2-version", "v1-no-crlf"],
+)
+def test_malformed_or_missing_headers_are_closed_and_never_reach_a_backend(hb, fastlb, sent):
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "required", "127.0.0.0/8"), port)
+    base = dropped(admin)  # the fixture's own check that the port is open sent no header
+    assert exchange(port, sent) == b""
+    assert a.received == []
+    assert wait_until(lambda: dropped(admin) == base + 1)
+
+
+def test_a_header_that_never_comes_is_timed_out(hb, fastlb):
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    config = http_with_proxy(
+        port,
+        admin,
+        [a.address],
+        "required",
+        "127.0.0.0/8",
+        timeouts={"client_idle": "60s", "header_read": "300ms"},
+    )
+    fastlb(config, port)
+    base = dropped(admin)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(v2("192.0.2.1")[:10])
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):  # closed with the partial header unread
+            assert s.recv(100) == b""
+        assert time.monotonic() - started < 5  # closed by header_read, not by the client
+    assert a.received == [] and wait_until(lambda: dropped(admin) == base + 1)
+
+
+def test_only_trusted_sources_may_send_one(hb, fastlb):
+    """from = 10.0.0.0/8: a loopback client is not trusted. Required: it is refused. Optional: its
+    plain requests are served under its own address, and a header it sends closes it."""
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "required", "10.0.0.0/8"), port)
+    assert exchange(port, v1("203.0.113.9") + GET) == b"" and a.received == []
+    port2, admin2 = free_port(), free_port()
+    fastlb(http_with_proxy(port2, admin2, [a.address], "optional", "10.0.0.0/8"), port2)
+    base = dropped(admin2)
+    assert forwarded_for(exchange(port2, GET)) == ["127.0.0.1"]
+    assert exchange(port2, v1("203.0.113.9") + GET) == b""  # an untrusted header: no spoofing
+    assert len(a.received) == 1 and wait_until(lambda: dropped(admin2) == base + 1)
+
+
+def test_optional_accepts_both_from_trusted_sources(hb, fastlb):
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "optional", "127.0.0.1/32"), port)
+    assert forwarded_for(exchange(port, GET)) == ["127.0.0.1"]
+    assert forwarded_for(exchange(port, v1("203.0.113.10") + GET)) == ["203.0.113.10"]
+
+
+def test_the_client_it_names_is_the_client_for_routes_and_the_access_log(hb, fastlb, tmp_path):
+    a, b = hb("a"), hb("b")
+    port, admin = free_port(), free_port()
+    log = tmp_path / "access.log"
+    config = http_with_proxy(port, admin, [a.address], "required", "127.0.0.0/8", routes=[
+        {"source_cidr": ["203.0.113.0/24"], "pool": "b"}])  # fmt: skip
+    config += "\n" + pool("b", [b.address])
+    config = config.replace("[admin]", f'[log]\naccess_log = "{log}"\n\n[admin]', 1)
+    fastlb(config, port)
+    assert exchange(port, v1("203.0.113.50") + GET).count(b"200 OK") == 1
+    assert exchange(port, v1("198.51.100.50") + GET).count(b"200 OK") == 1
+    assert (len(a.received), len(b.received)) == (1, 1)  # the route matched the proxied client only
+    assert wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2)
+    clients = [json.loads(line)["client"] for line in log.read_text().splitlines()]
+    assert [c.rsplit(":", 1)[0] for c in clients] == ["203.0.113.50", "198.51.100.50"]
+
+
+def test_tcp_listener_strips_the_header_and_forwards_the_stream(backends, fastlb):
+    b = backends(echo)
+    port = free_port()
+    config = l4_config(port, [b.address]).replace(
+        'protocol = "tcp"\n',
+        'protocol = "tcp"\nproxy_protocol = { accept = "required", from = ["127.0.0.1"] }\n',
+        1,
+    )
+    fastlb(config, port)
+    sent = v2("192.0.2.1") + b"payload, not the header"
+    assert exchange(port, sent, half_close=True) == b"payload, not the header"
+    assert exchange(port, b"no header", half_close=True) == b""
+
+
+def test_tls_listener_reads_the_header_before_the_handshake(hb, fastlb, tmp_path):
+    ca = trustme.CA()
+    ca.issue_cert("app.test").private_key_and_cert_chain_pem.write_to_path(tmp_path / "site.pem")
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    config = http_config(port, [pool("app", [a.address])], admin=f"127.0.0.1:{admin}").replace(
+        'protocol = "http"\n',
+        'protocol = "https"\nproxy_protocol = { accept = "required", from = ["127.0.0.1"] }\n'
+        f'tls = {{ certificates = [{{ cert = "{tmp_path}/site.pem", key = "{tmp_path}/site.pem" }}] }}\n',
+        1,
+    )
+    fastlb(config, port)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(v1("203.0.113.77"))
+        with ctx.wrap_socket(raw, server_hostname="app.test") as s:
+            s.sendall(GET)
+            answer = b""
+            try:
+                while chunk := s.recv(65536):
+                    answer += chunk
+            except ssl.SSLError:
+                pass
+    assert forwarded_for(answer) == ["203.0.113.77"]
+
+
+def test_curl_haproxy_protocol(hb, fastlb):
+    a = hb("a")
+    port, admin = free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "required", "127.0.0.0/8"), port)
+    base = dropped(admin)  # the fixture's own check that the port is open sent no header
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--haproxy-protocol", f"http://127.0.0.1:{port}/headers"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [v for n, v in json.loads(done.stdout) if n.lower() == "x-forwarded-for"] == ["127.0.0.1"]
+    assert dropped(admin) == base
+
+
+HAPROXY = shutil.which("haproxy")
+
+
+def test_haproxy_send_proxy_v2_in_front(hb, fastlb, tmp_path: Path):
+    assert HAPROXY, "the interop test needs Debian's haproxy (apt-get install haproxy)"
+    a = hb("a")
+    port, admin, front = free_port(), free_port(), free_port()
+    fastlb(http_with_proxy(port, admin, [a.address], "required", "127.0.0.0/8"), port)
+    base = dropped(admin)  # the fixture's own check that the port is open sent no header
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"
+        f"  timeout server 30s\nlisten front\n  bind 127.0.0.1:{front}\n"
+        f"  server lb 127.0.0.1:{port} send-proxy-v2\n"
+    )
+    proc = subprocess.Popen(
+        [HAPROXY, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_port(front)
+        for _ in range(3):
+            assert forwarded_for(exchange(front, GET)) == ["127.0.0.1"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert len(a.received) == 3 and dropped(admin) == base
+
+
+PP = "listeners[0].proxy_protocol"
+
+
+@pytest.mark.parametrize(
+    ("listener", "message"),
+    [
+        ({"proxy_protocol": {"accept": "required"}}, f"{PP}.from: list the load balancers"),
+        ({"proxy_protocol": {"accept": "always", "from": ["10.0.0.0/8"]}}, f"{PP}.accept:"),
+        ({"proxy_protocol": {"accept": "optional", "from": ["10.0.0.300/8"]}}, f"{PP}.from[0]:"),
+        ({"protocol": "udp", "proxy_protocol": {"accept": "required", "from": ["10.0.0.0/8"]}},
+         f"{PP}: not for udp listeners"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_field(listener: dict[str, Any], message: str) -> None:
+    data = {
+        "listeners": [{"name": "web", "bind": "127.0.0.1:8080", "protocol": "tcp", "pool": "app"} | listener],
+        "pools": [{"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "health": {"type": "none"}}],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert any(e.startswith(message) for e in err.value.errors), err.value.errors
+
+
+def test_config_to_engine() -> None:
+    data = {
+        "listeners": [
+            {"name": "web", "bind": "127.0.0.1:8080", "protocol": "http", "pool": "app",
+             "proxy_protocol": {"accept": "optional", "from": ["10.1.2.3/8", "::1"]}},
+            {"name": "plain", "bind": "127.0.0.1:8081", "protocol": "http", "pool": "app"},
+        ],
+        "pools": [{"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "health": {"type": "none"}}],
+    }  # fmt: skip
+    web, plain = parse_config(data).to_engine()["listeners"]
+    assert web["proxy_protocol"] == {"required": False, "from": ["10.0.0.0/8", "::1/128"]}
+    assert plain["proxy_protocol"] is None
