@@ -143,6 +143,7 @@ ROUTE_KEYS = {
 POOL_KEYS = {
     "name",
     "http_version",
+    "send_proxy",
     "passive",
     "algorithm",
     "hash_key",

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trustme
-from admin import scrape
+from admin import backend_status, scrape
 from httputil import http_config, pool
 
 from fastlb.config import ConfigError, parse_config
@@ -320,3 +320,67 @@ def test_config_to_engine() -> None:
     web, plain = parse_config(data).to_engine()["listeners"]
     assert web["proxy_protocol"] == {"required": False, "from": ["10.0.0.0/8", "::1/128"]}
     assert plain["proxy_protocol"] is None
+
+
+# --- send_proxy: fastlb sending the header to its backends ----------------------------------------
+
+
+def recording(conn: socket.socket, backend: Any) -> None:
+    """Keeps what arrived (until the client half-closes), answers "ok"."""
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    backend.seen = [*getattr(backend, "seen", []), data]
+    conn.sendall(b"ok")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_puts_the_header_first_on_tcp_backend_connections(backends, fastlb, version):
+    b = backends(recording)
+    port = free_port()
+    config = l4_config(port, [b.address]).replace("[[pools]]\n", f'[[pools]]\nsend_proxy = "{version}"\n', 1)
+    fastlb(config, port)
+    assert exchange(port, b"hello", half_close=True) == b"ok"
+    data = b.seen[-1]  # (the fixture's check that the port is open made one before)
+    if version == "v1":
+        assert data.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+        assert data.endswith(f" {port}\r\nhello".encode())
+    else:
+        assert data.startswith(V2_SIG + bytes([0x21, 0x11, 0, 12])) and data.endswith(b"hello")
+        assert struct.unpack("!H", data[16 + 10 : 16 + 12])[0] == port  # the address the client reached
+
+
+def test_fastlb_into_fastlb_with_checks_that_send_local(hb, fastlb):
+    """A tcp front with send_proxy v2 into an http fastlb that requires PROXY headers: requests go
+    through, and the front's http health checks (which send a LOCAL header) keep it up."""
+    a = hb("a")
+    inner, inner_admin = free_port(), free_port()
+    fastlb(http_with_proxy(inner, inner_admin, [a.address], "required", "127.0.0.0/8"), inner)
+    front, front_admin = free_port(), free_port()
+    config = l4_config(front, [f"127.0.0.1:{inner}"], admin=f"127.0.0.1:{front_admin}").replace(
+        "[[pools]]\n", '[[pools]]\nsend_proxy = "v2"\n', 1
+    )
+    config = config.replace(
+        'health = { type = "none" }',
+        'health = { type = "http", path = "/", interval = "200ms", timeout = "100ms" }',
+    )
+    assert 'type = "http"' in config
+    fastlb(config, front)
+    base = dropped(inner_admin)
+    assert forwarded_for(exchange(front, GET)) == ["127.0.0.1"]
+    time.sleep(1.0)  # several checks
+    status = backend_status(front_admin, "app", f"127.0.0.1:{inner}")
+    assert status["state"] == "up" and status["health"]["up"], status
+    assert dropped(inner_admin) == base  # neither the request nor a check was refused
+
+
+def test_send_proxy_is_refused_on_http_pools() -> None:
+    data = {
+        "listeners": [{"name": "web", "bind": "127.0.0.1:8080", "protocol": "http", "pool": "app"}],
+        "pools": [{"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "send_proxy": "v2"}],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert any(
+        e.startswith("pools[0].send_proxy: for pools of tcp and tls listeners") for e in err.value.errors
+    )

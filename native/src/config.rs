@@ -318,6 +318,16 @@ pub struct PoolConfig {
     pub tls: Option<PoolTlsConfig>,
     /// http: HTTP/1.1 or HTTP/2 to the backends.
     pub http_version: HttpVersion,
+    /// A PROXY protocol header first on every backend connection; None: off.
+    #[serde(deserialize_with = "required")]
+    pub send_proxy: Option<ProxyVersion>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 /// `passive = { consecutive_failures, eject }`: the engine ejects; the control plane times
@@ -358,6 +368,7 @@ impl PoolConfig {
                 timeout_ms: 0,
             },
             passive: None,
+            send_proxy: None,
             tls: None,
             http_version: HttpVersion::Http11,
         }

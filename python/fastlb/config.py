@@ -111,6 +111,7 @@ Choices where the contract is silent:
       h2 on https still needs "h2" in tls.alpn (the default offers it). The `grpc` check
       speaks HTTP/2 whatever the pool's http_version (a gRPC server speaks nothing else);
       `service` is grpc-only.
+    - `send_proxy` ("v1", "v2") is for pools of tcp and tls listeners only, for now.
     - `proxy_protocol` (accept "optional" or "required") needs `from` (the balancers trusted to
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
     - The admin API on an address beyond loopback (a wildcard, a name other than localhost)
@@ -889,6 +890,7 @@ class Pool(_Model):
     name: Name
     # "2": HTTP/2 to the backends (h2c with prior knowledge; ALPN h2 with [pools.tls])
     http_version: Literal["1.1", "2"] = "1.1"
+    send_proxy: Literal["off", "v1", "v2"] = "off"  # PROXY header first on each backend connection
     algorithm: Literal[
         "round_robin", "least_conn", "random", "p2c", "peak_ewma", "ip_hash", "consistent_hash", "maglev"
     ] = "round_robin"
@@ -1211,6 +1213,17 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         )
     if lst.pool not in pools:
         errors.append(f"{at}.pool: unknown pool {lst.pool!r}")
+    if lst.is_http or lst.protocol == "udp":
+        used = [lst.pool, *(r.pool for r in lst.routes if r.pool is not None)]
+        used += [e.pool for r in lst.routes for e in r.split or []]
+        for name in dict.fromkeys(used):
+            p = pools.get(name)
+            if p is not None and cfg.pools[p].send_proxy != "off":
+                errors.append(
+                    f"pools[{p}].send_proxy: for pools of tcp and tls listeners (a PROXY header per"
+                    f" connection; http pools are not done yet), but {lst.protocol} listener"
+                    f" {lst.name!r} uses this pool"
+                )
     if lst.protocol in TLS_PROTOCOLS and lst.tls is None:
         errors.append(
             f'{at}.tls: required for protocol = "{lst.protocol}" ([listeners.tls] with certificates)'
@@ -1900,6 +1913,7 @@ class _Engine:
         return {
             "name": pool.name,
             "http_version": pool.http_version,
+            "send_proxy": None if pool.send_proxy == "off" else pool.send_proxy,
             "algorithm": pool.algorithm,
             "hash_key": pool.engine_hash_key(),
             "hash_balance_factor": pool.hash_balance_factor,

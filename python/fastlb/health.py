@@ -131,6 +131,7 @@ class BackendHealth:
     check: Health
     host_header: str
     tls: TlsClient | None = None  # https checks, and grpc checks of a pool with [pools.tls]
+    send_proxy: bool = False  # the pool's backends expect a PROXY header: checks send LOCAL
     up: bool = True
     successes: int = 0
     failures: int = 0
@@ -142,9 +143,9 @@ class BackendHealth:
     def id(self) -> str:
         return f"{self.pool}/{self.address}"
 
-    def key(self) -> tuple[str, Health, str, TlsClient | None]:
+    def key(self) -> tuple[str, Health, str, TlsClient | None, bool]:
         """What a check depends on: a reload that changes none of it keeps the state."""
-        return self.addr, self.check, self.host_header, self.tls
+        return self.addr, self.check, self.host_header, self.tls, self.send_proxy
 
     def record(self, ok: bool, error: str = "", held: bool = False) -> bool | None:
         """Counts one result; returns the new state when it flips, else None. `held`: the
@@ -180,6 +181,25 @@ class BackendHealth:
             self.checks_failed, self.last_error = old.checks_failed, old.last_error
 
 
+# A PROXY protocol v2 LOCAL header: "this is the balancer's own connection" (its health check),
+# which a backend expecting PROXY headers accepts without taking an address from it.
+PROXY_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
+
+
+async def _connect(
+    host: str, port: int, context: ssl.SSLContext | None, name: str | None, send_proxy: bool
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The check's connection; to a `send_proxy` pool, a LOCAL header goes first (before TLS)."""
+    if not send_proxy:
+        return await asyncio.open_connection(host, port, ssl=context, server_hostname=name)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(PROXY_V2_LOCAL)
+    await writer.drain()
+    if context is not None:
+        await writer.start_tls(context, server_hostname=name)
+    return reader, writer
+
+
 async def probe(b: BackendHealth) -> str:
     """One check; "" when healthy, else why not."""
     if b.check.type in ("dns", "udp"):
@@ -192,7 +212,7 @@ async def probe(b: BackendHealth) -> str:
             tls = b.tls or TlsClient(None)
             context, name = await tls.context(), tls.server_name(split_host_port(b.address)[0])
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=name)
+            reader, writer = await _connect(host, port, context, name, b.send_proxy)
             try:
                 if b.check.type in ("http", "https"):
                     return await _http_probe(b, reader, writer)
@@ -539,8 +559,9 @@ class HealthChecker:
             for backend in pool.backends:
                 host = pool.health.host or split_host_port(backend.address)[0]
                 b = BackendHealth(
-                    pool.name, backend.address, resolved[backend.address], pool.health, host, tls
-                )
+                    pool.name, backend.address, resolved[backend.address], pool.health, host, tls,
+                    send_proxy=pool.send_proxy != "off",
+                )  # fmt: skip
                 wanted[b.id] = b
         for key, new in list(wanted.items()):
             old = self.backends.get(key)

@@ -371,6 +371,8 @@ pub struct Pool {
     /// TLS to the backends (re-encryption); set by the engine.
     pub tls: Option<Arc<crate::tls::client::PoolTls>>,
     /// http: HTTP/1.1 or HTTP/2 to the backends.
+    /// A PROXY protocol header first on every backend connection (tcp and tls pools).
+    pub send_proxy: Option<crate::config::ProxyVersion>,
     pub http_version: crate::config::HttpVersion,
 }
 
@@ -428,6 +430,7 @@ impl Pool {
             slot_freed: tokio::sync::Notify::new(),
             tls: None,
             http_version: cfg.http_version,
+            send_proxy: cfg.send_proxy,
         }
     }
 

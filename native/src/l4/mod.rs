@@ -42,8 +42,11 @@ pub async fn serve(ctx: &WorkerCtx, mut client: Conn, peer: SocketAddr, listener
     let pool = chosen.as_ref().unwrap_or(&listener.pool);
     // The connection's one timer: connect timeout first, then the idle timeout.
     let mut timer = pin!(tokio::time::sleep(Duration::ZERO));
+    let proxy_header = pool
+        .send_proxy
+        .map(|version| proxy_header_for(version, &client, peer));
     let Some((backend, mut upstream, connect_us)) =
-        connect_backend(ctx, pool, peer, timer.as_mut()).await
+        connect_backend(ctx, pool, peer, proxy_header.as_deref(), timer.as_mut()).await
     else {
         ctx.metrics.borrow_mut().record_no_backend(listener.id);
         return;
@@ -147,6 +150,7 @@ async fn connect_backend<'p>(
     ctx: &WorkerCtx,
     pool: &'p Pool,
     peer: SocketAddr,
+    proxy_header: Option<&[u8]>,
     mut timer: Pin<&mut Sleep>,
 ) -> Option<(&'p Arc<BackendState>, Conn, u64)> {
     let key = connection_key(pool, peer);
@@ -160,10 +164,14 @@ async fn connect_backend<'p>(
         backend.acquire();
         let t0 = Instant::now();
         timer.as_mut().reset((t0 + connect_timeout).into());
-        let connected = match (
-            connect(pool.settings[i].addr, timer.as_mut()).await,
-            &pool.tls,
-        ) {
+        let tcp = connect(pool.settings[i].addr, timer.as_mut()).await;
+        let tcp = match (tcp, proxy_header) {
+            // first on the connection, before a TLS handshake to the backend; a new socket's
+            // send buffer takes the ~100 bytes whole
+            (Ok(tcp), Some(header)) => write_first(tcp, header).await,
+            (tcp, _) => tcp,
+        };
+        let connected = match (tcp, &pool.tls) {
             (Ok(tcp), Some(tls)) => match tls.sni.clone().or_else(|| server_name(&backend.address))
             {
                 // Boxed: only TLS pools pay for the handshake's future.
@@ -187,6 +195,40 @@ async fn connect_backend<'p>(
         backend.release();
     }
     None
+}
+
+/// The PROXY header naming `peer`, who connected to this listener; with the TLS facts of a
+/// session fastlb terminated (v2).
+fn proxy_header_for(
+    version: crate::config::ProxyVersion,
+    client: &Conn,
+    peer: SocketAddr,
+) -> Vec<u8> {
+    let local = client
+        .tcp()
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (alpn, sni) = match client {
+        Conn::Tls(tls) => match &**tls {
+            tokio_rustls::TlsStream::Server(s) => {
+                let session = s.get_ref().1;
+                let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+                (alpn, session.server_name().map(str::to_owned))
+            }
+            tokio_rustls::TlsStream::Client(_) => (None, None),
+        },
+        Conn::Plain(_) => (None, None),
+    };
+    crate::net::proxy_header::encode(version, peer, local, alpn.as_deref(), sni.as_deref())
+}
+
+async fn write_first(
+    mut tcp: tokio::net::TcpStream,
+    header: &[u8],
+) -> io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(header).await?;
+    Ok(tcp)
 }
 
 #[cfg(test)]

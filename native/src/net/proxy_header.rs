@@ -21,6 +21,76 @@ const V1_MAX: usize = 107;
 /// v2: 16 bytes of head, then addresses and TLVs; more than this is refused as a flood.
 pub const V2_MAX: usize = 16 + 2048;
 
+/// The header fastlb sends to a backend (`send_proxy`): `client` connected to `local`. v2
+/// carries the TLS facts of a terminated session as TLVs (ALPN, and the SNI as authority).
+pub fn encode(
+    version: crate::config::ProxyVersion,
+    client: SocketAddr,
+    local: SocketAddr,
+    alpn: Option<&[u8]>,
+    authority: Option<&str>,
+) -> Vec<u8> {
+    // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d: send it as IPv4.
+    let (client, local) = (unmapped(client), unmapped(local));
+    let same_family = client.is_ipv4() == local.is_ipv4();
+    match version {
+        crate::config::ProxyVersion::V1 if !same_family => b"PROXY UNKNOWN\r\n".to_vec(),
+        crate::config::ProxyVersion::V1 => {
+            let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {family} {} {} {} {}\r\n",
+                client.ip(),
+                local.ip(),
+                client.port(),
+                local.port()
+            )
+            .into_bytes()
+        }
+        crate::config::ProxyVersion::V2 => {
+            let mut body = Vec::with_capacity(64);
+            let family = match (client, local) {
+                (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+                    body.extend_from_slice(&c.ip().octets());
+                    body.extend_from_slice(&l.ip().octets());
+                    0x11
+                }
+                (SocketAddr::V6(c), SocketAddr::V6(l)) => {
+                    body.extend_from_slice(&c.ip().octets());
+                    body.extend_from_slice(&l.ip().octets());
+                    0x21
+                }
+                _ => 0x00,
+            };
+            if family != 0 {
+                body.extend_from_slice(&client.port().to_be_bytes());
+                body.extend_from_slice(&local.port().to_be_bytes());
+            }
+            for (kind, value) in [(0x01u8, alpn), (0x02, authority.map(str::as_bytes))] {
+                if let Some(v) = value.filter(|v| !v.is_empty() && v.len() <= 255) {
+                    body.push(kind);
+                    body.extend_from_slice(&(v.len() as u16).to_be_bytes());
+                    body.extend_from_slice(v);
+                }
+            }
+            let mut out = V2_SIGNATURE.to_vec();
+            out.extend_from_slice(&[0x21, family]);
+            out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            out.extend_from_slice(&body);
+            out
+        }
+    }
+}
+
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
 /// What a complete header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Header {
@@ -269,6 +339,38 @@ mod tests {
         assert!(
             matches!(parse(&v2(1, 0x21, &six)), Parsed::Complete(Header::Proxied(a), _) if a.port() == 50000)
         );
+    }
+
+    #[test]
+    fn what_is_sent_parses_back() {
+        use crate::config::ProxyVersion::{V1, V2};
+        let client: SocketAddr = "192.0.2.7:51000".parse().unwrap();
+        let local: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let one = encode(V1, client, local, None, None);
+        assert_eq!(one, b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n");
+        let two = encode(V2, client, local, Some(b"h2"), Some("app.test"));
+        assert_eq!(
+            parse(&two),
+            Parsed::Complete(Header::Proxied(client), two.len())
+        );
+        assert!(two.windows(8).any(|w| w == b"app.test"));
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:51000".parse().unwrap();
+        assert_eq!(encode(V1, mapped, local, None, None), one);
+        let six: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        assert_eq!(encode(V1, client, six, None, None), b"PROXY UNKNOWN\r\n");
+        assert_eq!(
+            parse(&encode(V2, client, six, None, None)).len_or_zero(),
+            16
+        );
+    }
+
+    impl Parsed {
+        fn len_or_zero(&self) -> usize {
+            match self {
+                Parsed::Complete(_, n) => *n,
+                _ => 0,
+            }
+        }
     }
 
     #[test]
