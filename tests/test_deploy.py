@@ -150,6 +150,11 @@ def test_deployment_mounts_the_config_and_the_tokens_where_the_config_says():
     assert tokens.is_absolute()  # a ConfigMap's folder is a symlink farm: relative paths mislead
     assert mounts[str(tokens.parent)]["secret"]["secretName"] == o["Secret"]["metadata"]["name"]
     assert tokens.name in o["Secret"]["stringData"]
+    # the tokens file is readable by the user fastlb runs as (a Secret's files belong to root)
+    pod = d["spec"]["template"]["spec"]["securityContext"]
+    mode = mounts[str(tokens.parent)]["secret"].get("defaultMode", 0o644)
+    assert pod["runAsUser"] != 0
+    assert mode & 0o004 or (mode & 0o040 and pod.get("fsGroup") == pod.get("runAsGroup")), oct(mode)
     assert set(embedded()["admin"]["open"]) == {"/healthz", "/metrics"}
 
 
