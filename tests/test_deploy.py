@@ -210,6 +210,17 @@ def test_embedded_config_passes_fastlb_check(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("admin.bind:"), done.stderr
 
 
+def test_the_commented_proxy_protocol_line_passes_fastlb_check_once_uncommented(tmp_path):
+    config = with_tokens(tmp_path, f"ops operate {digest('s3cret').hex()}\n")
+    text = config.read_text()
+    line = re.compile(r"(?m)^# (proxy_protocol = \{.*\})$")
+    assert len(line.findall(text)) == 1
+    config.write_text(line.sub(r"\1", text))
+    assert tomllib.loads(config.read_text())["listeners"][0]["proxy_protocol"]["accept"] == "required"
+    done = check(config)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", ""), done.stderr
+
+
 def test_embedded_config_serves_probes_open_and_the_rest_behind_tokens(fastlb, hb, tmp_path):
     """The shipped file with only its ports and backend changed: the probe and scrape paths
     answer without a token on the wildcard admin bind, the rest asks for one, traffic flows,
