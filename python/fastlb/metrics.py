@@ -25,6 +25,7 @@ UDP_DIRECTIONS = ("in", "out", "to_backend", "from_backend")
 UDP_DROP_REASONS = ("max_sessions", "no_backend", "send_error", "unreachable")
 HTTP2_RESET_SIDES = ("client", "backend")
 HTTP2_GOAWAY_REASONS = ("graceful", "flood")
+BACKEND_STATES = ("up", "down", "draining", "drained", "disabled")  # /api/status's `state`
 
 
 class _StatusCollector(Collector):
@@ -102,6 +103,11 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
         "Times passive detection ejected the backend.",
         labels=["pool", "backend"],
     )
+    state = GaugeMetricFamily(
+        "fastlb_backend_state",
+        "1 for the backend's state (up, down, draining, drained, disabled), 0 for the others.",
+        labels=["pool", "backend", "state"],
+    )
     healthy = GaugeMetricFamily("fastlb_healthy_backends", "Backends up and enabled.", labels=["pool"])
     for pool in status["pools"]:
         pname = pool["name"]
@@ -114,12 +120,14 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
                 failures.add_metric([*labels, kind], b["failures"][kind])
             failures.add_metric([*labels, "health"], b["health"]["checks_failed"])
             ejections.add_metric(labels, b["ejections"])
+            for name in BACKEND_STATES:
+                state.add_metric([*labels, name], 1 if b["state"] == name else 0)
     log_dropped = CounterMetricFamily(
         "fastlb_log_dropped_total", "Access log lines dropped because the writer fell behind."
     )
     log_dropped.add_metric([], status["log_dropped"])
     yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
-    yield from (healthy, bytes_total, log_dropped, handshakes)
+    yield from (state, healthy, bytes_total, log_dropped, handshakes)
     yield from _udp(listeners)
     yield from _http2(listeners)
     yield from _splits(listeners)
