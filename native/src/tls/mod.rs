@@ -5,6 +5,7 @@
 pub mod client;
 pub mod client_hello;
 pub mod server;
+pub mod tickets;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;

@@ -2,11 +2,12 @@
 //! the control plane read, and the handshake a worker runs on each accepted connection.
 //!
 //! What must outlive a reload lives in `TlsShared`, made once per process: the ticket keys
-//! (rotated by rustls' ticketer; shared by every worker and every listener, so a ticket issued
-//! by one worker resumes on any other, before and after a reload) and the TLS 1.2 session
-//! cache. Certificates are per publish: new handshakes use the newest, open connections keep
+//! (see tls::tickets; shared by every worker and every listener, so a ticket issued by one
+//! worker resumes on any other, before and after a reload or a binary upgrade) and the TLS 1.2
+//! session cache. Certificates are per publish: new handshakes use the newest, open connections keep
 //! the session they have.
 
+use super::tickets::TicketKeys;
 use super::{pem_chain, pem_key, provider, HandshakeResult};
 use crate::config::{ClientAuth, ListenerTlsConfig, TlsVersion};
 use rustls::server::{
@@ -24,18 +25,28 @@ const SESSION_CACHE_SIZE: usize = 20_000;
 
 /// Process-wide TLS state that survives reloads.
 pub struct TlsShared {
+    tickets: Arc<TicketKeys>,
     ticketer: Arc<dyn ProducesTickets>,
     sessions: Arc<dyn StoresServerSessions>,
 }
 
 impl TlsShared {
-    pub fn new() -> Result<Self, String> {
-        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
-            .map_err(|e| format!("cannot make TLS ticket keys: {e}"))?;
+    /// Fresh ticket keys, or those a previous process exported (a binary upgrade).
+    pub fn new(ticket_keys: Option<&[u8]>) -> Result<Self, String> {
+        let tickets = Arc::new(match ticket_keys {
+            Some(bytes) => TicketKeys::import(bytes)?,
+            None => TicketKeys::new()?,
+        });
         Ok(TlsShared {
-            ticketer,
+            ticketer: tickets.clone(),
+            tickets,
             sessions: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
         })
+    }
+
+    /// The ticket keys, for the process that takes over at a binary upgrade.
+    pub fn export_ticket_keys(&self) -> Vec<u8> {
+        self.tickets.export()
     }
 }
 
