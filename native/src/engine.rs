@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -133,21 +134,53 @@ pub struct Engine {
     /// Each worker's last metrics snapshot (used when one does not answer in time).
     last_metrics: Vec<WorkerMetrics>,
     window: LatencyWindow,
+    /// A copy of every listening socket, by listener name (see `handover`).
+    listen_fds: HashMap<String, Vec<OwnedFd>>,
     stopped: bool,
 }
 
+/// Whether the data plane serves: every worker thread alive and every listener listening.
+pub struct ServingProbe {
+    shared: Arc<Shared>,
+    workers: usize,
+}
+
+impl ServingProbe {
+    pub fn serving(&self) -> bool {
+        self.shared.listening.load(Relaxed)
+            && self.shared.live_workers.load(Relaxed) == self.workers
+    }
+}
+
+/// What a binary upgrade hands over: the old process's listening sockets by listener name, and
+/// its TLS ticket keys (so tickets it issued still resume).
+#[derive(Default)]
+pub struct Inherited {
+    pub sockets: HashMap<String, Vec<OwnedFd>>,
+    pub ticket_keys: Option<Vec<u8>>,
+}
+
 impl Engine {
-    /// Binds every listener, starts the workers and begins serving.
-    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+    /// Binds every listener, starts the workers and begins serving. Listening sockets and
+    /// ticket keys in `inherited` (a binary upgrade's) are taken over where they fit.
+    pub fn start(config: EngineConfig, mut inherited: Inherited) -> Result<Engine, EngineError> {
         let n = config.runtime.workers;
         let mut sockets = Vec::new();
         for l in &config.listeners {
-            sockets.push((l.name.clone(), bind_listener(l, n)?));
+            let taken = inherited.sockets.remove(&l.name).unwrap_or_default();
+            sockets.push((l.name.clone(), bind_listener(l, n, taken)?));
         }
+        // Sockets of listeners this config no longer has close here; the old process's
+        // copies close when it exits, as a reload would close them.
+        drop(inherited.sockets);
+        let shared = Shared::new(
+            config.runtime.max_connections,
+            inherited.ticket_keys.as_deref(),
+        )
+        .map_err(EngineError::Config)?;
         let mut engine = Engine {
-            shared: Arc::new(
-                Shared::new(config.runtime.max_connections).map_err(EngineError::Config)?,
-            ),
+            shared: Arc::new(shared),
+            listen_fds: HashMap::new(),
             workers: Vec::with_capacity(n),
             config: config.clone(),
             backends: HashMap::new(),
@@ -165,9 +198,13 @@ impl Engine {
             let cpu = (!config.runtime.cpus.is_empty())
                 .then(|| config.runtime.cpus[index % config.runtime.cpus.len()]);
             let shared = engine.shared.clone();
+            engine.shared.live_workers.fetch_add(1, Relaxed);
             let thread = std::thread::Builder::new()
                 .name(format!("fastlb-worker-{index}"))
-                .spawn(move || worker::run(index, cpu, shared, rx))?;
+                .spawn(move || worker::run(index, cpu, shared, rx))
+                .inspect_err(|_| {
+                    engine.shared.live_workers.fetch_sub(1, Relaxed);
+                })?;
             engine.workers.push(WorkerHandle {
                 commands: tx,
                 thread: Some(thread),
@@ -176,6 +213,7 @@ impl Engine {
         for (name, per_worker) in sockets {
             engine.listen(&name, per_worker);
         }
+        engine.note_listening();
         Ok(engine)
     }
 
@@ -191,7 +229,7 @@ impl Engine {
         for l in &config.listeners {
             let same = self.config.listeners.iter().any(|old| same_socket(old, l));
             if !same {
-                new_sockets.push((l.name.clone(), bind_listener(l, n)?));
+                new_sockets.push((l.name.clone(), bind_listener(l, n, Vec::new())?));
             }
         }
         let removed: Vec<String> = self
@@ -216,12 +254,14 @@ impl Engine {
             }
             if !new_sockets.iter().any(|(n, _)| *n == name) {
                 self.broadcast(|| WorkerCmd::Unlisten { name: name.clone() });
+                self.listen_fds.remove(&name);
             }
         }
         for (name, per_worker) in new_sockets {
             self.listen(&name, per_worker);
         }
         self.config = config;
+        self.note_listening();
         Ok(())
     }
 
@@ -232,6 +272,10 @@ impl Engine {
             return;
         }
         self.stopped = true;
+        // Without this process's copies, a socket nobody else holds closes with its accept
+        // loops: clients are refused rather than left in a queue no one serves.
+        self.listen_fds.clear();
+        self.shared.listening.store(false, Relaxed);
         for w in &self.workers {
             let _ = w.commands.send(WorkerCmd::Stop { grace });
         }
@@ -242,6 +286,36 @@ impl Engine {
         }
         // Every line is written before stop returns.
         drop(self.shared.access_log.swap(None));
+    }
+
+    /// Every listening socket by listener name, and the TLS ticket keys: what a binary upgrade
+    /// hands to the new process. The fds stay this engine's (the caller sends copies).
+    pub fn handover(&self) -> (Vec<(String, Vec<RawFd>)>, Vec<u8>) {
+        let fds = self
+            .listen_fds
+            .iter()
+            .map(|(name, fds)| (name.clone(), fds.iter().map(|f| f.as_raw_fd()).collect()))
+            .collect();
+        (fds, self.shared.tls.export_ticket_keys())
+    }
+
+    /// What `/healthz` asks, answerable without this engine's lock (a stop holds it while
+    /// it drains).
+    pub fn serving_probe(&self) -> ServingProbe {
+        ServingProbe {
+            shared: self.shared.clone(),
+            workers: self.workers.len(),
+        }
+    }
+
+    /// Records whether every listener of the running config has its sockets.
+    fn note_listening(&self) {
+        let all = self
+            .config
+            .listeners
+            .iter()
+            .all(|l| self.listen_fds.get(&l.name).is_some_and(|f| !f.is_empty()));
+        self.shared.listening.store(all && !self.stopped, Relaxed);
     }
 
     /// Client connections open now, process-wide.
@@ -635,13 +709,27 @@ impl Engine {
         Ok(listeners)
     }
 
-    fn listen(&self, name: &str, per_worker: Vec<ListenSocket>) {
-        for (w, socket) in self.workers.iter().zip(per_worker) {
+    /// Hands listener `name`'s sockets to the workers, socket `i` to worker `i % workers` (an
+    /// upgrade may bring more sockets than workers: each is served, none left to queue), and
+    /// keeps a copy of each for a later upgrade.
+    fn listen(&mut self, name: &str, sockets: Vec<ListenSocket>) {
+        let n = self.workers.len().max(1);
+        let mut copies = Vec::with_capacity(sockets.len());
+        let mut per_worker: Vec<Vec<ListenSocket>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            match socket.try_clone_fd() {
+                Ok(fd) => copies.push(fd),
+                Err(e) => eprintln!("fastlb: listener {name}: no copy for upgrades: {e}"),
+            }
+            per_worker[i % n].push(socket);
+        }
+        for (w, sockets) in self.workers.iter().zip(per_worker) {
             let _ = w.commands.send(WorkerCmd::Listen {
                 name: name.to_string(),
-                socket,
+                sockets,
             });
         }
+        self.listen_fds.insert(name.to_string(), copies);
     }
 }
 
@@ -678,41 +766,70 @@ fn same_socket(old: &ListenerConfig, new: &ListenerConfig) -> bool {
 
 /// One SO_REUSEPORT listening socket per worker: the kernel spreads new connections (and udp
 /// flows, by their addresses' hash) across them, so workers never contend on one queue.
-fn bind_listener(l: &ListenerConfig, workers: usize) -> Result<Vec<ListenSocket>, EngineError> {
+/// Inherited sockets that fit the listener (same transport and address) are used first, all of
+/// them, even beyond one per worker: a socket dropped here would lose its queued connections.
+fn bind_listener(
+    l: &ListenerConfig,
+    workers: usize,
+    inherited: Vec<OwnedFd>,
+) -> Result<Vec<ListenSocket>, EngineError> {
     let bind_error = |e| EngineError::Bind(l.name.clone(), l.bind, e);
     let udp = l.protocol == Protocol::Udp;
-    (0..workers)
-        .map(|_| {
-            let domain = socket2::Domain::for_address(l.bind);
-            let s = match udp {
-                true => socket2::Socket::new(domain, socket2::Type::DGRAM, None),
-                false => socket2::Socket::new(
-                    domain,
-                    socket2::Type::STREAM,
-                    Some(socket2::Protocol::TCP),
-                ),
-            }
-            .map_err(bind_error)?;
-            if l.bind.is_ipv6() {
-                s.set_only_v6(true).map_err(bind_error)?;
-            }
-            s.set_reuse_address(true).map_err(bind_error)?;
-            s.set_reuse_port(true).map_err(bind_error)?;
-            s.set_nonblocking(true).map_err(bind_error)?;
-            if udp {
-                if l.bind.ip().is_unspecified() {
-                    // Replies must leave from the address each flow reached.
-                    recv_packet_info(&s, l.bind.is_ipv6()).map_err(bind_error)?;
-                }
-                s.bind(&l.bind.into()).map_err(bind_error)?;
-                return Ok(ListenSocket::Udp(s.into()));
-            }
-            s.set_tcp_nodelay(true).map_err(bind_error)?;
-            s.bind(&l.bind.into()).map_err(bind_error)?;
-            s.listen(LISTEN_BACKLOG).map_err(bind_error)?;
-            Ok(ListenSocket::Tcp(s.into()))
-        })
-        .collect()
+    let mut sockets: Vec<ListenSocket> = inherited
+        .into_iter()
+        .filter_map(|fd| adopt(l, fd))
+        .collect();
+    while sockets.len() < workers {
+        sockets.push(bind_one(l, udp).map_err(bind_error)?);
+    }
+    Ok(sockets)
+}
+
+/// An inherited socket, if it is what listener `l` would bind (else it is closed).
+fn adopt(l: &ListenerConfig, fd: OwnedFd) -> Option<ListenSocket> {
+    let s = socket2::Socket::from(fd);
+    let udp = l.protocol == Protocol::Udp;
+    let want = if udp {
+        socket2::Type::DGRAM
+    } else {
+        socket2::Type::STREAM
+    };
+    let fits = s.r#type().ok() == Some(want)
+        && s.local_addr().ok().and_then(|a| a.as_socket()) == Some(l.bind)
+        && (udp || s.is_listener().unwrap_or(false));
+    if !fits || s.set_nonblocking(true).is_err() {
+        return None;
+    }
+    Some(match udp {
+        true => ListenSocket::Udp(s.into()),
+        false => ListenSocket::Tcp(s.into()),
+    })
+}
+
+fn bind_one(l: &ListenerConfig, udp: bool) -> io::Result<ListenSocket> {
+    let domain = socket2::Domain::for_address(l.bind);
+    let s = match udp {
+        true => socket2::Socket::new(domain, socket2::Type::DGRAM, None),
+        false => socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)),
+    }?;
+    if l.bind.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    if udp {
+        if l.bind.ip().is_unspecified() {
+            // Replies must leave from the address each flow reached.
+            recv_packet_info(&s, l.bind.is_ipv6())?;
+        }
+        s.bind(&l.bind.into())?;
+        return Ok(ListenSocket::Udp(s.into()));
+    }
+    s.set_tcp_nodelay(true)?;
+    s.bind(&l.bind.into())?;
+    s.listen(LISTEN_BACKLOG)?;
+    Ok(ListenSocket::Tcp(s.into()))
 }
 
 /// IP_PKTINFO / IPV6_RECVPKTINFO: each datagram comes with the address it was sent to.
@@ -765,7 +882,7 @@ mod tests {
     /// carries on under its id; only a changed file weight replaces a runtime weight.
     #[test]
     fn a_reload_keeps_each_backends_state_whatever_else_changed() {
-        let mut engine = Engine::start(config(|_| {})).unwrap();
+        let mut engine = Engine::start(config(|_| {}), Inherited::default()).unwrap();
         let b0 = engine.backend("app", "127.0.0.1:9000").unwrap().clone();
         let b1 = engine.backend("app", "127.0.0.1:9001").unwrap().clone();
         engine

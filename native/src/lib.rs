@@ -25,6 +25,9 @@ use balance::AdminState;
 use engine::EngineError;
 use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -52,6 +55,7 @@ fn parse(config_json: &str) -> PyResult<config::EngineConfig> {
 #[pyclass(name = "Engine", module = "fastlb._native")]
 struct PyEngine {
     inner: Mutex<engine::Engine>,
+    probe: engine::ServingProbe,
 }
 
 impl PyEngine {
@@ -64,16 +68,58 @@ impl PyEngine {
     }
 }
 
+/// Listening fds by listener name, and the TLS ticket keys.
+type Handover<'py> = (HashMap<String, Vec<RawFd>>, Bound<'py, PyBytes>);
+
 #[pymethods]
 impl PyEngine {
     /// Binds every listener and starts the workers. `config_json` is `Config.to_engine()`.
+    /// At a binary upgrade, `inherited` holds the old process's listening sockets by listener
+    /// name (fds this engine takes ownership of, used or closed) and `ticket_keys` its keys.
     #[new]
-    fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
+    #[pyo3(signature = (config_json, inherited=None, ticket_keys=None))]
+    fn new(
+        py: Python<'_>,
+        config_json: &str,
+        inherited: Option<HashMap<String, Vec<RawFd>>>,
+        ticket_keys: Option<Vec<u8>>,
+    ) -> PyResult<Self> {
         let cfg = parse(config_json)?;
-        let engine = py.detach(|| engine::Engine::start(cfg)).map_err(to_py)?;
+        // SAFETY: the caller hands these fds over (received by SCM_RIGHTS, owned by no one
+        // else); from here each is owned once, by the engine.
+        let sockets = inherited
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, fds)| {
+                let owned = fds
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+                (name, owned.collect())
+            })
+            .collect();
+        let inherited = engine::Inherited {
+            sockets,
+            ticket_keys,
+        };
+        let engine = py
+            .detach(|| engine::Engine::start(cfg, inherited))
+            .map_err(to_py)?;
         Ok(PyEngine {
+            probe: engine.serving_probe(),
             inner: Mutex::new(engine),
         })
+    }
+
+    /// Every listening socket's fd by listener name (still the engine's: send copies) and the
+    /// TLS ticket keys, for the process that takes over at a binary upgrade.
+    fn handover<'py>(&self, py: Python<'py>) -> PyResult<Handover<'py>> {
+        let (fds, keys) = self.with(|e| Ok(e.handover()))?;
+        Ok((fds.into_iter().collect(), PyBytes::new(py, &keys)))
+    }
+
+    /// Whether the data plane serves every listener (for `/healthz`); never waits.
+    fn serving(&self) -> bool {
+        self.probe.serving()
     }
 
     /// Swaps in a new configuration without closing listeners that stay.

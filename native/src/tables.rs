@@ -31,10 +31,16 @@ pub struct Shared {
     pub via_token: String,
     /// Ticket keys and the TLS 1.2 session cache: one set for every worker and listener.
     pub tls: TlsShared,
+    /// Worker threads running now (each counts itself out when it ends, however it ends).
+    pub live_workers: AtomicUsize,
+    /// Set by the engine while every listener of the running config has its sockets, cleared
+    /// at stop: with `live_workers`, what `/healthz` reports, read without the engine's lock.
+    pub listening: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(max_connections: usize) -> Result<Self, String> {
+    /// `ticket_keys`: those a previous process exported at a binary upgrade, if any.
+    pub fn new(max_connections: usize, ticket_keys: Option<&[u8]>) -> Result<Self, String> {
         Ok(Shared {
             tables: ArcSwap::from_pointee(Tables {
                 generation: 0,
@@ -46,7 +52,9 @@ impl Shared {
             max_connections,
             splice_threshold: splice_threshold(),
             via_token: format!("fastlb-{:08x}", fastrand::u32(..)),
-            tls: TlsShared::new()?,
+            tls: TlsShared::new(ticket_keys)?,
+            live_workers: AtomicUsize::new(0),
+            listening: AtomicBool::new(false),
         })
     }
 }

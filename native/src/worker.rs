@@ -18,7 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -29,11 +29,19 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, LocalSet};
 
+/// How long a stop waits at most for udp replies still on their way (within the drain's grace):
+/// a DNS answer takes milliseconds; a backend that never answers should not hold the exit.
+const UDP_REPLY_GRACE: Duration = Duration::from_secs(2);
+
 /// What the control plane asks of a worker.
 pub enum WorkerCmd {
-    /// Start accepting on this worker's socket of listener `name` (bound by the caller, so bind
-    /// errors surface synchronously in Python).
-    Listen { name: String, socket: ListenSocket },
+    /// Start accepting on this worker's sockets of listener `name` (bound by the caller, so
+    /// bind errors surface synchronously in Python), in place of any it had for that name.
+    /// Usually one; more after a binary upgrade from a process with more workers.
+    Listen {
+        name: String,
+        sockets: Vec<ListenSocket>,
+    },
     /// Stop accepting on listener `name`; its open connections carry on, idle keep-alive ones
     /// are closed (its entries were marked `closing` first).
     Unlisten { name: String },
@@ -59,6 +67,16 @@ pub enum WorkerCmd {
 pub enum ListenSocket {
     Tcp(std::net::TcpListener),
     Udp(std::net::UdpSocket),
+}
+
+impl ListenSocket {
+    /// A second descriptor for the same socket (kept by the engine for a binary upgrade).
+    pub fn try_clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        match self {
+            ListenSocket::Tcp(s) => s.as_fd().try_clone_to_owned(),
+            ListenSocket::Udp(s) => s.as_fd().try_clone_to_owned(),
+        }
+    }
 }
 
 /// State of one worker thread, shared by its tasks (never crosses threads).
@@ -121,6 +139,14 @@ pub fn run(
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<WorkerCmd>,
 ) {
+    struct Alive(Arc<Shared>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.live_workers.fetch_sub(1, Relaxed);
+        }
+    }
+    // Counted in by the engine before the thread was spawned.
+    let _alive = Alive(shared.clone());
     if let Some(cpu) = cpu {
         pin_to_cpu(cpu);
     }
@@ -141,39 +167,20 @@ pub fn run(
 
 async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<WorkerCmd>) {
     let sweeper = tokio::task::spawn_local(h1::sweep_loop(ctx.clone()));
-    let mut accepting: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut accepting: HashMap<String, Vec<JoinHandle<()>>> = HashMap::new();
     while let Some(cmd) = commands.recv().await {
         match cmd {
-            // SAFETY: the AsyncFd owns the listening socket, so its fd stays open and the same
-            // for the AsyncFd's whole life.
-            WorkerCmd::Listen { name, socket } => {
-                let task = match socket {
-                    ListenSocket::Tcp(socket) => {
-                        match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
-                        {
-                            Ok(listener) => tokio::task::spawn_local(accept_loop(
-                                ctx.clone(),
-                                name.clone(),
-                                listener,
-                            )),
-                            Err(e) => {
-                                eprintln!("fastlb: listener {name}: {e}");
-                                continue;
-                            }
-                        }
-                    }
-                    ListenSocket::Udp(socket) => tokio::task::spawn_local(udp::listen_loop(
-                        ctx.clone(),
-                        name.clone(),
-                        socket,
-                    )),
-                };
-                if let Some(old) = accepting.insert(name, task) {
+            WorkerCmd::Listen { name, sockets } => {
+                let tasks = sockets
+                    .into_iter()
+                    .filter_map(|socket| serve_socket(&ctx, &name, socket))
+                    .collect();
+                for old in accepting.insert(name, tasks).into_iter().flatten() {
                     old.abort();
                 }
             }
             WorkerCmd::Unlisten { name } => {
-                if let Some(task) = accepting.remove(&name) {
+                for task in accepting.remove(&name).into_iter().flatten() {
                     task.abort();
                 }
                 track::close_idle_clients(|l| l.closing.load(Relaxed));
@@ -195,13 +202,16 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                 let _ = reply.send((index, ctx.metrics.borrow().clone()));
             }
             WorkerCmd::Stop { grace } => {
-                for (_, task) in accepting.drain() {
+                for task in accepting.drain().flat_map(|(_, tasks)| tasks) {
                     task.abort();
                 }
                 ctx.stopping.set(true);
                 track::close_idle_clients(|_| true);
                 ctx.h2.goaway.notify_waiters();
-                ctx.udp.close_where(&ctx, |_| true);
+                // At a binary upgrade the new process reads the same udp sockets from now on;
+                // a session whose reply is still on its way keeps its socket for it.
+                ctx.udp
+                    .close_where(&ctx, |s| s.waiting_since.is_none() || s.parked);
                 let drained = async {
                     while ctx.open.get() > 0 {
                         let notified = ctx.idle.notified();
@@ -211,12 +221,44 @@ async fn command_loop(ctx: Rc<WorkerCtx>, mut commands: mpsc::UnboundedReceiver<
                         notified.await;
                     }
                 };
-                let _ = tokio::time::timeout(grace, drained).await;
+                let replies = tokio::time::timeout(UDP_REPLY_GRACE, async {
+                    while ctx.udp.awaiting_replies() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                });
+                let _ = tokio::time::timeout(grace, async { tokio::join!(drained, replies) }).await;
+                ctx.udp.close_where(&ctx, |_| true);
                 sweeper.abort();
                 ctx.http.upstream.clear();
                 return;
             }
         }
+    }
+}
+
+/// The task that accepts (tcp) or receives (udp) on one listening socket.
+fn serve_socket(ctx: &Rc<WorkerCtx>, name: &str, socket: ListenSocket) -> Option<JoinHandle<()>> {
+    match socket {
+        // SAFETY: the AsyncFd owns the listening socket, so its fd stays open and the same for
+        // the AsyncFd's whole life.
+        ListenSocket::Tcp(socket) => {
+            match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) } {
+                Ok(listener) => Some(tokio::task::spawn_local(accept_loop(
+                    ctx.clone(),
+                    name.to_string(),
+                    listener,
+                ))),
+                Err(e) => {
+                    eprintln!("fastlb: listener {name}: {e}");
+                    None
+                }
+            }
+        }
+        ListenSocket::Udp(socket) => Some(tokio::task::spawn_local(udp::listen_loop(
+            ctx.clone(),
+            name.to_string(),
+            socket,
+        ))),
     }
 }
 

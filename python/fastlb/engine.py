@@ -30,10 +30,26 @@ class Engine:
     """Running workers and listeners for one `Config`. Every call returns quickly: the data plane
     applies changes by swapping tables, never by stopping workers."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        inherited: dict[str, list[int]] | None = None,
+        ticket_keys: bytes | None = None,
+    ) -> None:
+        """`inherited` and `ticket_keys`: what a binary upgrade handed over (the listening
+        sockets' fds by listener name, which the engine then owns, and the TLS ticket keys)."""
         self.config = config
         self._spec = config.to_engine()
-        self._native = _native.Engine(orjson.dumps(self._spec).decode())
+        self._native = _native.Engine(orjson.dumps(self._spec).decode(), inherited, ticket_keys)
+
+    def handover(self) -> tuple[dict[str, list[int]], bytes]:
+        """Every listening socket's fd by listener name (still the engine's) and the TLS ticket
+        keys: what the next process needs at a binary upgrade."""
+        return self._native.handover()
+
+    def serving(self) -> bool:
+        """Whether every worker runs and every listener listens; never waits."""
+        return self._native.serving()
 
     def update(self, config: Config) -> None:
         """Swap in a new config; listeners that stay keep their sockets."""
