@@ -24,10 +24,12 @@ enum Entry {
         client_fd: RawFd,
         backend: *const BackendState,
     },
-    /// An http client connection waiting for a request, nothing of it read yet.
+    /// An http client connection waiting for a request, nothing of it read yet; `shut` once
+    /// `close_idle_clients` sent it a FIN.
     IdleClient {
         fd: RawFd,
         listener: *const ListenerEntry,
+        shut: bool,
     },
 }
 
@@ -38,6 +40,19 @@ thread_local! {
 /// Unregisters its socket when dropped (before the socket closes: declare it after the socket).
 pub struct Tracked {
     key: usize,
+}
+
+impl Tracked {
+    /// Whether `close_idle_clients` closed this idle client connection (its write side): what
+    /// it sends from now on is to be read away, never served.
+    pub fn was_shut(&self) -> bool {
+        OPEN.with(|open| {
+            matches!(
+                open.borrow().get(self.key),
+                Some(Entry::IdleClient { shut: true, .. })
+            )
+        })
+    }
 }
 
 impl Drop for Tracked {
@@ -67,6 +82,7 @@ pub fn idle_client(fd: RawFd, listener: &ListenerEntry) -> Tracked {
         open.borrow_mut().insert(Entry::IdleClient {
             fd,
             listener: listener as *const _,
+            shut: false,
         })
     });
     Tracked { key }
@@ -101,25 +117,42 @@ pub fn close_backend(backend: &BackendState) -> usize {
     })
 }
 
-/// Shuts down this worker's idle client connections whose listener `matches`; returns how
-/// many. A client that sends a request at this very moment sees the close, as with any server
-/// closing an idle keep-alive connection; busy connections finish their request first and are
-/// answered with `Connection: close`.
+/// Closes this worker's idle client connections whose listener `matches`; returns how many.
+/// Closing sends a FIN (the write side only), so a request that crosses it on the wire is read
+/// away by its task and the client sees a clean close, never a reset. One already waiting
+/// unread is left to be served (its answer says `Connection: close`), as busy connections are.
 pub fn close_idle_clients(matches: impl Fn(&ListenerEntry) -> bool) -> usize {
     OPEN.with(|open| {
-        let open = open.borrow();
+        let mut open = open.borrow_mut();
         let mut n = 0;
-        for (_, e) in open.iter() {
-            if let Entry::IdleClient { fd, listener } = e {
+        for (_, e) in open.iter_mut() {
+            if let Entry::IdleClient { fd, listener, shut } = e {
                 // SAFETY: the connection's task holds its listener entry while it is registered.
-                if matches(unsafe { &**listener }) {
-                    shutdown(*fd);
+                if !*shut && matches(unsafe { &**listener }) && !has_unread_request(*fd) {
+                    // SAFETY: the fd is registered, so its task has not closed it yet.
+                    unsafe { libc::shutdown(*fd, libc::SHUT_WR) };
+                    *shut = true;
                     n += 1;
                 }
             }
         }
         n
     })
+}
+
+/// Whether bytes of a request wait unread on `fd` (a peek, which never blocks).
+fn has_unread_request(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local on a registered, open fd.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
 }
 
 #[cfg(test)]

@@ -154,6 +154,10 @@ pub async fn serve(
                         preread: std::mem::take(&mut client.partial),
                     });
                 }
+                Err(Some(CLOSED_IDLE)) => {
+                    lingering_close(ctx, &mut client.stream, &mut deadline).await;
+                    return None;
+                }
                 Err(Some(status)) => {
                     record_refused(ctx, listener, status, true);
                     if let Some(log) = ctx.shared.access_log.load().as_ref() {
@@ -198,8 +202,9 @@ pub async fn serve(
         let closing = ctx.stopping.get() || listener.closing.load(Relaxed);
         if next == Next::Close || closing {
             // Requests pipelined behind the last one are left unanswered: closing with them
-            // unread would reset the connection and could destroy the answer just sent.
-            let unread = !req.is_empty();
+            // unread would reset the connection and could destroy the answer just sent. So
+            // would a next request from a client told keep-alive before a stop began.
+            let unread = !req.is_empty() || next == Next::KeepAlive;
             ctx.http.bufs.give(req);
             if unread {
                 lingering_close(ctx, &mut client.stream, &mut deadline).await;
@@ -269,9 +274,13 @@ async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &
 /// Not a status: `read_request` found the HTTP/2 preface (its bytes are left in
 /// `client.partial`).
 const H2C: u16 = 0;
+/// Not a status either: a stop or the listener's removal closed this idle connection
+/// (`track::close_idle_clients`); what the client sent since is read away, unanswered.
+const CLOSED_IDLE: u16 = 1;
 
 /// Reads until a whole request head is buffered. Err(None): the client left or idled out;
-/// Err(Some(H2C)): the client speaks HTTP/2; Err(Some(status)): answer that status and close.
+/// Err(Some(H2C)): the client speaks HTTP/2; Err(Some(CLOSED_IDLE)): closed by this side;
+/// Err(Some(status)): answer that status and close.
 async fn read_request(
     ctx: &WorkerCtx,
     listener: &ListenerEntry,
@@ -350,12 +359,19 @@ async fn read_request(
                     };
                     deadline.set(Duration::from_millis(wait));
                 }
-                // Registered while idle, so a stop or the listener's removal can close it.
-                let tracked = client
-                    .partial
-                    .is_empty()
+                // Registered while idle between requests, so a stop or the listener's removal
+                // can close it. Not before the first: a client that has just connected cannot
+                // know its request would cross the close, so its request is waited for and
+                // answered (with `Connection: close`), within `header_read`.
+                let tracked = (client.partial.is_empty() && client.requests > 0)
                     .then(|| crate::track::idle_client(client.stream.fd(), listener));
                 let woke = client.stream.readable(deadline).await;
+                if tracked
+                    .as_ref()
+                    .is_some_and(crate::track::Tracked::was_shut)
+                {
+                    return Err(Some(CLOSED_IDLE));
+                }
                 drop(tracked);
                 if woke.is_err() {
                     let timed_out_mid_head = !client.partial.is_empty();
@@ -1532,7 +1548,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let ctx = WorkerCtx::new(Arc::new(Shared::new(0).unwrap()));
+            let ctx = WorkerCtx::new(Arc::new(Shared::new(0, None).unwrap()));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let stream = TcpStream::connect(addr).await.unwrap().into_std().unwrap();

@@ -99,6 +99,19 @@ impl UdpSlot {
         Ok(w)
     }
 
+    /// Whether some session still waits for a reply to a datagram it forwarded (at a stop,
+    /// those keep their socket a moment so the reply still reaches its client).
+    pub fn awaiting_replies(&self) -> bool {
+        let Some(w) = self.0.get() else {
+            return false;
+        };
+        let mut waiting = Vec::new();
+        w.sessions
+            .borrow()
+            .matching(|s| s.waiting_since.is_some() && !s.parked, &mut waiting);
+        !waiting.is_empty()
+    }
+
     /// Ends every session for which `pred` holds (a listener removed, a backend closed, stop).
     pub fn close_where(&self, ctx: &WorkerCtx, pred: impl FnMut(&Session) -> bool) {
         if let Some(w) = self.0.get() {
