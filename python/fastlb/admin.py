@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -63,8 +64,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if request.app[CONTROL].stopping:
+    """200 only while the data plane serves every listener (keepalived's track_script and
+    Kubernetes probes act on it)."""
+    control = request.app[CONTROL]
+    if control.stopping:
         return web.Response(text="stopping\n", status=503)
+    if not control.engine.serving():
+        return web.Response(text="data plane not serving every listener\n", status=503)
     return web.Response(text="ok\n")
 
 
@@ -259,16 +265,63 @@ def _follow_reloads(control: ControlPlane, running: Admin, ctx: ssl.SSLContext |
     control.reload_hooks.append(follow)
 
 
-async def start_admin(control: ControlPlane, admin: Admin) -> web.AppRunner:
-    """Serves the admin API on `admin.bind` (host:port) until the runner is cleaned up."""
-    host, port = split_host_port(admin.bind, bind=True)
+class AdminServer:
+    """The running admin API: its runner and listening sockets (which a binary upgrade hands
+    to the next process)."""
+
+    def __init__(self, runner: web.AppRunner, sockets: list[socket.socket]) -> None:
+        self.runner = runner
+        self.sockets = sockets
+
+    async def stop_listening(self) -> None:
+        """Stops accepting (the next process serves the address); open requests finish."""
+        for site in list(self.runner.sites):
+            await site.stop()
+
+    async def cleanup(self) -> None:
+        await self.runner.cleanup()
+
+
+def bind_admin(bind: str) -> list[socket.socket]:
+    """Listening sockets for `admin.bind`: one per address the host resolves to, as asyncio
+    would bind them, but made here so that an upgrade can hand them over."""
+    host, port = split_host_port(bind, bind=True)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, kind, proto)
+            sockets.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(128)
+    except OSError:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
+async def start_admin(
+    control: ControlPlane, admin: Admin, inherited: list[socket.socket] | None = None
+) -> AdminServer:
+    """Serves the admin API on `admin.bind` (host:port), on the sockets a binary upgrade
+    handed over if any, until cleaned up. OSError if the address cannot be bound."""
+    sockets = inherited or bind_admin(admin.bind)
     ctx = tls_context(admin.tls) if admin.tls is not None else None
     scheme = "https" if ctx is not None else "http"
     runner = web.AppRunner(build_app(control, scheme), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ctx)
-    await site.start()
+    for s in sockets:
+        await web.SockSite(runner, s, ssl_context=ctx).start()
     _follow_reloads(control, admin, ctx)
     guarded = "tokens" if admin.tokens is not None else "no tokens"
     log.info("admin API on %s://%s/ (%s)", scheme, admin.bind, guarded)
-    return runner
+    return AdminServer(runner, sockets)

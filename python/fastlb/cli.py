@@ -1,5 +1,5 @@
-"""The `fastlb` command: serve, check, demo, ctl, admin-token. Argument parsing only: the serve lifecycle is
-`fastlb.server`.
+"""The `fastlb` command: serve, check, demo, ctl, upgrade, admin-token. Argument parsing only:
+the serve lifecycle is `fastlb.server`, the upgrade's handover `fastlb.upgrade`.
 
 Exit codes: 0 ok, 1 runtime failure (e.g. a port already taken), 2 bad config or bad usage.
 Errors are one line per problem on stderr, naming the field.
@@ -18,7 +18,8 @@ from fastlb._native import BUILD
 from fastlb.admin_auth import ROLES, TOKEN_NAME, digest, new_token
 from fastlb.config import Config, ConfigError, load_config
 from fastlb.ctl import add_ctl_parser, run_ctl
-from fastlb.server import EXIT_OK, EXIT_USAGE, Server
+from fastlb.server import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Server
+from fastlb.upgrade import UpgradeError, request_upgrade
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:8080", help="listener address (default %(default)s)")
     demo.add_argument(
         "--admin", default="127.0.0.1:9901", help='admin API address or "off" (default %(default)s)'
+    )
+    up = sub.add_parser(
+        "upgrade", help="binary upgrade: the running fastlb hands its sockets to a new process, then drains"
+    )
+    where = up.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pid-file", type=Path, help="the running process's [runtime].pid_file")
+    where.add_argument("-c", "--config", type=Path, help="its config file (for [runtime].pid_file)")
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the new process (default %(default)s)",
     )
     add_ctl_parser(sub)
     token = sub.add_parser(
@@ -111,7 +124,35 @@ def cmd_serve(path: Path) -> int:
     def reload() -> Config:
         return load_config(path)
 
-    return Server(config, reload).run(exit_when_stopped=True)
+    # absolute: the new process of an upgrade must find the same file whatever happens to cwd
+    argv = ["serve", "-c", str(path.resolve())]
+    return Server(config, reload, argv=argv).run(exit_when_stopped=True)
+
+
+def cmd_upgrade(pid_file: Path | None, config_path: Path | None, timeout_s: float) -> int:
+    """Exit 0 once the new process serves (the old one then drains and exits on its own), 1 if
+    the upgrade failed (the old one still serves), 2 if there is no pid file to go by."""
+    if pid_file is None:
+        assert config_path is not None
+        try:
+            pid_file = load_config(config_path).pid_path
+        except ConfigError as err:
+            _print_errors(err)
+            return EXIT_USAGE
+        if pid_file is None:
+            print(
+                f"fastlb: {config_path}: runtime.pid_file is not set, so there is no pid to upgrade "
+                "(set it, or send SIGUSR2 to the process yourself)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    try:
+        old, new = request_upgrade(pid_file, timeout_s)
+    except UpgradeError as err:
+        print(f"fastlb: upgrade: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"upgraded: pid {old} -> {new} (pid {old} drains and exits)")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args.config)
     if args.command == "ctl":
         return run_ctl(args)
+    if args.command == "upgrade":
+        return cmd_upgrade(args.pid_file, args.config, args.timeout)
     if args.command == "admin-token":
         return cmd_admin_token(args.name, args.role)
     if args.command == "demo":

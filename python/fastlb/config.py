@@ -13,7 +13,8 @@ engine JSON carries every field, and the engine has no defaults of its own.
 
 Defaults (a key left out means this):
     runtime   workers = "auto" (one per CPU the process may run on, or one per listed CPU),
-              cpu_affinity = "auto", max_connections = 50000 (0 = unlimited)
+              cpu_affinity = "auto", max_connections = 50000 (0 = unlimited), pid_file = none
+              (relative to the config file's folder)
     admin     bind = "127.0.0.1:9901" ("off" disables)
     log       level = "info" (trace | debug | info | warn | warning | error), access_log = "off"
     listeners timeouts.client_idle = "60s" for http/https, "10m" for tcp/tls (nginx stream's
@@ -548,6 +549,9 @@ class Runtime(_Model):
     workers: Annotated[int | Literal["auto"], PlainValidator(_workers)] = "auto"
     cpu_affinity: Annotated[Literal["auto", "off"] | list[int], PlainValidator(_cpu_affinity)] = "auto"
     max_connections: Annotated[int, Field(ge=0)] = 50_000
+    # written at start, rewritten by the new process after a binary upgrade; relative to the
+    # config file's folder
+    pid_file: Annotated[str, Field(min_length=1)] | None = None
 
 
 def _open_path(text: str) -> str:
@@ -969,6 +973,12 @@ class Config(_Model):
     pools: list[Pool] = []
     alerts: list[Alert] = Field(default_factory=_default_alerts)
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    _pid_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def pid_path(self) -> Path | None:
+        """`runtime.pid_file` resolved against the config file's folder."""
+        return self._pid_path
 
     @property
     def warnings(self) -> list[str]:
@@ -1648,7 +1658,12 @@ def parse_config(data: dict[str, Any], base_dir: str | os.PathLike[str] | None =
     except ValidationError as exc:
         raise ConfigError(_pydantic_errors(exc)) from None
     errors = _semantic_errors(cfg)
-    file_errors, warnings = _read_files(cfg, Path.cwd() if base_dir is None else Path(base_dir))
+    base = Path.cwd() if base_dir is None else Path(base_dir)
+    file_errors, warnings = _read_files(cfg, base)
+    if cfg.runtime.pid_file is not None:
+        cfg._pid_path = (base / cfg.runtime.pid_file).absolute()
+        if not cfg._pid_path.parent.is_dir():
+            file_errors.append(f"runtime.pid_file: {cfg._pid_path.parent} is not a folder")
     errors = list(dict.fromkeys(errors + file_errors))
     if errors:
         raise ConfigError(errors)
