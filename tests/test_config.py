@@ -124,6 +124,7 @@ LISTENER_KEYS = {
     "udp",
     "http2",
     "proxy_protocol",
+    "trusted_proxies",
 }
 ROUTE_KEYS = {
     "name",

@@ -72,6 +72,8 @@ pub struct ListenerConfig {
     /// PROXY protocol on accepted connections (tcp, tls, http, https); None: off.
     #[serde(deserialize_with = "required")]
     pub proxy_protocol: Option<ProxyProtocolConfig>,
+    /// http and https: networks whose X-Forwarded-For is believed (see proxy::client_addr).
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[listeners.http2]`.

@@ -115,6 +115,8 @@ Choices where the contract is silent:
     - `send_proxy` ("v1", "v2") is for pools of tcp and tls listeners only, for now.
     - `proxy_protocol` (accept "optional" or "required") needs `from` (the balancers trusted to
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
+    - `trusted_proxies` (default none: X-Forwarded-For is never believed) is for http and https
+      listeners; networks as source_cidr takes them.
     - The admin API on an address beyond loopback (a wildcard, a name other than localhost)
       needs `tokens_file` or mTLS (`tls.client_ca`), unless `insecure = true`: an error naming
       admin.bind otherwise. The tokens file is read at load and at every reload; a bad line is
@@ -760,6 +762,8 @@ class Listener(_Model):
     udp: Udp | None = None  # udp listeners: always set (the defaults when the table is absent)
     http2: Http2 | None = None  # http/https listeners: always set (the defaults when absent)
     proxy_protocol: ProxyProtocol = Field(default_factory=ProxyProtocol)
+    # http/https: X-Forwarded-For from these is believed (the right-most untrusted hop is the client)
+    trusted_proxies: list[Annotated[str, AfterValidator(_cidr)]] = []
 
     @property
     def is_http(self) -> bool:
@@ -1220,6 +1224,11 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         errors.append(
             f"{at}.proxy_protocol.from: list the load balancers allowed to send PROXY headers"
             ' (a header from anyone else closes the connection), e.g. ["10.0.0.0/8"]'
+        )
+    if lst.trusted_proxies and not lst.is_http:
+        errors.append(
+            f"{at}.trusted_proxies: for http and https listeners (X-Forwarded-For is an HTTP field);"
+            " a tcp or tls listener learns the client from proxy_protocol"
         )
     if lst.pool not in pools:
         errors.append(f"{at}.pool: unknown pool {lst.pool!r}")
@@ -1826,6 +1835,7 @@ class _Engine:
                     "from": [str(ipaddress.ip_network(c, strict=False)) for c in x.proxy_protocol.from_],
                 }
             ),
+            "trusted_proxies": [str(ipaddress.ip_network(c, strict=False)) for c in x.trusted_proxies],
         }
 
     def unread(self, at: str) -> None:

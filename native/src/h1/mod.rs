@@ -81,7 +81,11 @@ struct Client {
     stream: ClientSocket,
     /// The TLS session of an https connection.
     tls: Option<Box<SessionInfo>>,
+    /// Who connected (after a PROXY header, who that names).
     peer: SocketAddr,
+    /// The client of the current request: `peer`, or the hop its X-Forwarded-For names when
+    /// `peer` is a trusted proxy (port 0 then). What routes, hashes, limits and logs go by.
+    addr: SocketAddr,
     /// A request head that arrived in part, kept at its exact size while we wait for the rest.
     partial: Vec<u8>,
     /// Bytes of the next pipelined request(s), already read.
@@ -93,7 +97,7 @@ struct Client {
 impl Client {
     fn info(&self) -> ClientInfo<'_> {
         ClientInfo {
-            peer: self.peer,
+            peer: self.addr,
             tls: self.tls.as_deref(),
         }
     }
@@ -135,6 +139,7 @@ pub async fn serve(
         stream,
         tls,
         peer,
+        addr: peer,
         partial: Vec::new(),
         pending: None,
         requests: 0,
@@ -142,6 +147,7 @@ pub async fn serve(
     loop {
         let listener = reloaded.as_deref().unwrap_or(&**accepted);
         let http = listener.http.as_ref()?;
+        client.addr = client.peer;
         let (mut req, head) =
             match read_request(ctx, listener, http, &mut client, &mut deadline).await {
                 Ok(r) => r,
@@ -189,6 +195,10 @@ pub async fn serve(
         drop(tables);
         let listener = reloaded.as_deref().unwrap_or(&**accepted);
         let http = listener.http.as_ref()?;
+        if http.trusted.is_some() {
+            client.addr =
+                request_client(http, client.peer, req.filled(), &ctx.http.headers.borrow());
+        }
         let next = exchange(
             ctx,
             listener,
@@ -269,6 +279,23 @@ async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &
         sink.clear();
     }
     ctx.http.bufs.give(sink);
+}
+
+/// The client a request from `peer` names in its X-Forwarded-For fields (`trusted_proxies`).
+fn request_client(
+    http: &HttpListener,
+    peer: SocketAddr,
+    buf: &[u8],
+    headers: &[HeaderSpan],
+) -> SocketAddr {
+    let xff = headers
+        .iter()
+        .filter(|h| h.kind == HeaderKind::XForwardedFor)
+        .map(|h| h.value.get(buf));
+    match http.client_ip(peer.ip(), xff) {
+        ip if ip == peer.ip() => peer,
+        ip => SocketAddr::new(ip, 0),
+    }
 }
 
 /// Not a status: `read_request` found the HTTP/2 preface (its bytes are left in
@@ -683,7 +710,6 @@ fn plan(
     client: &Client,
     out: &mut Vec<u8>,
 ) -> Result<Plan, Refusal> {
-    let peer = client.peer;
     let tls = client.tls.as_deref();
     let headers = ctx.http.headers.borrow();
     let via = &ctx.shared.via_token;
@@ -694,7 +720,7 @@ fn plan(
         buf,
         head,
         headers: &headers,
-        peer,
+        peer: client.addr,
     };
     let (route, pool, group) = match http.routes.select(&view) {
         Some((i, Target::Pool(pool, group))) => (Some(i), pool.clone(), group.map(Box::new)),
@@ -723,7 +749,7 @@ fn plan(
         (None, _) => 0,
     };
     let origin = rewrite::Origin {
-        peer,
+        peer: client.peer, // X-Forwarded-For gets the hop that connected
         via_token: via,
         tls,
     };
@@ -842,7 +868,7 @@ async fn exchange_counted(
         outcome.log = Some(Box::new(request_log(ctx, req.filled(), &head)));
     }
     if let Some(limiter) = &http.rate_limit {
-        if let Err(after) = limiter.check(client.peer.ip(), crate::balance::now_ns()) {
+        if let Err(after) = limiter.check(client.addr.ip(), crate::balance::now_ns()) {
             ctx.metrics.borrow_mut().record_rate_limited(listener.id);
             outcome.status = 429;
             let fields = AnswerFields {
@@ -1525,6 +1551,7 @@ mod tests {
             udp: None,
             http2: None,
             proxy_protocol: None,
+            trusted_proxies: vec![],
         };
         let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",
@@ -1556,8 +1583,9 @@ mod tests {
             let fut = serve(&ctx, ClientSocket::new(stream), None, addr, &entry);
             let size = std::mem::size_of_val(&fut);
             // 2304 before per-request counting and the access log's fields (issue 5): +184;
-            // the client's TLS session and a TLS pool's server name and its tag (issue 12): +24.
-            assert!(size <= 2520, "serve future: {size} bytes");
+            // the client's TLS session and a TLS pool's server name and its tag (issue 12): +24;
+            // the request's client as X-Forwarded-For names it (trusted_proxies, issue 15): +24.
+            assert!(size <= 2544, "serve future: {size} bytes");
         });
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::h1::parse::{named_in_connection, HeaderKind, HeaderSpan, RequestHead, Version};
 use crate::proxy::route::{find_cookie, RequestView};
+use crate::proxy::HttpListener;
 use crate::tls::SessionInfo;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{request, response, HeaderMap, Method, Uri};
@@ -52,6 +53,19 @@ impl RequestView for H2View<'_> {
 
     fn source_ip(&self) -> IpAddr {
         self.peer.ip()
+    }
+}
+
+/// The client an h2 request from `peer` names in its X-Forwarded-For fields
+/// (`trusted_proxies`; port 0 when it is not `peer`).
+pub fn request_client(http: &HttpListener, peer: SocketAddr, headers: &HeaderMap) -> SocketAddr {
+    let xff = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(HeaderValue::as_bytes);
+    match http.client_ip(peer.ip(), xff) {
+        ip if ip == peer.ip() => peer,
+        ip => SocketAddr::new(ip, 0),
     }
 }
 

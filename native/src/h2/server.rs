@@ -11,7 +11,7 @@
 //! and `client_idle` for a reader that leaves its window at zero.
 
 use super::grpc;
-use super::headers::{content_length, forward_request, has_looped, H2View};
+use super::headers::{content_length, forward_request, has_looped, request_client, H2View};
 use super::io::{FrameMeter, H2Io};
 use super::{recv_chunk, send_all, CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW};
 use crate::balance::Pool;
@@ -195,7 +195,25 @@ async fn stream(
     );
     let mut outcome = Outcome::default();
     let logging = ctx.shared.access_log.load().is_some();
-    handle(ctx, &listener, client, req, respond, &mut outcome, logging).await;
+    let hop = client.peer;
+    let client = match listener.http.as_ref() {
+        Some(http) if http.trusted.is_some() => ClientInfo {
+            peer: request_client(http, hop, req.headers()),
+            ..client
+        },
+        _ => client,
+    };
+    handle(
+        ctx,
+        &listener,
+        client,
+        hop,
+        req,
+        respond,
+        &mut outcome,
+        logging,
+    )
+    .await;
     let took = started.elapsed().as_micros() as u64;
     proxy::finish(ctx, &listener, client, &outcome, took);
 }
@@ -231,6 +249,7 @@ async fn handle(
     ctx: &WorkerCtx,
     listener: &ListenerEntry,
     client: ClientInfo<'_>,
+    hop: SocketAddr,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     outcome: &mut Outcome,
@@ -288,7 +307,7 @@ async fn handle(
     let to_h2 = pool.http_version == HttpVersion::Http2;
     forward_request(
         &mut parts.headers,
-        client.peer,
+        hop, // X-Forwarded-For gets the hop that connected
         client.tls,
         &ctx.shared.via_token,
         to_h2,

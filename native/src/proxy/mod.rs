@@ -6,6 +6,7 @@
 //! retries and what each try's outcome means. `Outcome` carries what the metrics and the access
 //! log need, and `finish` records them, once per request, the same for every protocol.
 
+pub mod client_addr;
 pub mod exchange;
 pub mod outcome;
 pub mod ratelimit;
@@ -16,6 +17,7 @@ pub mod tries;
 use crate::balance::{hash_key, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::h1::parse::Limits;
+use client_addr::TrustedProxies;
 use exchange::{SetCookie, SetCookies};
 use ratelimit::RateLimiter;
 use route::{find_query_param, RequestView, RouteTable};
@@ -32,6 +34,8 @@ pub struct HttpListener {
     pub routes: RouteTable,
     pub rate_limit: Option<RateLimiter>,
     pub limits: Limits,
+    /// `trusted_proxies`; None: X-Forwarded-For is never read.
+    pub trusted: Option<TrustedProxies>,
 }
 
 impl HttpListener {
@@ -41,9 +45,10 @@ impl HttpListener {
         pools: &HashMap<String, Arc<Pool>>,
         route_ids: &[u16],
     ) -> Result<Self, String> {
-        let routes = RouteTable::build_with_ids(&cfg.routes, pools, route_ids)
-            .map_err(|e| format!("listener {}: {e}", cfg.name))?;
+        let named = |e| format!("listener {}: {e}", cfg.name);
+        let routes = RouteTable::build_with_ids(&cfg.routes, pools, route_ids).map_err(named)?;
         Ok(HttpListener {
+            trusted: TrustedProxies::build(&cfg.trusted_proxies).map_err(named)?,
             routes,
             rate_limit: cfg
                 .rate_limit
@@ -53,6 +58,19 @@ impl HttpListener {
                 max_headers: cfg.max_headers,
             },
         })
+    }
+
+    /// Who the client of a request from `peer` is (`trusted_proxies`): the peer, or the hop
+    /// its X-Forwarded-For fields name.
+    pub fn client_ip<'a>(
+        &self,
+        peer: IpAddr,
+        xff: impl DoubleEndedIterator<Item = &'a [u8]>,
+    ) -> IpAddr {
+        match &self.trusted {
+            Some(t) => t.client(peer, xff),
+            None => peer,
+        }
     }
 }
 
