@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trustme
 from admin import backend_status, scrape
+from h2util import RawH2
 from httputil import http_config, pool
 
 from fastlb.config import ConfigError, parse_config
@@ -384,3 +385,150 @@ def test_send_proxy_is_refused_on_http_pools() -> None:
     assert any(
         e.startswith("pools[0].send_proxy: for pools of tcp and tls listeners") for e in err.value.errors
     )
+
+
+# --- trusted_proxies: the client X-Forwarded-For names -----------------------------------------
+
+
+def get_as(port: int, xff: list[str] | None = None, path: str = "/headers") -> bytes:
+    """One request on a new connection, with these X-Forwarded-For fields."""
+    fields = "".join(f"X-Forwarded-For: {v}\r\n" for v in xff or [])
+    request = f"GET {path} HTTP/1.1\r\nHost: app.test\r\n{fields}Connection: close\r\n\r\n"
+    return exchange(port, request.encode())
+
+
+def trusted_config(port: int, admin: int, a: str, b: str, trusted: list[str], log: Path, **kw: Any) -> str:
+    """An http listener that believes X-Forwarded-For from `trusted`, a route for clients in
+    203.0.113.0/24 to pool "b", an access log."""
+    config = http_config(
+        port,
+        [pool("app", [a]), pool("b", [b])],
+        admin=f"127.0.0.1:{admin}",
+        routes=[{"source_cidr": ["203.0.113.0/24"], "pool": "b"}],
+        trusted_proxies=trusted,
+        **kw,
+    )
+    return config.replace("[admin]", f'[log]\naccess_log = "{log}"\n\n[admin]', 1)
+
+
+def logged_clients(log: Path, n: int) -> list[str]:
+    assert wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= n)
+    return [json.loads(line)["client"].rsplit(":", 1)[0].strip("[]") for line in log.read_text().splitlines()]
+
+
+def test_trusted_proxies_the_right_most_untrusted_hop_is_the_client(hb, fastlb, tmp_path):
+    a, b = hb("a"), hb("b")
+    port, admin = free_port(), free_port()
+    log = tmp_path / "access.log"
+    fastlb(trusted_config(port, admin, a.address, b.address, ["127.0.0.0/8"], log), port)
+    sent = [
+        ["203.0.113.50"],  # -> b: the client is in the route's network
+        ["203.0.113.50, 198.51.100.9"],  # -> a: the right-most untrusted hop is 198.51.100.9
+        ["198.51.100.9", "203.0.113.7, 127.0.0.5"],  # -> b: 127.0.0.5 is a trusted proxy
+        [],  # -> a: no field, the peer is the client
+        ["6.6.6.6, garbage"],  # -> a: not an address, so the proxy that passed it on is the client
+    ]
+    for xff in sent:
+        assert get_as(port, xff).count(b"200 OK") == 1
+    assert (len(a.received), len(b.received)) == (3, 2)
+    assert logged_clients(log, 5) == ["203.0.113.50", "198.51.100.9", "203.0.113.7", "127.0.0.1", "127.0.0.1"]
+    # the backend still gets the whole chain, the hop that connected appended
+    assert b.received[0].header_all("x-forwarded-for") == ["203.0.113.50, 127.0.0.1"]
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_not_believed(hb, fastlb, tmp_path):
+    a, b = hb("a"), hb("b")
+    port, admin = free_port(), free_port()
+    log = tmp_path / "access.log"
+    fastlb(trusted_config(port, admin, a.address, b.address, ["10.0.0.0/8"], log), port)
+    assert get_as(port, ["203.0.113.50"]).count(b"200 OK") == 1
+    assert (len(a.received), len(b.received)) == (1, 0)
+    assert logged_clients(log, 1) == ["127.0.0.1"]
+
+
+def test_trusted_proxies_behind_a_proxy_protocol_hop(hb, fastlb, tmp_path):
+    """The PROXY header names the hop (10.0.0.7, a trusted proxy), its X-Forwarded-For the client."""
+    a, b = hb("a"), hb("b")
+    port, admin = free_port(), free_port()
+    log = tmp_path / "access.log"
+    config = trusted_config(port, admin, a.address, b.address, ["10.0.0.0/8"], log)
+    config = config.replace(
+        'protocol = "http"\n',
+        'protocol = "http"\nproxy_protocol = { accept = "required", from = ["127.0.0.0/8"] }\n',
+        1,
+    )
+    fastlb(config, port)
+    request = (
+        b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.80\r\nConnection: close\r\n\r\n"
+    )
+    assert exchange(port, v1("10.0.0.7") + request).count(b"200 OK") == 1
+    assert exchange(port, v1("192.0.2.1") + request).count(b"200 OK") == 1  # an untrusted hop
+    assert (len(a.received), len(b.received)) == (1, 1)
+    assert logged_clients(log, 2) == ["203.0.113.80", "192.0.2.1"]
+
+
+def test_trusted_proxies_for_hashing_and_rate_limits(hb, fastlb):
+    a, b = hb("a"), hb("b")
+    port = free_port()
+    config = http_config(
+        port,
+        [pool("app", [a.address, b.address], algorithm="ip_hash")],
+        trusted_proxies=["127.0.0.0/8"],
+        rate_limit={"requests_per_second": 1, "burst": 2},
+    )
+    fastlb(config, port)
+    # 20 clients behind one proxy: hashed by their own address, they spread over both
+    # backends (by the proxy's address they would all land on one); each gets its own budget
+    for k in range(20):
+        assert get_as(port, [f"198.51.100.{k + 1}"], "/").count(b"200 OK") == 1
+    assert len(a.received) > 0 and len(b.received) > 0, (len(a.received), len(b.received))
+    answers = [get_as(port, ["203.0.113.9"], "/").split(b"\r\n")[0] for _ in range(3)]
+    assert answers[:2] == [b"HTTP/1.1 200 OK"] * 2 and b" 429 " in answers[2], answers
+    assert get_as(port, ["203.0.113.10"], "/").startswith(b"HTTP/1.1 200")  # another client
+
+
+def test_trusted_proxies_over_http2(hb, fastlb, tmp_path):
+    a, b = hb("a"), hb("b")
+    port, admin = free_port(), free_port()
+    log = tmp_path / "access.log"
+    fastlb(trusted_config(port, admin, a.address, b.address, ["127.0.0.0/8"], log), port)
+    with RawH2(port) as raw:
+        ids = []
+        for xff in ("203.0.113.50", "203.0.113.50, 198.51.100.9"):
+            sid = raw.new_stream()
+            raw.send(raw.headers_frame(sid, path="/", extra=(("x-forwarded-for", xff),)))
+            ids.append(sid)
+        for sid in ids:
+            assert raw.wait_stream(sid, 10) and raw.status(sid) == 200
+    assert (len(a.received), len(b.received)) == (1, 1)
+    assert sorted(logged_clients(log, 2)) == ["198.51.100.9", "203.0.113.50"]
+    assert b.received[0].header_all("x-forwarded-for") == ["203.0.113.50, 127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("listener", "message"),
+    [
+        ({"trusted_proxies": ["10.0.0.0/8"]}, "listeners[0].trusted_proxies: for http and https listeners"),
+        ({"protocol": "http", "trusted_proxies": ["10.0.0.300/8"]}, "listeners[0].trusted_proxies[0]:"),
+    ],
+)
+def test_trusted_proxies_config_errors(listener: dict[str, Any], message: str) -> None:
+    data = {
+        "listeners": [{"name": "web", "bind": "127.0.0.1:8080", "protocol": "tcp", "pool": "app"} | listener],
+        "pools": [{"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "health": {"type": "none"}}],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert any(e.startswith(message) for e in err.value.errors), err.value.errors
+
+
+def test_trusted_proxies_to_engine() -> None:
+    data = {
+        "listeners": [
+            {"name": "web", "bind": "127.0.0.1:8080", "protocol": "http", "pool": "app",
+             "trusted_proxies": ["10.1.2.3/8", "2001:db8::1"]},
+        ],
+        "pools": [{"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "health": {"type": "none"}}],
+    }  # fmt: skip
+    (web,) = parse_config(data).to_engine()["listeners"]
+    assert web["trusted_proxies"] == ["10.0.0.0/8", "2001:db8::1/128"]
