@@ -375,16 +375,173 @@ def test_fastlb_into_fastlb_with_checks_that_send_local(hb, fastlb):
     assert dropped(inner_admin) == base  # neither the request nor a check was refused
 
 
-def test_send_proxy_is_refused_on_http_pools() -> None:
+@pytest.mark.parametrize(
+    ("listener", "pool_keys", "message"),
+    [
+        ({"protocol": "http"}, {"http_version": "2"}, 'pools[0].send_proxy: not with http_version = "2"'),
+        ({"protocol": "udp"}, {"health": {"type": "none"}}, "pools[0].send_proxy: a PROXY header"),
+    ],
+)  # fmt: skip
+def test_send_proxy_is_refused_where_one_header_cannot_name_the_client(
+    listener: dict[str, Any], pool_keys: dict[str, Any], message: str
+) -> None:
     data = {
-        "listeners": [{"name": "web", "bind": "127.0.0.1:8080", "protocol": "http", "pool": "app"}],
-        "pools": [{"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "send_proxy": "v2"}],
+        "listeners": [{"name": "web", "bind": "127.0.0.1:8080", "pool": "app"} | listener],
+        "pools": [
+            {"name": "app", "backends": [{"address": "127.0.0.1:9000"}], "send_proxy": "v1"} | pool_keys
+        ],
     }
     with pytest.raises(ConfigError) as err:
         parse_config(data)
-    assert any(
-        e.startswith("pools[0].send_proxy: for pools of tcp and tls listeners") for e in err.value.errors
+    assert any(e.startswith(message) for e in err.value.errors), err.value.errors
+
+
+class ProxiedHttp:
+    """A keep-alive HTTP/1.1 backend behind send_proxy: per connection, the PROXY line it began
+    with (v1; v2 headers are kept whole in `v2_headers`) and the paths of the requests it
+    carried. Answers 200 "ok"."""
+
+    def __init__(self, backends: Any) -> None:
+        self.connections: list[tuple[str, list[str]]] = []  # ("v2", ...) for a v2 header
+        self.v2_headers: list[bytes] = []
+        self.backend = backends(self._serve)
+        self.address = self.backend.address
+
+    def _serve(self, conn: socket.socket, _backend: Any) -> None:
+        data = b""
+        while b"\r\n" not in data:
+            if not (chunk := conn.recv(65536)):
+                return
+            data += chunk
+        if data.startswith(V2_SIG):
+            while len(data) < 16 or len(data) < 16 + struct.unpack("!H", data[14:16])[0]:
+                if not (chunk := conn.recv(65536)):
+                    return
+                data += chunk
+            end = 16 + struct.unpack("!H", data[14:16])[0]
+            self.v2_headers.append(data[:end])
+            data = data[end:]
+            line = "v2"
+        else:
+            raw, _, data = data.partition(b"\r\n")
+            line = raw.decode()
+        paths: list[str] = []
+        self.connections.append((line, paths))
+        while True:
+            while b"\r\n\r\n" not in data:
+                if not (chunk := conn.recv(65536)):
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            paths.append(head.split(b" ")[1].decode())
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def keep_alive_gets(port: int, paths: list[str], xff: str | None = None) -> tuple[int, list[bytes]]:
+    """`paths` on one keep-alive connection; returns its local port and the status lines."""
+    extra = f"X-Forwarded-For: {xff}\r\n" if xff else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        answers = []
+        for path in paths:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\n{extra}\r\n".encode())
+            data = b""
+            while not data.endswith(b"ok"):
+                chunk = s.recv(65536)
+                assert chunk, "closed"
+                data += chunk
+            answers.append(data.split(b"\r\n")[0])
+        return s.getsockname()[1], answers
+
+
+def test_send_proxy_on_an_http_pool_names_each_client_on_its_own_connections(backends, fastlb):
+    b = ProxiedHttp(backends)
+    port = free_port()
+    config = http_config(port, [pool("app", [b.address], send_proxy="v1")])
+    fastlb(config, port)
+    first, answers = keep_alive_gets(port, ["/a1", "/a2"])
+    second, more = keep_alive_gets(port, ["/b1", "/b2"])
+    third, last = keep_alive_gets(port, ["/c1"])
+    assert answers + more + last == [b"HTTP/1.1 200 OK"] * 5
+    # one backend connection per client connection, each begun with that client's header and
+    # reused for that client's requests only (never for the next client's)
+    by_path = {tuple(paths): line for line, paths in b.connections if paths}
+    assert by_path == {
+        ("/a1", "/a2"): f"PROXY TCP4 127.0.0.1 127.0.0.1 {first} {port}",
+        ("/b1", "/b2"): f"PROXY TCP4 127.0.0.1 127.0.0.1 {second} {port}",
+        ("/c1",): f"PROXY TCP4 127.0.0.1 127.0.0.1 {third} {port}",
+    }, b.connections
+
+
+def test_send_proxy_names_the_x_forwarded_for_client_and_h2_clients(backends, fastlb):
+    b = ProxiedHttp(backends)
+    port = free_port()
+    config = http_config(port, [pool("app", [b.address], send_proxy="v1")], trusted_proxies=["127.0.0.0/8"])
+    fastlb(config, port)
+    # behind a trusted proxy the request's client is named (no port: the field has none)
+    _, answers = keep_alive_gets(port, ["/x"], xff="203.0.113.44")
+    assert answers == [b"HTTP/1.1 200 OK"]
+    assert ("PROXY TCP4 203.0.113.44 127.0.0.1 0 " + str(port), ["/x"]) in b.connections
+    # an HTTP/2 client's streams go to the HTTP/1.1 pool with its own header
+    with RawH2(port) as raw:
+        sid = raw.new_stream()
+        raw.send(raw.headers_frame(sid, path="/h2"))
+        assert raw.wait_stream(sid, 10) and raw.status(sid) == 200
+        h2_port = raw.sock.getsockname()[1]
+    assert (f"PROXY TCP4 127.0.0.1 127.0.0.1 {h2_port} {port}", ["/h2"]) in b.connections
+
+
+def tlvs(header: bytes) -> dict[int, bytes]:
+    """The TLVs of a v2 header over IPv4 (type -> value)."""
+    rest, out = header[16 + 12 :], {}
+    while rest:
+        kind, length = rest[0], struct.unpack("!H", rest[1:3])[0]
+        out[kind] = rest[3 : 3 + length]
+        rest = rest[3 + length :]
+    return out
+
+
+def test_send_proxy_v2_from_https_carries_alpn_sni_and_the_ssl_tlv(backends, fastlb, tmp_path):
+    b = ProxiedHttp(backends)
+    ca, clients = trustme.CA(), trustme.CA()
+    leaf = ca.issue_cert("app.test")
+    leaf.cert_chain_pems[0].write_to_path(tmp_path / "site.pem")
+    leaf.private_key_pem.write_to_path(tmp_path / "site.key")
+    clients.cert_pem.write_to_path(tmp_path / "clients.pem")
+    port = free_port()
+    config = http_config(port, [pool("app", [b.address], send_proxy="v2")]).replace(
+        'protocol = "http"\n',
+        'protocol = "https"\ntls = { certificates = [{ cert = "site.pem", key = "site.key" }],'
+        ' client_ca = "clients.pem", client_auth = "optional" }\n',
+        1,
     )
+    fastlb(config, port)
+
+    def get(with_cert: bool) -> bytes:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        ctx.set_alpn_protocols(["http/1.1"])
+        if with_cert:
+            clients.issue_cert("alice@example.test", common_name="alice").configure_cert(ctx)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="app.test") as s,
+        ):
+            s.sendall(b"GET /tls HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            return answer
+
+    assert get(with_cert=True).startswith(b"HTTP/1.1 200")
+    assert get(with_cert=False).startswith(b"HTTP/1.1 200")
+    assert len(b.v2_headers) == 2, b.connections
+    signed, anonymous = (tlvs(h) for h in b.v2_headers)
+    assert signed[0x01] == b"http/1.1" and signed[0x02] == b"app.test"
+    ssl_tlv = signed[0x20]
+    assert ssl_tlv[0] == 0x07 and ssl_tlv[1:5] == b"\0\0\0\0"  # SSL, cert on conn and session; verified
+    sub = tlvs(b"\0" * 28 + ssl_tlv[5:])
+    assert sub[0x21] == b"TLSv1.3" and sub[0x22] == b"alice" and sub[0x23].startswith(b"TLS13_")
+    assert anonymous[0x20][0] == 0x01 and 0x22 not in tlvs(b"\0" * 28 + anonymous[0x20][5:])
 
 
 # --- trusted_proxies: the client X-Forwarded-For names -----------------------------------------

@@ -112,7 +112,9 @@ Choices where the contract is silent:
       h2 on https still needs "h2" in tls.alpn (the default offers it). The `grpc` check
       speaks HTTP/2 whatever the pool's http_version (a gRPC server speaks nothing else);
       `service` is grpc-only.
-    - `send_proxy` ("v1", "v2") is for pools of tcp and tls listeners only, for now.
+    - `send_proxy` ("v1", "v2") is for pools of tcp, tls, http and https listeners; not udp,
+      nor `http_version = "2"` pools (their connections multiplex clients). On an http pool a
+      keep-alive backend connection is reused only for requests whose header would be the same.
     - `proxy_protocol` (accept "optional" or "required") needs `from` (the balancers trusted to
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
     - `trusted_proxies` (default none: X-Forwarded-For is never believed) is for http and https
@@ -1237,11 +1239,17 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         used += [e.pool for r in lst.routes for e in r.split or []]
         for name in dict.fromkeys(used):
             p = pools.get(name)
-            if p is not None and cfg.pools[p].send_proxy != "off":
+            if p is None or cfg.pools[p].send_proxy == "off":
+                continue
+            if lst.protocol == "udp":
                 errors.append(
-                    f"pools[{p}].send_proxy: for pools of tcp and tls listeners (a PROXY header per"
-                    f" connection; http pools are not done yet), but {lst.protocol} listener"
+                    f"pools[{p}].send_proxy: a PROXY header precedes a TCP stream, but udp listener"
                     f" {lst.name!r} uses this pool"
+                )
+            elif cfg.pools[p].http_version == "2":
+                errors.append(
+                    f'pools[{p}].send_proxy: not with http_version = "2" (one HTTP/2 connection'
+                    " carries many clients' streams, and a PROXY header can name only one)"
                 )
     if lst.protocol in TLS_PROTOCOLS and lst.tls is None:
         errors.append(

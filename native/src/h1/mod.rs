@@ -23,6 +23,7 @@ use crate::h2::io::PREFACE;
 use crate::l4::forward;
 use crate::metrics::NO_ROUTE;
 use crate::net::Conn;
+use crate::proxy::exchange::ProxyFacts;
 use crate::proxy::outcome::{micros, ClientInfo, NOT_MEASURED};
 use crate::proxy::route::{RequestView, Target};
 use crate::proxy::split::GroupCookie;
@@ -95,6 +96,11 @@ struct Client {
 }
 
 impl Client {
+    /// What a PROXY header to a `send_proxy` pool names for the current request.
+    fn proxy_facts(&self) -> ProxyFacts<'_> {
+        ProxyFacts::of(self.stream.fd(), self.addr, self.tls.as_deref())
+    }
+
     fn info(&self) -> ClientInfo<'_> {
         ClientInfo {
             peer: self.addr,
@@ -747,7 +753,7 @@ fn plan(
         (Some(t), Some(n)) => t.id ^ hash_key(n.to_str().as_bytes()),
         (Some(t), None) => t.id,
         (None, _) => 0,
-    };
+    } ^ pool.send_proxy.map_or(0, |_| client.proxy_facts().tag());
     let origin = rewrite::Origin {
         peer: client.peer, // X-Forwarded-For gets the hop that connected
         via_token: via,
@@ -1141,6 +1147,14 @@ impl Tries for Exchange<'_, '_> {
                 let mut timer = self.deadline.timer();
                 timer.as_mut().reset((t0 + connect_timeout).into());
                 let tcp = crate::net::connect(addr, timer.as_mut()).await;
+                let tcp = match (tcp, self.plan.pool.send_proxy) {
+                    // Boxed: only send_proxy pools pay for it.
+                    (Ok(tcp), Some(v)) => {
+                        let header = self.client.proxy_facts().header(v);
+                        Box::pin(crate::net::write_first(tcp, &header)).await
+                    }
+                    (tcp, _) => tcp,
+                };
                 let connected = match (tcp, &self.plan.pool.tls) {
                     (Ok(tcp), Some(tls)) => {
                         let name = self.plan.sni.as_deref().cloned();

@@ -353,6 +353,7 @@ impl Tries for H1ToH2<'_, '_, '_, '_, '_> {
             client_idle_ms: self.listener.cfg.client_idle_ms,
             fresh: self.fresh,
             set_cookies,
+            proxy: None, // send_proxy is refused on HTTP/2 pools: they multiplex clients
         };
         self.body.rewind();
         crate::h2::client::exchange(self.ctx, &req, &mut self.body, self.sink, self.outcome).await

@@ -19,7 +19,7 @@ use crate::config::{Http2Config, HttpVersion};
 use crate::h1::io::Deadline;
 use crate::metrics::{H2Event, NO_ROUTE};
 use crate::net::Conn;
-use crate::proxy::exchange::{RequestBody, ResponseSink, UpstreamRequest};
+use crate::proxy::exchange::{ProxyFacts, RequestBody, ResponseSink, UpstreamRequest};
 use crate::proxy::outcome::ClientInfo;
 use crate::proxy::route::{RequestView, Target};
 use crate::proxy::split::GroupCookie;
@@ -59,6 +59,7 @@ pub async fn serve(
     accepted: &Arc<ListenerEntry>,
 ) {
     let settings = accepted.cfg.http2.unwrap_or_default();
+    let local = conn.tcp().local_addr().ok();
     let meter = Rc::new(FrameMeter::server());
     let io = H2Io::new(conn, preread, Some(meter.clone()));
     let handshake = builder(&settings).handshake::<_, Bytes>(io);
@@ -120,7 +121,7 @@ pub async fn serve(
                         generation = now;
                         listener = current(ctx, accepted);
                     }
-                    streams.push(stream(ctx, listener.clone(), client, req, respond));
+                    streams.push(stream(ctx, listener.clone(), client, local, req, respond));
                 }
                 // A protocol error (the crate sent GOAWAY) or the connection ended.
                 Some(Err(_)) | None => break,
@@ -183,6 +184,7 @@ async fn stream(
     ctx: &WorkerCtx,
     listener: Arc<ListenerEntry>,
     client: ClientInfo<'_>,
+    local: Option<SocketAddr>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) {
@@ -203,11 +205,15 @@ async fn stream(
         },
         _ => client,
     };
+    let hops = Hops {
+        from: hop,
+        to: local,
+    };
     handle(
         ctx,
         &listener,
         client,
-        hop,
+        hops,
         req,
         respond,
         &mut outcome,
@@ -244,12 +250,19 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// The connection a stream came on: the address that connected, and the one it reached.
+#[derive(Clone, Copy)]
+struct Hops {
+    from: SocketAddr,
+    to: Option<SocketAddr>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     ctx: &WorkerCtx,
     listener: &ListenerEntry,
     client: ClientInfo<'_>,
-    hop: SocketAddr,
+    hops: Hops,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     outcome: &mut Outcome,
@@ -297,17 +310,24 @@ async fn handle(
         .tls
         .as_ref()
         .and_then(|t| t.sni.clone().or_else(|| view.host().and_then(host_name)));
+    let proxy = pool.send_proxy.map(|_| ProxyFacts {
+        client: client.peer,
+        local: hops
+            .to
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        tls: client.tls,
+    });
     let sni_tag = match (&pool.tls, &sni) {
         (Some(t), Some(n)) => t.id ^ crate::balance::hash_key(n.to_str().as_bytes()),
         (Some(t), None) => t.id,
         (None, _) => 0,
-    };
+    } ^ proxy.map_or(0, |f| f.tag());
     outcome.pool = pool.id;
     outcome.route = route.map_or(NO_ROUTE, |i| http.routes.id(i));
     let to_h2 = pool.http_version == HttpVersion::Http2;
     forward_request(
         &mut parts.headers,
-        hop, // X-Forwarded-For gets the hop that connected
+        hops.from, // X-Forwarded-For gets the hop that connected
         client.tls,
         &ctx.shared.via_token,
         to_h2,
@@ -337,6 +357,7 @@ async fn handle(
         group,
         sni: sni.as_ref(),
         sni_tag,
+        proxy,
         grpc_deadline: grpc::timeout(&parts.headers).map(|d| started + d),
         fresh: false,
         body: &mut body,
@@ -445,6 +466,7 @@ struct StreamExchange<'a, 't> {
     group: Option<GroupCookie>,
     sni: Option<&'a ServerName<'static>>,
     sni_tag: u64,
+    proxy: Option<ProxyFacts<'a>>,
     grpc_deadline: Option<Instant>,
     fresh: bool,
     body: &'a mut H2Body,
@@ -480,6 +502,7 @@ impl Tries for StreamExchange<'_, '_> {
             client_idle_ms: self.listener.cfg.client_idle_ms,
             fresh: self.fresh,
             set_cookies,
+            proxy: self.proxy,
         };
         if self.body.replayable() {
             self.body.rewind();

@@ -9,7 +9,7 @@ use crate::balance::{hash_key, BackendState, Pool};
 use crate::config::{HashKey, MAX_TRIES};
 use crate::metrics::ResponseKey;
 use crate::net::relay::copy_relay;
-use crate::net::{connect, server_name, tls_handshake, Conn};
+use crate::net::{connect, server_name, tls_handshake, write_first, Conn};
 use crate::tables::ListenerEntry;
 use crate::worker::WorkerCtx;
 use forward::RelayEnd;
@@ -208,27 +208,15 @@ fn proxy_header_for(
         .tcp()
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (alpn, sni) = match client {
+    let session = match client {
         Conn::Tls(tls) => match &**tls {
-            tokio_rustls::TlsStream::Server(s) => {
-                let session = s.get_ref().1;
-                let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-                (alpn, session.server_name().map(str::to_owned))
-            }
-            tokio_rustls::TlsStream::Client(_) => (None, None),
+            tokio_rustls::TlsStream::Server(s) => Some(crate::tls::SessionInfo::of(s.get_ref().1)),
+            tokio_rustls::TlsStream::Client(_) => None,
         },
-        Conn::Plain(_) => (None, None),
+        Conn::Plain(_) => None,
     };
-    crate::net::proxy_header::encode(version, peer, local, alpn.as_deref(), sni.as_deref())
-}
-
-async fn write_first(
-    mut tcp: tokio::net::TcpStream,
-    header: &[u8],
-) -> io::Result<tokio::net::TcpStream> {
-    use tokio::io::AsyncWriteExt;
-    tcp.write_all(header).await?;
-    Ok(tcp)
+    let tlvs = session.as_ref().map(crate::tls::SessionInfo::proxy_tlvs);
+    crate::net::proxy_header::encode(version, peer, local, tlvs.as_ref())
 }
 
 #[cfg(test)]

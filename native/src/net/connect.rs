@@ -75,3 +75,11 @@ pub fn server_name(host_port: &str) -> Option<ServerName<'static>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string()).ok()
 }
+
+/// Writes `header` (a PROXY header) first on a new backend connection, before any TLS
+/// handshake; a new socket's send buffer takes its ~100 bytes whole.
+pub async fn write_first(mut tcp: TcpStream, header: &[u8]) -> io::Result<TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(header).await?;
+    Ok(tcp)
+}

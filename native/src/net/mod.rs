@@ -19,7 +19,7 @@ use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-pub use connect::{connect, server_name, tls_handshake};
+pub use connect::{connect, server_name, tls_handshake, write_first};
 
 /// A TLS session over TCP, either side (a client fastlb accepted, or a backend it connected to).
 pub type TlsStream = tokio_rustls::TlsStream<TcpStream>;

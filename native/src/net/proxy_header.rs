@@ -21,14 +21,39 @@ const V1_MAX: usize = 107;
 /// v2: 16 bytes of head, then addresses and TLVs; more than this is refused as a flood.
 pub const V2_MAX: usize = 16 + 2048;
 
+/// What v2 TLVs say of a TLS session fastlb terminated (HAProxy's spec, section 2.2).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TlsTlvs<'a> {
+    pub alpn: Option<&'a [u8]>,
+    /// The SNI the client sent (PP2_TYPE_AUTHORITY).
+    pub authority: Option<&'a str>,
+    /// "TLSv1.3", "TLSv1.2" (as OpenSSL's SSL_get_version spells them).
+    pub version: &'a str,
+    pub cipher: &'a str,
+    /// Whether the client presented a certificate (fastlb verified it, or refused the client).
+    pub client_cert: bool,
+    /// The common name of the client certificate's subject.
+    pub client_cn: Option<&'a str>,
+}
+
+const PP2_TYPE_ALPN: u8 = 0x01;
+const PP2_TYPE_AUTHORITY: u8 = 0x02;
+const PP2_TYPE_SSL: u8 = 0x20;
+const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
+const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
+const PP2_CLIENT_SSL: u8 = 0x01;
+const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+const PP2_CLIENT_CERT_SESS: u8 = 0x04;
+
 /// The header fastlb sends to a backend (`send_proxy`): `client` connected to `local`. v2
-/// carries the TLS facts of a terminated session as TLVs (ALPN, and the SNI as authority).
+/// carries the facts of a TLS session fastlb terminated as TLVs: ALPN, the SNI as authority,
+/// and SSL (version, cipher, whether a client certificate was presented, and its CN).
 pub fn encode(
     version: crate::config::ProxyVersion,
     client: SocketAddr,
     local: SocketAddr,
-    alpn: Option<&[u8]>,
-    authority: Option<&str>,
+    tls: Option<&TlsTlvs<'_>>,
 ) -> Vec<u8> {
     // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d: send it as IPv4.
     let (client, local) = (unmapped(client), unmapped(local));
@@ -47,7 +72,7 @@ pub fn encode(
             .into_bytes()
         }
         crate::config::ProxyVersion::V2 => {
-            let mut body = Vec::with_capacity(64);
+            let mut body = Vec::with_capacity(128);
             let family = match (client, local) {
                 (SocketAddr::V4(c), SocketAddr::V4(l)) => {
                     body.extend_from_slice(&c.ip().octets());
@@ -65,12 +90,8 @@ pub fn encode(
                 body.extend_from_slice(&client.port().to_be_bytes());
                 body.extend_from_slice(&local.port().to_be_bytes());
             }
-            for (kind, value) in [(0x01u8, alpn), (0x02, authority.map(str::as_bytes))] {
-                if let Some(v) = value.filter(|v| !v.is_empty() && v.len() <= 255) {
-                    body.push(kind);
-                    body.extend_from_slice(&(v.len() as u16).to_be_bytes());
-                    body.extend_from_slice(v);
-                }
+            if let Some(tls) = tls {
+                push_tlvs(&mut body, tls);
             }
             let mut out = V2_SIGNATURE.to_vec();
             out.extend_from_slice(&[0x21, family]);
@@ -79,6 +100,39 @@ pub fn encode(
             out
         }
     }
+}
+
+fn push_tlvs(body: &mut Vec<u8>, tls: &TlsTlvs<'_>) {
+    push_tlv(body, PP2_TYPE_ALPN, tls.alpn.unwrap_or_default());
+    push_tlv(
+        body,
+        PP2_TYPE_AUTHORITY,
+        tls.authority.unwrap_or_default().as_bytes(),
+    );
+    let mut ssl = Vec::with_capacity(64);
+    ssl.push(match tls.client_cert {
+        true => PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS,
+        false => PP2_CLIENT_SSL,
+    });
+    ssl.extend_from_slice(&0u32.to_be_bytes()); // verify: 0, the certificate (if any) passed
+    push_tlv(&mut ssl, PP2_SUBTYPE_SSL_VERSION, tls.version.as_bytes());
+    push_tlv(
+        &mut ssl,
+        PP2_SUBTYPE_SSL_CN,
+        tls.client_cn.unwrap_or_default().as_bytes(),
+    );
+    push_tlv(&mut ssl, PP2_SUBTYPE_SSL_CIPHER, tls.cipher.as_bytes());
+    push_tlv(body, PP2_TYPE_SSL, &ssl);
+}
+
+/// A TLV, unless its value is empty or too long for a sane header (which stays under V2_MAX).
+fn push_tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
+    if value.is_empty() || (value.len() > 255 && kind != PP2_TYPE_SSL) {
+        return;
+    }
+    out.push(kind);
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value);
 }
 
 fn unmapped(a: SocketAddr) -> SocketAddr {
@@ -346,22 +400,51 @@ mod tests {
         use crate::config::ProxyVersion::{V1, V2};
         let client: SocketAddr = "192.0.2.7:51000".parse().unwrap();
         let local: SocketAddr = "10.0.0.1:443".parse().unwrap();
-        let one = encode(V1, client, local, None, None);
+        let one = encode(V1, client, local, None);
         assert_eq!(one, b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n");
-        let two = encode(V2, client, local, Some(b"h2"), Some("app.test"));
+        let tls = TlsTlvs {
+            alpn: Some(b"h2"),
+            authority: Some("app.test"),
+            version: "TLSv1.3",
+            cipher: "TLS13_AES_128_GCM_SHA256",
+            client_cert: true,
+            client_cn: Some("alice"),
+        };
+        let two = encode(V2, client, local, Some(&tls));
         assert_eq!(
             parse(&two),
             Parsed::Complete(Header::Proxied(client), two.len())
         );
-        assert!(two.windows(8).any(|w| w == b"app.test"));
+        let tlvs = &two[16 + 12..];
+        let ssl_len = 1 + 4 + (3 + 7) + (3 + 5) + (3 + 24);
+        let mut want = vec![0x01, 0, 2];
+        want.extend_from_slice(b"h2");
+        want.extend_from_slice(&[0x02, 0, 8]);
+        want.extend_from_slice(b"app.test");
+        want.extend_from_slice(&[0x20, 0, ssl_len as u8, 0x07, 0, 0, 0, 0, 0x21, 0, 7]);
+        want.extend_from_slice(b"TLSv1.3");
+        want.extend_from_slice(&[0x22, 0, 5]);
+        want.extend_from_slice(b"alice");
+        want.extend_from_slice(&[0x23, 0, 24]);
+        want.extend_from_slice(b"TLS13_AES_128_GCM_SHA256");
+        assert_eq!(tlvs, &want[..]);
+        // no client certificate: just the SSL flag, and no CN
+        let anonymous = TlsTlvs {
+            client_cert: false,
+            client_cn: None,
+            ..tls
+        };
+        let three = encode(V2, client, local, Some(&anonymous));
+        let ssl = three
+            .windows(5)
+            .position(|w| w[0] == 0x20 && w[3] == 0x01)
+            .unwrap();
+        assert!(!three[ssl..].windows(3).any(|w| w == [0x22, 0, 5]));
         let mapped: SocketAddr = "[::ffff:192.0.2.7]:51000".parse().unwrap();
-        assert_eq!(encode(V1, mapped, local, None, None), one);
+        assert_eq!(encode(V1, mapped, local, None), one);
         let six: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
-        assert_eq!(encode(V1, client, six, None, None), b"PROXY UNKNOWN\r\n");
-        assert_eq!(
-            parse(&encode(V2, client, six, None, None)).len_or_zero(),
-            16
-        );
+        assert_eq!(encode(V1, client, six, None), b"PROXY UNKNOWN\r\n");
+        assert_eq!(parse(&encode(V2, client, six, None)).len_or_zero(), 16);
     }
 
     impl Parsed {

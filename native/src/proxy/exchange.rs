@@ -6,11 +6,15 @@
 //! with splice: nothing there needs translating.)
 
 use crate::balance::Pool;
+use crate::config::ProxyVersion;
 use crate::proxy::Attempt;
+use crate::tls::SessionInfo;
 use bytes::Bytes;
 use h2::Reason;
 use http::{request, response, HeaderMap};
 use rustls::pki_types::ServerName;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Instant;
 
 /// The request body as the client sends it.
@@ -64,6 +68,56 @@ pub(crate) struct UpstreamRequest<'a> {
     pub fresh: bool,
     /// The cookies fastlb adds to the response.
     pub set_cookies: SetCookies<'a>,
+    /// `send_proxy` pools: who the PROXY header on a new connection names.
+    pub proxy: Option<ProxyFacts<'a>>,
+}
+
+/// What a PROXY header to an http pool's backend says (`send_proxy`): the request's client,
+/// the address it reached, the TLS session fastlb terminated. A keep-alive connection to the
+/// backend began with one such header, so it is reused only for requests that would send the
+/// same one (HAProxy marks such connections private for the same reason).
+#[derive(Clone, Copy)]
+pub struct ProxyFacts<'a> {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: Option<&'a SessionInfo>,
+}
+
+impl<'a> ProxyFacts<'a> {
+    /// For a request of client connection `fd`: its local address is read here (a
+    /// getsockname per request, paid by send_proxy pools only).
+    pub fn of(fd: RawFd, client: SocketAddr, tls: Option<&'a SessionInfo>) -> Self {
+        // SAFETY: `fd` is the caller's open client socket, borrowed for this call only.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let local = socket2::SockRef::from(&fd)
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket());
+        ProxyFacts {
+            client,
+            local: local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            tls,
+        }
+    }
+
+    /// Folded into the idle-connection key: connections made for another header stay apart.
+    pub fn tag(&self) -> u64 {
+        let mut bytes = [0u8; 36];
+        for (i, addr) in [self.client, self.local].into_iter().enumerate() {
+            let ip = match addr.ip() {
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                IpAddr::V6(a) => a.octets(),
+            };
+            bytes[i * 18..i * 18 + 16].copy_from_slice(&ip);
+            bytes[i * 18 + 16..i * 18 + 18].copy_from_slice(&addr.port().to_be_bytes());
+        }
+        crate::balance::hash_key(&bytes) | 1
+    }
+
+    pub fn header(&self, version: ProxyVersion) -> Vec<u8> {
+        let tlvs = self.tls.map(SessionInfo::proxy_tlvs);
+        crate::net::proxy_header::encode(version, self.client, self.local, tlvs.as_ref())
+    }
 }
 
 /// A cookie fastlb sets on a response: a backend affinity cookie, or a split's group cookie.
@@ -117,6 +171,13 @@ pub(crate) async fn connect_backend(
 ) -> std::io::Result<crate::net::Conn> {
     let pool = req.pool;
     let tcp = crate::net::connect(pool.settings[req.backend].addr, timer.as_mut()).await;
+    let tcp = match (tcp, pool.send_proxy.zip(req.proxy)) {
+        // Boxed: only send_proxy pools pay for it.
+        (Ok(tcp), Some((v, facts))) => {
+            Box::pin(crate::net::write_first(tcp, &facts.header(v))).await
+        }
+        (tcp, _) => tcp,
+    };
     match (tcp, &pool.tls) {
         (Ok(tcp), Some(tls)) => {
             let address = &pool.backends[req.backend].address;

@@ -134,6 +134,22 @@ impl SessionInfo {
         }
     }
 
+    /// What a PROXY v2 header to a `send_proxy` backend says of this session.
+    pub fn proxy_tlvs(&self) -> crate::net::proxy_header::TlsTlvs<'_> {
+        crate::net::proxy_header::TlsTlvs {
+            alpn: self.alpn.as_deref().map(str::as_bytes),
+            authority: self.sni.as_deref(),
+            version: match self.version {
+                "1.3" => "TLSv1.3",
+                "1.2" => "TLSv1.2",
+                _ => "",
+            },
+            cipher: self.cipher,
+            client_cert: self.client_subject.is_some(),
+            client_cn: self.client_subject.as_deref().and_then(common_name),
+        }
+    }
+
     /// The access log's TLS fields.
     pub fn log_fields(&self, line: &mut crate::accesslog::Line) {
         line.str("tls_version", self.version.as_bytes())
@@ -198,9 +214,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The CN of an RFC 4514 subject ("CN=alice,O=Example" -> "alice"); none when it has none or
+/// it holds an escaped character (the TLV carries it raw: better none than a wrong one).
+fn common_name(subject: &str) -> Option<&str> {
+    let cn = subject
+        .split(',')
+        .find_map(|rdn| rdn.trim().strip_prefix("CN="))?;
+    (!cn.contains('\\') && !cn.is_empty()).then_some(cn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_common_name_of_a_subject() {
+        assert_eq!(common_name("CN=alice,O=Example"), Some("alice"));
+        assert_eq!(common_name("O=Example,CN=bob"), Some("bob"));
+        assert_eq!(common_name("O=Example"), None);
+        assert_eq!(common_name("CN=a\\,b,O=x"), None);
+    }
 
     #[test]
     fn subject_values_are_escaped_as_rfc_4514_says() {
