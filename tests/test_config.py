@@ -264,6 +264,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "udp": None,
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "proxy_protocol": None,
+        "trusted_proxies": [],
         "routes": [
             {
                 "name": "0",
@@ -871,6 +872,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "udp": None,
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "proxy_protocol": None,
+        "trusted_proxies": [],
         "routes": [
             {
                 "name": "0",
