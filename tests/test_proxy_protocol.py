@@ -286,6 +286,97 @@ def test_haproxy_send_proxy_v2_in_front(hb, fastlb, tmp_path: Path):
     assert len(a.received) == 3 and dropped(admin) == base
 
 
+NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def run_haproxy(tmp_path: Path, body: str) -> subprocess.Popen[bytes]:
+    assert HAPROXY, "the interop test needs Debian's haproxy (apt-get install haproxy)"
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(
+        "global\n  maxconn 100\ndefaults\n  timeout connect 5s\n  timeout client 30s\n"
+        "  timeout server 30s\n" + body
+    )
+    return subprocess.Popen(
+        [HAPROXY, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_send_proxy_into_haproxy_accept_proxy(fastlb, tmp_path: Path, version):
+    """fastlb's send_proxy into Debian HAProxy's `accept-proxy`: HAProxy answers with the source
+    it took from the header, for an http pool (the X-Forwarded-For client of a trusted proxy)
+    and a tcp pool (the client a PROXY header into fastlb named)."""
+    behind = free_port()
+    proc = run_haproxy(
+        tmp_path,
+        f"frontend echo\n  mode http\n  bind 127.0.0.1:{behind} accept-proxy\n"
+        '  http-request return status 200 content-type text/plain lf-string "src=%[src]"\n',
+    )
+    try:
+        wait_port(behind)
+        web, tcp = free_port(), free_port()
+        config = http_config(
+            web, [pool("app", [f"127.0.0.1:{behind}"], send_proxy=version)], trusted_proxies=["127.0.0.0/8"]
+        )
+        fastlb(config, web)
+        xff = (
+            b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.44\r\nConnection: close\r\n\r\n"
+        )
+        assert exchange(web, xff).endswith(b"src=203.0.113.44")
+        l4 = l4_config(tcp, [f"127.0.0.1:{behind}"]).replace(
+            "[[pools]]\n", f'[[pools]]\nsend_proxy = "{version}"\n', 1
+        )
+        l4 = l4.replace(
+            'protocol = "tcp"\n',
+            'protocol = "tcp"\nproxy_protocol = { accept = "required", from = ["127.0.0.0/8"] }\n',
+            1,
+        )
+        fastlb(l4, tcp)
+        plain = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        assert exchange(tcp, v1("198.51.100.3") + plain).endswith(b"src=198.51.100.3")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_send_proxy_into_nginx_listen_proxy_protocol(fastlb, tmp_path: Path):
+    """fastlb's send_proxy v1 and v2 into nginx's `listen ... proxy_protocol`, which answers with
+    the address the header carried."""
+    assert NGINX, "the interop test needs nginx (apt-get install nginx)"
+    behind = free_port()
+    (tmp_path / "nginx").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/nginx-error.log;\nevents {{}}\n"
+        "http {\n  access_log off;\n"
+        f"  client_body_temp_path {tmp_path}/nginx;\n  proxy_temp_path {tmp_path}/nginx;\n"
+        f"  fastcgi_temp_path {tmp_path}/nginx;\n  uwsgi_temp_path {tmp_path}/nginx;\n"
+        f"  scgi_temp_path {tmp_path}/nginx;\n"
+        f"  server {{\n    listen 127.0.0.1:{behind} proxy_protocol;\n"
+        '    location / { return 200 "pp=$proxy_protocol_addr:$proxy_protocol_port"; }\n  }\n}\n'
+    )
+    proc = subprocess.Popen(
+        [NGINX, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(behind)
+        for version in ("v1", "v2"):
+            web = free_port()
+            fastlb(http_config(web, [pool("app", [f"127.0.0.1:{behind}"], send_proxy=version)]), web)
+            with socket.create_connection(("127.0.0.1", web), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                client_port = s.getsockname()[1]
+            assert answer.endswith(f"pp=127.0.0.1:{client_port}".encode()), (version, answer[-200:])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 PP = "listeners[0].proxy_protocol"
 
 
