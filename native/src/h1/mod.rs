@@ -287,6 +287,17 @@ async fn lingering_close(ctx: &WorkerCtx, stream: &mut ClientSocket, deadline: &
     ctx.http.bufs.give(sink);
 }
 
+/// A new backend connection that begins with a PROXY header naming `facts` (`send_proxy`).
+async fn connect_proxied(
+    addr: SocketAddr,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    facts: ProxyFacts<'_>,
+    version: crate::config::ProxyVersion,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = crate::net::connect(addr, timer).await?;
+    crate::net::write_first(tcp, &facts.header(version)).await
+}
+
 /// The client a request from `peer` names in its X-Forwarded-For fields (`trusted_proxies`).
 fn request_client(
     http: &HttpListener,
@@ -1146,14 +1157,13 @@ impl Tries for Exchange<'_, '_> {
                 let t0 = Instant::now();
                 let mut timer = self.deadline.timer();
                 timer.as_mut().reset((t0 + connect_timeout).into());
-                let tcp = crate::net::connect(addr, timer.as_mut()).await;
-                let tcp = match (tcp, self.plan.pool.send_proxy) {
-                    // Boxed: only send_proxy pools pay for it.
-                    (Ok(tcp), Some(v)) => {
-                        let header = self.client.proxy_facts().header(v);
-                        Box::pin(crate::net::write_first(tcp, &header)).await
+                let tcp = match self.plan.pool.send_proxy {
+                    None => crate::net::connect(addr, timer.as_mut()).await,
+                    // Boxed: only send_proxy pools pay for the header's state.
+                    Some(v) => {
+                        let facts = self.client.proxy_facts();
+                        Box::pin(connect_proxied(addr, timer.as_mut(), facts, v)).await
                     }
-                    (tcp, _) => tcp,
                 };
                 let connected = match (tcp, &self.plan.pool.tls) {
                     (Ok(tcp), Some(tls)) => {
@@ -1574,7 +1584,7 @@ mod tests {
         )));
         let pools = HashMap::from([("app".to_string(), pool.clone())]);
         let entry = ListenerEntry {
-            http: Some(HttpListener::build(&listener, &pools, &[]).unwrap()),
+            http: Some(HttpListener::build(&listener, &pools, &[], None).unwrap()),
             cfg: listener,
             pool,
             id: 0,
