@@ -107,7 +107,7 @@ for = "30s"
 """
 
 # Every key native/src/config.rs (EngineConfig, deny_unknown_fields) accepts, per struct.
-ENGINE_KEYS = {"runtime", "access_log", "listeners", "pools"}
+ENGINE_KEYS = {"runtime", "access_log", "listeners", "pools", "geoip"}
 RUNTIME_KEYS = {"workers", "cpus", "max_connections"}
 LISTENER_KEYS = {
     "name",
@@ -137,6 +137,7 @@ ROUTE_KEYS = {
     "cookies",
     "query",
     "source_cidr",
+    "country",
     "sni",
     "redirect",
     "split",
@@ -276,6 +277,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
                 "cookies": {"ab-test": "group-a"},
                 "query": {"beta": "1"},
                 "source_cidr": ["10.0.0.0/8", "::1/128"],
+                "country": [],
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 1}],
@@ -291,6 +293,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
                 "cookies": {},
                 "query": {},
                 "source_cidr": [],
+                "country": [],
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 95}, {"pool": "v2", "weight": 5}],
@@ -884,6 +887,7 @@ def test_listener_l7_keys_to_engine() -> None:
                 "cookies": {"AB-Test": "group-A"},
                 "query": {"Beta": "1"},
                 "source_cidr": ["10.0.0.0/8", "192.168.1.1/32", "2001:db8::/32", "::1/128"],
+                "country": [],
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 1}],
@@ -899,6 +903,7 @@ def test_listener_l7_keys_to_engine() -> None:
                 "cookies": {},
                 "query": {},
                 "source_cidr": [],
+                "country": [],
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "app", "weight": 1}],
@@ -914,6 +919,7 @@ def test_listener_l7_keys_to_engine() -> None:
                 "cookies": {},
                 "query": {},
                 "source_cidr": [],
+                "country": [],
                 "sni": None,
                 "redirect": None,
                 "split": [{"pool": "v1", "weight": 0}, {"pool": "v2", "weight": 1}],

@@ -21,6 +21,9 @@ pub struct EngineConfig {
     pub access_log: Option<String>,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
+    /// `[geoip].database`, an absolute path; None: no database (no `country` routes).
+    #[serde(deserialize_with = "required")]
+    pub geoip: Option<String>,
 }
 
 /// `[runtime]`: only read when the engine starts; an update may not change it.
@@ -223,6 +226,8 @@ pub struct RouteConfig {
     pub query: BTreeMap<String, String>,
     /// Networks as `addr/len`, host bits already cleared.
     pub source_cidr: Vec<String>,
+    /// ISO 3166-1 alpha-2 codes, upper case: the client's country by `[geoip].database`.
+    pub country: Vec<String>,
     /// Empty for a redirect route.
     pub split: Vec<SplitConfig>,
     /// tcp listeners: the TLS SNI (exact, or `*.domain`), read from the ClientHello.

@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::l4::passthrough::SniRoutes;
 use crate::metrics::WorkerMetrics;
+use crate::proxy::geo::GeoDb;
 use crate::proxy::route::Cidr;
 use crate::proxy::HttpListener;
 use crate::stats::{Ids, LatencyWindow, StatsInput};
@@ -644,6 +645,11 @@ impl Engine {
         pools: &HashMap<String, Arc<Pool>>,
     ) -> Result<HashMap<String, Arc<ListenerEntry>>, EngineError> {
         let mut listeners = HashMap::new();
+        // Read again at every reload: a new database file takes effect then.
+        let geo = match &config.geoip {
+            Some(path) => Some(GeoDb::open(path).map_err(EngineError::Config)?),
+            None => None,
+        };
         for l in &config.listeners {
             let http = match l.protocol.is_http() {
                 true => {
@@ -652,7 +658,8 @@ impl Engine {
                         .iter()
                         .map(|r| self.ids.route(&l.name, &r.name))
                         .collect();
-                    Some(HttpListener::build(l, pools, &ids).map_err(EngineError::Config)?)
+                    let built = HttpListener::build(l, pools, &ids, geo.as_ref());
+                    Some(built.map_err(EngineError::Config)?)
                 }
                 false => None,
             };
@@ -875,6 +882,7 @@ mod tests {
             access_log: None,
             listeners: vec![],
             pools: vec![pool],
+            geoip: None,
         }
     }
 

@@ -119,6 +119,9 @@ Choices where the contract is silent:
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
     - `trusted_proxies` (default none: X-Forwarded-For is never believed) is for http and https
       listeners; networks as source_cidr takes them.
+    - `country` route conditions need `[geoip].database`, a MaxMind DB file (checked for the
+      format's metadata marker here; the data plane reads it whole, again at every reload).
+      Codes are two letters, upper-cased.
     - The admin API on an address beyond loopback (a wildcard, a name other than localhost)
       needs `tokens_file` or mTLS (`tls.client_ca`), unless `insecure = true`: an error naming
       admin.bind otherwise. The tokens file is read at load and at every reload; a bad line is
@@ -413,6 +416,12 @@ def _cidr(text: str) -> str:
     except ValueError:
         raise ValueError(f"not an IP network: {text!r}") from None
     return text
+
+
+def _country(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z]{2}", text):
+        raise ValueError(f'not an ISO 3166-1 alpha-2 country code: {text!r} (e.g. "DE")')
+    return text.upper()
 
 
 def _route_host(text: str) -> str:
@@ -713,6 +722,7 @@ class Route(_Model):
     cookies: dict[Token, str] = {}
     query: dict[Annotated[str, Field(min_length=1)], str] = {}
     source_cidr: list[Annotated[str, AfterValidator(_cidr)]] = []
+    country: list[Annotated[str, AfterValidator(_country)]] = []  # the client's, by [geoip].database
     sni: Annotated[str, AfterValidator(_sni)] | None = None  # tcp listeners: TLS passthrough by SNI
     redirect: Redirect | None = None  # http/https: answer with a redirect instead of a pool
     pool: str | None = None
@@ -969,10 +979,17 @@ def _default_alerts() -> list[Alert]:
     return [Alert.model_validate(a) for a in DEFAULT_ALERTS]
 
 
+class GeoIp(_Model):
+    """`[geoip]`: the MaxMind DB that `country` route conditions look clients up in."""
+
+    database: Annotated[str, Field(min_length=1)]  # relative to the config file's folder
+
+
 class Config(_Model):
     """The whole validated configuration file."""
 
     runtime: Runtime = Field(default_factory=Runtime)
+    geoip: GeoIp | None = None
     admin: Admin = Field(default_factory=Admin)
     log: Log = Field(default_factory=Log)
     listeners: list[Listener] = Field(min_length=1)
@@ -980,6 +997,12 @@ class Config(_Model):
     alerts: list[Alert] = Field(default_factory=_default_alerts)
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _pid_path: Path | None = PrivateAttr(default=None)
+    _geoip_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def geoip_path(self) -> Path | None:
+        """`geoip.database` resolved against the config file's folder."""
+        return self._geoip_path
 
     @property
     def pid_path(self) -> Path | None:
@@ -1002,6 +1025,24 @@ class Config(_Model):
         list, then re-checks hairpins against the resolved addresses; raises ConfigError.
         """
         return _Engine(self).build()
+
+
+# The marker before a MaxMind DB's metadata section, within its last 128 KiB (the format's spec).
+_MMDB_MARKER = b"\xab\xcd\xefMaxMind.com"
+
+
+def _mmdb_errors(path: Path) -> list[str]:
+    """A cheap check that `path` is a MaxMind DB; the data plane reads it whole (and says
+    more if its tree is broken)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 128 * 1024))
+            tail = f.read()
+    except OSError as err:
+        return [f"geoip.database: cannot read {path}: {err.strerror or err}"]
+    if _MMDB_MARKER not in tail:
+        return [f"geoip.database: {path} is not a MaxMind DB file (no metadata marker)"]
+    return []
 
 
 # --- cross-field checks -----------------------------------------------------------------------
@@ -1279,6 +1320,11 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
         return errors
     for j, route in enumerate(lst.routes):
         errors += _route_errors(f"{at}.routes[{j}]", route, pools, lst.protocol)
+        if route.country and cfg.geoip is None:
+            errors.append(
+                f'{at}.routes[{j}].country: needs [geoip] database = "..." (a MaxMind DB file) to know'
+                " the client's country"
+            )
     return errors + _route_name_errors(at, lst.routes)
 
 
@@ -1681,6 +1727,9 @@ def parse_config(data: dict[str, Any], base_dir: str | os.PathLike[str] | None =
         cfg._pid_path = (base / cfg.runtime.pid_file).absolute()
         if not cfg._pid_path.parent.is_dir():
             file_errors.append(f"runtime.pid_file: {cfg._pid_path.parent} is not a folder")
+    if cfg.geoip is not None:
+        cfg._geoip_path = (base / cfg.geoip.database).absolute()
+        file_errors += _mmdb_errors(cfg._geoip_path)
     errors = list(dict.fromkeys(errors + file_errors))
     if errors:
         raise ConfigError(errors)
@@ -1792,7 +1841,14 @@ class _Engine:
             raise ConfigError(self.errors)
         log = self.cfg.log.access_log
         access_log = None if log == "off" else log
-        return {"runtime": runtime, "access_log": access_log, "listeners": listeners, "pools": pools}
+        geoip = None if self.cfg.geoip_path is None else str(self.cfg.geoip_path)
+        return {
+            "runtime": runtime,
+            "access_log": access_log,
+            "listeners": listeners,
+            "pools": pools,
+            "geoip": geoip,
+        }
 
     def listener(self, i: int, x: Listener, bind: str) -> dict[str, Any]:
         """`ListenerConfig`; tcp and udp listeners carry the http keys too (defaults, no
@@ -1912,6 +1968,7 @@ class _Engine:
             "cookies": dict(r.cookies),
             "query": dict(r.query),
             "source_cidr": [str(ipaddress.ip_network(c, strict=False)) for c in r.source_cidr],
+            "country": list(r.country),
             "sni": None if r.sni is None else r.sni.lower().rstrip("."),
             "redirect": (
                 None

@@ -8,6 +8,7 @@
 
 pub mod client_addr;
 pub mod exchange;
+pub mod geo;
 pub mod outcome;
 pub mod ratelimit;
 pub mod route;
@@ -19,6 +20,7 @@ use crate::config::{HashKey, ListenerConfig};
 use crate::h1::parse::Limits;
 use client_addr::TrustedProxies;
 use exchange::{SetCookie, SetCookies};
+use geo::GeoDb;
 use ratelimit::RateLimiter;
 use route::{find_query_param, RequestView, RouteTable};
 use split::GroupCookie;
@@ -40,13 +42,16 @@ pub struct HttpListener {
 
 impl HttpListener {
     /// `route_ids`: what each route's requests are counted under (crate::metrics::RouteCounts).
+    /// `geo`: the `[geoip]` database, for `country` conditions.
     pub fn build(
         cfg: &ListenerConfig,
         pools: &HashMap<String, Arc<Pool>>,
         route_ids: &[u16],
+        geo: Option<&Arc<GeoDb>>,
     ) -> Result<Self, String> {
         let named = |e| format!("listener {}: {e}", cfg.name);
-        let routes = RouteTable::build_with_ids(&cfg.routes, pools, route_ids).map_err(named)?;
+        let routes =
+            RouteTable::build_with_ids(&cfg.routes, pools, route_ids, geo).map_err(named)?;
         Ok(HttpListener {
             trusted: TrustedProxies::build(&cfg.trusted_proxies).map_err(named)?,
             routes,

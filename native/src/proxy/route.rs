@@ -9,6 +9,7 @@
 //! route says `/a%20b` to match a request for `/a%20b` (decoding would let `/%61dmin` and
 //! `/admin` route alike only sometimes, depending on how the client encoded it).
 
+use super::geo::{self, CountryCode, GeoDb};
 use super::split::{GroupCookie, Split};
 use crate::balance::Pool;
 use crate::config::{RedirectConfig, RouteConfig};
@@ -188,6 +189,9 @@ struct Route {
     path_prefix: Option<Box<[u8]>>,
     path_exact: Option<Box<[u8]>>,
     cidrs: Box<[Cidr]>,
+    /// `country`, with the database it is looked up in (set whenever `countries` is not empty).
+    countries: Box<[CountryCode]>,
+    geo: Option<Arc<GeoDb>>,
     headers: Pairs,
     cookies: Pairs,
     query: Pairs,
@@ -240,6 +244,12 @@ impl Route {
         if !self.cidrs.is_empty() {
             let ip = as_v6(req.source_ip());
             if !self.cidrs.iter().any(|c| ip & c.mask == c.net) {
+                return false;
+            }
+        }
+        if !self.countries.is_empty() {
+            let country = self.geo.as_ref().and_then(|g| g.country(req.source_ip()));
+            if !country.is_some_and(|c| self.countries.contains(&c)) {
                 return false;
             }
         }
@@ -297,21 +307,23 @@ impl RouteTable {
         routes: &[RouteConfig],
         pools: &HashMap<String, Arc<Pool>>,
     ) -> Result<RouteTable, String> {
-        Self::build_with_ids(routes, pools, &[])
+        Self::build_with_ids(routes, pools, &[], None)
     }
 
-    /// As `build`, each route counted under its id in `ids` (NO_ROUTE where none is given).
+    /// As `build`, each route counted under its id in `ids` (NO_ROUTE where none is given),
+    /// `country` conditions looked up in `geo`.
     pub fn build_with_ids(
         routes: &[RouteConfig],
         pools: &HashMap<String, Arc<Pool>>,
         ids: &[u16],
+        geo: Option<&Arc<GeoDb>>,
     ) -> Result<RouteTable, String> {
         let routes = routes
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let id = ids.get(i).copied().unwrap_or(NO_ROUTE);
-                Self::build_route(r, pools, id).map_err(|e| format!("route {i}: {e}"))
+                Self::build_route(r, pools, id, geo).map_err(|e| format!("route {i}: {e}"))
             })
             .collect::<Result<_, _>>()?;
         Ok(RouteTable { routes })
@@ -326,6 +338,7 @@ impl RouteTable {
         r: &RouteConfig,
         pools: &HashMap<String, Arc<Pool>>,
         id: u16,
+        geo: Option<&Arc<GeoDb>>,
     ) -> Result<Route, String> {
         let host = r.host.as_deref().map(HostMatch::parse).transpose()?;
         let path_regex = r
@@ -349,12 +362,22 @@ impl RouteTable {
             Some(redirect) => Action::Redirect(redirect.clone()),
             None => Action::Split(Split::build(r, pools)?),
         };
+        let countries: Box<[CountryCode]> = r
+            .country
+            .iter()
+            .map(|c| geo::parse_code(c).ok_or_else(|| format!("country {c:?}: not an ISO code")))
+            .collect::<Result<_, _>>()?;
+        if !countries.is_empty() && geo.is_none() {
+            return Err("country: needs [geoip].database".into());
+        }
         Ok(Route {
             id,
             host,
             path_prefix: r.path_prefix.as_ref().map(|p| p.as_bytes().into()),
             path_exact: r.path_exact.as_ref().map(|p| p.as_bytes().into()),
             cidrs,
+            geo: (!countries.is_empty()).then(|| geo.cloned()).flatten(),
+            countries,
             // Names are lower-cased by the control plane; again here so a hand-written
             // config cannot silently never match.
             headers: pairs(&r.headers, |n| n.to_ascii_lowercase().into_bytes(), true),
@@ -1112,6 +1135,7 @@ mod tests {
             }],
             &pools(),
             &[7],
+            None,
         )
         .unwrap();
         assert_eq!((t.id(0), t.id(1)), (7, NO_ROUTE));
@@ -1123,5 +1147,22 @@ mod tests {
             &pools(),
         );
         assert_eq!(plain.unwrap().id(0), NO_ROUTE);
+    }
+
+    #[test]
+    fn a_country_condition_needs_a_database_and_iso_codes() {
+        let route = |country: &[&str]| RouteConfig {
+            split: to("a"),
+            country: country.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        let err = RouteTable::build(&[route(&["DE"])], &pools())
+            .err()
+            .unwrap();
+        assert_eq!(err, "route 0: country: needs [geoip].database");
+        let err = RouteTable::build(&[route(&["Germany"])], &pools())
+            .err()
+            .unwrap();
+        assert!(err.contains("not an ISO code"), "{err}");
     }
 }
