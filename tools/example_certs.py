@@ -1,6 +1,7 @@
-"""Certificates for the example configs: the repo ships no keys, so `fastlb check` on an example
-that names certificate files runs on a copy beside a throwaway certificate and key at each path
-its listeners name (used by the release check and the config tests)."""
+"""Certificates (and a GeoIP database) for the example configs: the repo ships no keys and no
+MaxMind DB, so `fastlb check` on an example that names such files runs on a copy beside a
+throwaway certificate and key at each path its listeners name, and a small MaxMind DB where
+`[geoip].database` says (used by the release check and the config tests)."""
 
 from __future__ import annotations
 
@@ -22,15 +23,31 @@ def config_with_certificates(text: str, folder: Path, name: str = "fastlb.toml")
             for rel, blob in ((pair["cert"], chain), (pair["key"], leaf.private_key_pem.bytes())):
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                 (folder / rel).write_bytes(blob)
+    if "geoip" in data:
+        write_geoip_db(folder / data["geoip"]["database"])
     path = folder / name
     path.write_text(text)
     return path
 
 
+def write_geoip_db(path: Path) -> None:
+    """A MaxMind DB placing two documentation networks (DE and US), made with mmdb-writer."""
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoIP2-Country")
+    writer.insert_network(IPSet(["198.51.100.0/24"]), {"country": {"iso_code": "DE"}})
+    writer.insert_network(IPSet(["203.0.113.0/24"]), {"country": {"iso_code": "US"}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.to_db_file(str(path))
+
+
 def example_with_certificates(example: Path, folder: Path) -> Path:
-    """`example` itself when it names no certificate files, else a copy in `folder` with them."""
+    """`example` itself when it names no certificate nor GeoIP files, else a copy in `folder`
+    with them."""
     text = example.read_text()
-    listeners = tomllib.loads(text).get("listeners", [])
-    if not any(x.get("tls", {}).get("certificates") for x in listeners):
+    data = tomllib.loads(text)
+    listeners = data.get("listeners", [])
+    if not any(x.get("tls", {}).get("certificates") for x in listeners) and "geoip" not in data:
         return example
     return config_with_certificates(text, folder, example.name)
