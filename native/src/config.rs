@@ -228,6 +228,12 @@ pub struct RouteConfig {
     pub source_cidr: Vec<String>,
     /// ISO 3166-1 alpha-2 codes, upper case: the client's country by `[geoip].database`.
     pub country: Vec<String>,
+    /// Fields set, added and removed on the request to the backend, and on its response.
+    pub request_headers: HeaderRulesConfig,
+    pub response_headers: HeaderRulesConfig,
+    /// With `path_prefix`: what replaces that prefix in the path sent to the backend.
+    #[serde(deserialize_with = "required")]
+    pub rewrite_prefix: Option<String>,
     /// Empty for a redirect route.
     pub split: Vec<SplitConfig>,
     /// tcp listeners: the TLS SNI (exact, or `*.domain`), read from the ClientHello.
@@ -238,6 +244,15 @@ pub struct RouteConfig {
     /// Sticky A/B groups: a client the split placed keeps its pool by this cookie.
     #[serde(deserialize_with = "required")]
     pub split_affinity: Option<SplitAffinityConfig>,
+}
+
+/// `request_headers` / `response_headers` of a route: (name, value) pairs in the file's order.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRulesConfig {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
 }
 
 /// `proxy_protocol = { accept, from }`: who may send a PROXY header (v1 or v2), and whether

@@ -710,6 +710,37 @@ class SplitAffinity(_Model):
     ttl: Duration = Duration.parse("30d")
 
 
+def _field_value(text: str) -> str:
+    if any(c in text for c in "\r\n\0") or text != text.strip(" \t"):
+        raise ValueError("a field value has no CR, LF or NUL, nor spaces at its ends")
+    return text
+
+
+FieldValue = Annotated[str, AfterValidator(_field_value)]
+
+# Fields fastlb writes or frames messages by: a route's rules may not set, add or remove them.
+MANAGED_FIELDS = frozenset(
+    {
+        "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
+        "te", "trailer", "upgrade", "expect", "x-forwarded-for", "x-forwarded-proto", "forwarded",
+        "via", "x-request-id", "cookie", "set-cookie", "x-client-cert-subject", "x-client-cert-fingerprint",
+    }
+)  # fmt: skip
+
+
+class HeaderRules(_Model):
+    """`request_headers` / `response_headers` of a route: `set` replaces every field of that
+    name, `add` appends one, `remove` drops every one (names case-insensitive)."""
+
+    set: dict[Token, FieldValue] = {}
+    add: dict[Token, FieldValue] = {}
+    remove: list[Token] = []
+
+    def to_engine(self) -> dict[str, Any]:
+        return {"set": [[n, v] for n, v in self.set.items()], "add": [[n, v] for n, v in self.add.items()],
+                "remove": list(self.remove)}  # fmt: skip
+
+
 class Route(_Model):
     """One `[[listeners.routes]]` entry: all given conditions must hold; first match wins."""
 
@@ -729,6 +760,9 @@ class Route(_Model):
     split: list[SplitEntry] | None = None
     canary: Canary | None = None  # http/https split routes: a self-driving canary release
     split_affinity: SplitAffinity | None = None  # http/https split routes: sticky groups
+    request_headers: HeaderRules = Field(default_factory=HeaderRules)  # on the way to the backend
+    response_headers: HeaderRules = Field(default_factory=HeaderRules)  # on the backend's answer
+    rewrite_prefix: Annotated[str, AfterValidator(_path)] | None = None  # replaces path_prefix
 
 
 class CertKey(_Model):
@@ -1186,8 +1220,24 @@ def _route_errors(at: str, route: Route, pools: dict[str, int], protocol: Protoc
         errors.append(f'{at}.sni: only on protocol = "tcp" listeners (TLS passthrough); use host here')
     if route.redirect is not None:
         errors += _redirect_errors(at, route, protocol)
+        errors += [
+            f"{at}.{key}: a redirect route forwards nothing to rewrite"
+            for key in ("request_headers", "response_headers", "rewrite_prefix")
+            if key in route.model_fields_set
+        ]
     else:
         errors += _target_errors(at, route, pools) + _canary_errors(at, route)
+    if route.rewrite_prefix is not None and route.path_prefix is None:
+        errors.append(f"{at}.rewrite_prefix: needs path_prefix (the part of the path it replaces)")
+    for side in ("request_headers", "response_headers"):
+        rules: HeaderRules = getattr(route, side)
+        for kind, names in (("set", list(rules.set)), ("add", list(rules.add)), ("remove", rules.remove)):
+            errors += [
+                f"{at}.{side}.{kind}: {name!r} is a field fastlb itself writes or frames messages by"
+                " (docs/http.md lists them)"
+                for name in names
+                if name.lower() in MANAGED_FIELDS
+            ]
     matchers = [m for m in ("path_prefix", "path_exact", "path_regex") if getattr(route, m)]
     if len(matchers) > 1:
         errors.append(f"{at}.{matchers[1]}: only one of path_prefix, path_exact, path_regex")
@@ -1969,6 +2019,9 @@ class _Engine:
             "query": dict(r.query),
             "source_cidr": [str(ipaddress.ip_network(c, strict=False)) for c in r.source_cidr],
             "country": list(r.country),
+            "request_headers": r.request_headers.to_engine(),
+            "response_headers": r.response_headers.to_engine(),
+            "rewrite_prefix": r.rewrite_prefix,
             "sni": None if r.sni is None else r.sni.lower().rstrip("."),
             "redirect": (
                 None

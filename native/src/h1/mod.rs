@@ -24,6 +24,7 @@ use crate::l4::forward;
 use crate::metrics::NO_ROUTE;
 use crate::net::Conn;
 use crate::proxy::exchange::ProxyFacts;
+use crate::proxy::header_rules::{HeaderRules, RouteRewrite};
 use crate::proxy::outcome::{micros, ClientInfo, NOT_MEASURED};
 use crate::proxy::route::{RequestView, Target};
 use crate::proxy::split::GroupCookie;
@@ -770,7 +771,8 @@ fn plan(
         via_token: via,
         tls,
     };
-    rewrite::request_head(out, buf, head, &headers, origin, upgrade);
+    let route_rewrite = route.and_then(|i| http.routes.rewrite(i));
+    rewrite::request_head(out, buf, head, &headers, origin, upgrade, route_rewrite);
     Ok(Plan {
         key,
         pinned,
@@ -1087,6 +1089,19 @@ struct Exchange<'a, 't> {
     client_must_close: bool,
     deadline: &'a mut Deadline<'t>,
     outcome: &'a mut Outcome,
+}
+
+/// What route `route` (NO_ROUTE: none) of `listener` rewrites.
+fn route_rewrite(listener: &ListenerEntry, route: u16) -> Option<&RouteRewrite> {
+    let routes = &listener.http.as_ref()?.routes;
+    (route != NO_ROUTE)
+        .then(|| routes.rewrite(route as usize))
+        .flatten()
+}
+
+/// Route `route`'s `response_headers`, if it has any.
+fn response_rules(listener: &ListenerEntry, route: u16) -> Option<&HeaderRules> {
+    route_rewrite(listener, route)?.response.as_ref()
 }
 
 impl Exchange<'_, '_> {
@@ -1414,6 +1429,7 @@ impl Exchange<'_, '_> {
             let set_cookies =
                 proxy::set_cookies(pool, i, self.plan.pinned, self.plan.group.as_deref());
             let headers = ctx.http.headers.borrow();
+            let rules = response_rules(self.listener, self.plan.route);
             rewrite::response_head(
                 &mut self.out,
                 resp.filled(),
@@ -1423,6 +1439,7 @@ impl Exchange<'_, '_> {
                     http10_keep_alive: !close_after && self.plan.version == Version::Http10,
                 },
                 &set_cookies,
+                rules,
             );
         }
         resp.consume(head.len);

@@ -8,6 +8,7 @@
 use super::parse::{named_in_connection, HeaderKind, HeaderSpan, RequestHead, Span, Version};
 use crate::config::RedirectConfig;
 use crate::proxy::exchange::SetCookies;
+use crate::proxy::header_rules::{HeaderRules, RouteRewrite};
 use crate::proxy::route::{find_cookie, RequestView};
 use crate::tls::SessionInfo;
 use std::io::Write;
@@ -82,6 +83,7 @@ pub struct Origin<'a> {
 }
 
 /// Writes the head fastlb sends the backend for `head` (read from `buf`) into `out`.
+/// `rewrite`: the matched route's rules (path prefix, fields).
 pub fn request_head(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -89,13 +91,25 @@ pub fn request_head(
     headers: &[HeaderSpan],
     origin: Origin<'_>,
     upgrade: bool,
+    rewrite: Option<&RouteRewrite>,
 ) {
     let Origin {
         peer,
         via_token,
         tls,
     } = origin;
-    out.extend_from_slice(head.line().get(buf));
+    match rewrite.and_then(|r| r.prefix.as_ref()) {
+        None => out.extend_from_slice(head.line().get(buf)),
+        Some(prefix) => {
+            // The line with the path replaced; whatever surrounds the path (an absolute-form
+            // scheme and authority, the query, the version) as sent.
+            let line = head.line();
+            out.extend_from_slice(&buf[line.start as usize..head.path.start as usize]);
+            prefix.write(head.path.get(buf), out);
+            out.extend_from_slice(&buf[head.path.end as usize..line.end as usize]);
+        }
+    }
+    let rules = rewrite.and_then(|r| r.request.as_ref());
     let has_connection = connection_lists_fields(buf, headers);
     let mut forwarded_for: Option<Span> = None;
     let mut several_xff = false;
@@ -122,9 +136,13 @@ pub fn request_head(
             {
                 continue
             }
+            HeaderKind::Other if rules.is_some_and(|r| r.drops(h.name.get(buf))) => continue,
             _ => {}
         }
         push_header(out, buf, h);
+    }
+    if let Some(r) = rules {
+        r.write_h1(out);
     }
     let ip = peer.ip();
     out.extend_from_slice(b"X-Forwarded-For: ");
@@ -262,6 +280,7 @@ pub fn response_head(
     headers: &[HeaderSpan],
     conn: ClientConnection,
     set_cookies: &SetCookies<'_>,
+    rules: Option<&HeaderRules>,
 ) {
     out.extend_from_slice(status_line(buf));
     let has_connection = connection_lists_fields(buf, headers);
@@ -275,9 +294,13 @@ pub fn response_head(
             {
                 continue
             }
+            HeaderKind::Other if rules.is_some_and(|r| r.drops(h.name.get(buf))) => continue,
             _ => {}
         }
         push_header(out, buf, h);
+    }
+    if let Some(r) = rules {
+        r.write_h1(out);
     }
     for cookie in set_cookies.iter().flatten() {
         out.extend_from_slice(b"Set-Cookie: ");
@@ -427,7 +450,7 @@ mod tests {
             via_token: "fastlb-t",
             tls: None,
         };
-        request_head(&mut out, req, &head, &hs, origin, false);
+        request_head(&mut out, req, &head, &hs, origin, false, None);
         out
     }
 

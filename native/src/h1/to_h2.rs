@@ -61,6 +61,9 @@ pub(super) async fn exchange(
         &ctx.shared.via_token,
         true,
     );
+    if let Some(r) = super::route_rewrite(listener, plan.route) {
+        r.apply_to_request(&mut parts);
+    }
     req.consume(head.len);
     let idle = Duration::from_millis(listener.cfg.client_idle_ms.max(1));
     let mut left = BodyLeft::new(head.body);
@@ -354,6 +357,7 @@ impl Tries for H1ToH2<'_, '_, '_, '_, '_> {
             fresh: self.fresh,
             set_cookies,
             proxy: None, // send_proxy is refused on HTTP/2 pools: they multiplex clients
+            response_rules: super::response_rules(self.listener, self.plan.route),
         };
         self.body.rewind();
         crate::h2::client::exchange(self.ctx, &req, &mut self.body, self.sink, self.outcome).await

@@ -284,7 +284,7 @@ async fn response(
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = http::StatusCode::from_u16(head.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
     parts.headers = headers;
-    crate::proxy::exchange::add_set_cookies(&mut parts.headers, &req.set_cookies);
+    crate::proxy::exchange::response_fields(&mut parts.headers, req);
     resp.consume(head.len);
     let no_body = matches!(head.body, BodyKind::None | BodyKind::Length(0));
     if sink.head(parts, no_body).await.is_err() {

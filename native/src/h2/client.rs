@@ -392,7 +392,7 @@ pub(crate) async fn exchange(
     outcome.status = status;
     let (mut parts, mut download) = head.into_parts();
     super::headers::strip_hop_by_hop(&mut parts.headers);
-    crate::proxy::exchange::add_set_cookies(&mut parts.headers, &req.set_cookies);
+    crate::proxy::exchange::response_fields(&mut parts.headers, req);
     let end = download.is_end_stream();
     if sink.head(parts, end).await.is_err() {
         return Attempt::Broken;

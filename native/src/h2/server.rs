@@ -20,6 +20,7 @@ use crate::h1::io::Deadline;
 use crate::metrics::{H2Event, NO_ROUTE};
 use crate::net::Conn;
 use crate::proxy::exchange::{ProxyFacts, RequestBody, ResponseSink, UpstreamRequest};
+use crate::proxy::header_rules::HeaderRules;
 use crate::proxy::outcome::ClientInfo;
 use crate::proxy::route::{RequestView, Target};
 use crate::proxy::split::GroupCookie;
@@ -332,6 +333,10 @@ async fn handle(
         &ctx.shared.via_token,
         to_h2,
     );
+    let rewrite = route.and_then(|i| http.routes.rewrite(i));
+    if let Some(r) = rewrite {
+        r.apply_to_request(&mut parts);
+    }
     if let Some(log) = outcome.log.as_deref_mut() {
         log.route = route;
         log.pool = pool.name.clone();
@@ -358,6 +363,7 @@ async fn handle(
         sni: sni.as_ref(),
         sni_tag,
         proxy,
+        response_rules: rewrite.and_then(|r| r.response.as_ref()),
         grpc_deadline: grpc::timeout(&parts.headers).map(|d| started + d),
         fresh: false,
         body: &mut body,
@@ -467,6 +473,7 @@ struct StreamExchange<'a, 't> {
     sni: Option<&'a ServerName<'static>>,
     sni_tag: u64,
     proxy: Option<ProxyFacts<'a>>,
+    response_rules: Option<&'a HeaderRules>,
     grpc_deadline: Option<Instant>,
     fresh: bool,
     body: &'a mut H2Body,
@@ -503,6 +510,7 @@ impl Tries for StreamExchange<'_, '_> {
             fresh: self.fresh,
             set_cookies,
             proxy: self.proxy,
+            response_rules: self.response_rules,
         };
         if self.body.replayable() {
             self.body.rewind();

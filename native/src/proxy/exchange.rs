@@ -7,6 +7,7 @@
 
 use crate::balance::Pool;
 use crate::config::ProxyVersion;
+use crate::proxy::header_rules::HeaderRules;
 use crate::proxy::Attempt;
 use crate::tls::SessionInfo;
 use bytes::Bytes;
@@ -70,6 +71,8 @@ pub(crate) struct UpstreamRequest<'a> {
     pub set_cookies: SetCookies<'a>,
     /// `send_proxy` pools: who the PROXY header on a new connection names.
     pub proxy: Option<ProxyFacts<'a>>,
+    /// The matched route's `response_headers`.
+    pub response_rules: Option<&'a HeaderRules>,
 }
 
 /// What a PROXY header to an http pool's backend says (`send_proxy`): the request's client,
@@ -155,6 +158,15 @@ impl SetCookie<'_> {
 }
 
 /// Adds `cookies` to a response's fields.
+/// The fields fastlb changes on a backend's response head: the route's `response_headers`,
+/// then its own cookies.
+pub(crate) fn response_fields(headers: &mut http::HeaderMap, req: &UpstreamRequest<'_>) {
+    if let Some(rules) = req.response_rules {
+        rules.apply(headers);
+    }
+    add_set_cookies(headers, &req.set_cookies);
+}
+
 pub fn add_set_cookies(headers: &mut http::HeaderMap, cookies: &SetCookies<'_>) {
     for cookie in cookies.iter().flatten() {
         if let Some(v) = cookie.header_value() {

@@ -9,6 +9,7 @@
 pub mod client_addr;
 pub mod exchange;
 pub mod geo;
+pub mod header_rules;
 pub mod outcome;
 pub mod ratelimit;
 pub mod route;

@@ -10,6 +10,7 @@
 //! `/admin` route alike only sometimes, depending on how the client encoded it).
 
 use super::geo::{self, CountryCode, GeoDb};
+use super::header_rules::RouteRewrite;
 use super::split::{GroupCookie, Split};
 use crate::balance::Pool;
 use crate::config::{RedirectConfig, RouteConfig};
@@ -197,6 +198,7 @@ struct Route {
     query: Pairs,
     path_regex: Option<Regex>,
     action: Action,
+    rewrite: Option<Box<RouteRewrite>>,
 }
 
 /// What a matching route does.
@@ -358,6 +360,12 @@ impl RouteTable {
             .iter()
             .map(|c| Cidr::parse(c).map_err(|e| format!("source_cidr {e}")))
             .collect::<Result<_, _>>()?;
+        let prefix = match (&r.rewrite_prefix, &r.path_prefix) {
+            (Some(to), Some(from)) => Some((from.as_str(), to.as_str())),
+            (Some(_), None) => return Err("rewrite_prefix: needs path_prefix".into()),
+            (None, _) => None,
+        };
+        let rewrite = RouteRewrite::build(&r.request_headers, &r.response_headers, prefix)?;
         let action = match &r.redirect {
             Some(redirect) => Action::Redirect(redirect.clone()),
             None => Action::Split(Split::build(r, pools)?),
@@ -385,7 +393,13 @@ impl RouteTable {
             query: pairs(&r.query, |n| n.as_bytes().to_vec(), false),
             path_regex,
             action,
+            rewrite,
         })
+    }
+
+    /// What route `index` rewrites, if anything.
+    pub fn rewrite(&self, index: usize) -> Option<&RouteRewrite> {
+        self.routes.get(index)?.rewrite.as_deref()
     }
 
     /// The first matching route's index and the pool it sends this request to; None when no
