@@ -119,6 +119,10 @@ Choices where the contract is silent:
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
     - `trusted_proxies` (default none: X-Forwarded-For is never believed) is for http and https
       listeners; networks as source_cidr takes them.
+    - A pool backend named by a host name (not localhost) stands for every A/AAAA address the
+      name has, looked up again every `resolve.interval` (default 5s) through
+      `runtime.resolvers` (fastlb.discovery); `srv` stands in place of `backends` (one of the
+      two is required). Without a lookup result (at start) getaddrinfo's first address is used.
     - `country` route conditions need `[geoip].database`, a MaxMind DB file (checked for the
       format's metadata marker here; the data plane reads it whole, again at every reload).
       Codes are two letters, upper-cased.
@@ -308,6 +312,20 @@ def _ip(host: str) -> IPAddr | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def _resolver(text: str) -> str:
+    host, _, port = text.rpartition(":") if text.count(":") == 1 or text.startswith("[") else ("", "", "")
+    ip = _ip((host or text).strip("[]"))
+    if ip is None or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f'not a DNS server address: {text!r} (e.g. "10.0.0.2" or "10.0.0.2:53")')
+    return text
+
+
+def _srv_name(text: str) -> str:
+    if not _is_dns_name(text.rstrip(".")) or not text.startswith("_"):
+        raise ValueError(f'not an SRV name: {text!r} (e.g. "_http._tcp.api.internal")')
+    return text
 
 
 def _backend_address(text: str) -> str:
@@ -565,6 +583,8 @@ class Runtime(_Model):
     # written at start, rewritten by the new process after a binary upgrade; relative to the
     # config file's folder
     pid_file: Annotated[str, Field(min_length=1)] | None = None
+    # DNS servers for backend discovery ("IP" or "IP:PORT"); none: /etc/resolv.conf's
+    resolvers: list[Annotated[str, AfterValidator(_resolver)]] = []
 
 
 def _open_path(text: str) -> str:
@@ -940,6 +960,12 @@ class PoolTls(_Model):
         return self._pem
 
 
+class Resolve(_Model):
+    """`resolve = { interval }`: how often host-name backends (and `srv`) are looked up again."""
+
+    interval: PositiveDuration = Duration.parse("5s")
+
+
 class Pool(_Model):
     name: Name
     # "2": HTTP/2 to the backends (h2c with prior knowledge; ALPN h2 with [pools.tls])
@@ -953,7 +979,9 @@ class Pool(_Model):
     affinity: Affinity | None = None
     keepalive: Annotated[int, Field(ge=0, le=10_000)] = 256
     queue: Queue = Field(default_factory=Queue)
-    backends: list[Backend] = Field(min_length=1)
+    backends: list[Backend] = []  # required unless srv names them
+    srv: Annotated[str, AfterValidator(_srv_name)] | None = None  # backends from SRV records
+    resolve: Resolve = Field(default_factory=Resolve)
     timeouts: PoolTimeouts = Field(default_factory=PoolTimeouts)
     retries: Annotated[int, Field(ge=0, le=MAX_RETRIES)] = 2
     health: Health = Field(default_factory=Health)
@@ -1541,6 +1569,10 @@ def _address_key(text: str) -> tuple[str, int]:
 def _pool_errors(i: int, pool: Pool) -> list[str]:
     at = f"pools[{i}]"
     errors: list[str] = []
+    if pool.srv is None and not pool.backends:
+        errors.append(f'{at}.backends: required (or srv = "_service._tcp.name" to take them from DNS)')
+    elif pool.srv is not None and pool.backends:
+        errors.append(f"{at}.srv: give either backends or srv, not both")
     seen: dict[tuple[str, int], int] = {}
     for j, backend in enumerate(pool.backends):
         key = _address_key(backend.address)

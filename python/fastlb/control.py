@@ -32,6 +32,7 @@ from fastlb.alerts import Alerts
 from fastlb.audit import AuditLog
 from fastlb.canary import Canaries, Release
 from fastlb.config import Config, ConfigError, Duration, Pool
+from fastlb.discovery import Discovery, Found
 from fastlb.engine import AdminState, Engine
 from fastlb.health import HealthChecker
 
@@ -74,7 +75,14 @@ class StatsSource:
 class ControlPlane:
     """Runtime control of one engine: health, ejection, slow start, drain, weights, reload."""
 
-    def __init__(self, engine: Engine, reload: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        reload: Callable[[], Config] | None = None,
+        discovered: tuple[Config, dict[str, list[Found]]] | None = None,
+    ) -> None:
+        """`discovered`: the config as written and what DNS gave before the engine started
+        (fastlb.discovery), when the engine runs a config expanded from them."""
         self.engine = engine
         self._reload = reload
         self._reloading = asyncio.Lock()
@@ -93,6 +101,8 @@ class ControlPlane:
         self.canaries = Canaries(engine, self.stats, self.audit)
         # called with the new config after each reload that took (the admin API's TLS)
         self.reload_hooks: list[Callable[[Config], None]] = []
+        file_config, found = discovered or (engine.config, {})
+        self.discovery = Discovery(file_config, self._apply_discovered, self._drain_out, found)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -101,6 +111,11 @@ class ControlPlane:
         self.alerts.start()
         self.canaries.start()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_ejections(), name="ejections")
+
+    async def start_discovery(self) -> None:
+        """Backends from DNS: the first lookups, their result applied, then the lookup loops."""
+        if await self.discovery.start():
+            await self._apply_discovered(self.discovery.current())
 
     async def stop(self) -> None:
         """Stops checks and timers; the engine keeps its last decisions."""
@@ -111,6 +126,7 @@ class ControlPlane:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.discovery.stop()
         await self.canaries.stop()
         await self.alerts.stop()
         await self.checker.stop()
@@ -206,6 +222,7 @@ class ControlPlane:
                 raise ReloadError(list(err.errors)) from None
             except OSError as err:
                 raise ReloadError([f"cannot read the config: {err}"]) from None
+            new = await self.discovery.update(new)
             old_ids = self._backend_ids()
             try:
                 await asyncio.to_thread(self.engine.update, new)
@@ -217,10 +234,28 @@ class ControlPlane:
             log.warning("config: %s", line)
         return new
 
-    def _after_reload(self, old_ids: set[str]) -> None:
+    async def _apply_discovered(self, config: Config) -> None:
+        """What DNS discovery found, applied as a reload applies a file."""
+        async with self._reloading:
+            old_ids = self._backend_ids()
+            try:
+                await asyncio.to_thread(self.engine.update, config)
+            except (OSError, RuntimeError, ValueError) as err:
+                log.error("discovery: the new backends could not be applied: %s", err)
+                return
+            self._after_reload(old_ids, counted=False)
+
+    async def _drain_out(self, pool: str, address: str) -> None:
+        """Drains a backend DNS no longer gives; returns once it is drained (or timed out)."""
+        self.drain(pool, address)
+        task = self._drains.get(f"{pool}/{address}")
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _after_reload(self, old_ids: set[str], counted: bool = True) -> None:
         """Follows the new config: checks, alerts, timers of removed and added backends, and
         backends whose pool gained or lost its active checks."""
-        self.reloads += 1
+        self.reloads += counted
         self.checker.update()
         self.alerts.update(self.engine.config.alerts)
         self.canaries.update(self.engine.config)
@@ -272,6 +307,8 @@ class ControlPlane:
                     "name": p["name"],
                     "algorithm": cfg.algorithm,
                     "healthy_backends": healthy,
+                    # backends from DNS (host names, srv) now; null: the pool's are as written
+                    "discovered": self.discovery.counts().get(p["name"]),
                     "backends": backends,
                 }
             )

@@ -109,9 +109,14 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
         labels=["pool", "backend", "state"],
     )
     healthy = GaugeMetricFamily("fastlb_healthy_backends", "Backends up and enabled.", labels=["pool"])
+    discovered = GaugeMetricFamily(
+        "fastlb_backend_discovered", "Backends the pool has from DNS (host names, srv) now.", labels=["pool"]
+    )
     for pool in status["pools"]:
         pname = pool["name"]
         healthy.add_metric([pname], pool["healthy_backends"])
+        if pool.get("discovered") is not None:
+            discovered.add_metric([pname], pool["discovered"])
         for b in pool["backends"]:
             labels = [pname, b["address"]]
             up.add_metric(labels, 1 if b["health"]["up"] else 0)
@@ -127,7 +132,7 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     )
     log_dropped.add_metric([], status["log_dropped"])
     yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
-    yield from (state, healthy, bytes_total, log_dropped, handshakes)
+    yield from (state, healthy, discovered, bytes_total, log_dropped, handshakes)
     yield from _udp(listeners)
     yield from _http2(listeners)
     yield from _splits(listeners)

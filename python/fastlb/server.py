@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from fastlb import upgrade
+from fastlb import discovery, upgrade
 from fastlb.admin import AdminServer, start_admin
 from fastlb.config import Config
 from fastlb.control import ControlPlane, ReloadError
@@ -52,6 +52,7 @@ class Server:
         self._admin: AdminServer | None = None
         self._upgrading = False
         self._handed_over = False
+        self._discovered: tuple[Config, dict[str, list[discovery.Found]]] | None = None
         self._stop_asked: asyncio.Event | None = None
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,11 +75,15 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             print(f"fastlb: upgrade: no handover from the old process: {err}", file=sys.stderr)
             return EXIT_RUNTIME
+        # backends from DNS: the engine starts with every address already
+        found = discovery.first_lookups(self.config)
+        self._discovered = (self.config, found)
+        config = discovery.expand(self.config, found, {})
         try:
             if handover is None:
-                self.engine = Engine(self.config)
+                self.engine = Engine(config)
             else:
-                self.engine = Engine(self.config, handover.listeners, handover.ticket_keys)
+                self.engine = Engine(config, handover.listeners, handover.ticket_keys)
         except (OSError, RuntimeError, ValueError) as err:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             print(f"fastlb: {err}", file=sys.stderr)
@@ -88,8 +93,9 @@ class Server:
         return _run_loop(self._main(self.engine, handover, exit_when_stopped))
 
     async def _main(self, engine: Engine, handover: upgrade.Handover | None, exit_when_stopped: bool) -> int:
-        control = ControlPlane(engine, self.reload)
+        control = ControlPlane(engine, self.reload, self._discovered)
         control.start()
+        await control.start_discovery()
         admin_cfg = engine.config.admin
         inherited = handover.admin_sockets(admin_cfg.bind) if handover is not None else []
         if admin_cfg.bind != "off":
