@@ -111,7 +111,7 @@ def _status_line(code: int) -> bytes:
 
 
 class HttpBackend:
-    """An HTTP/1.1 server on 127.0.0.1 (ephemeral port), one thread per connection."""
+    """An HTTP/1.1 server on 127.0.0.1 (or `host`; ephemeral port), one thread per connection."""
 
     def __init__(
         self,
@@ -122,6 +122,7 @@ class HttpBackend:
         tls: ssl.SSLContext | None = None,
         fail_every: int = 0,
         delay_ms: int = 0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.fail_every = fail_every
         self.delay_s = delay_ms / 1000
@@ -134,10 +135,10 @@ class HttpBackend:
         self.status_override = status_override
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))  # a fixed port restarts a closed backend
+        self.sock.bind((host, port))  # a fixed port restarts a closed backend
         self.sock.listen(1024)
         self.port: int = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.name = name or self.address
         self.connections = 0
         self.bad = 0  # requests the backend could not parse (should stay 0 behind a proxy)
