@@ -102,7 +102,7 @@ class ControlPlane:
         # called with the new config after each reload that took (the admin API's TLS)
         self.reload_hooks: list[Callable[[Config], None]] = []
         file_config, found = discovered or (engine.config, {})
-        self.discovery = Discovery(file_config, self._apply_discovered, self._drain_out, found)
+        self.discovery = Discovery(file_config, self._apply_discovered, self._drain_out, self.enable, found)
 
     # --- life cycle -------------------------------------------------------------------------
 

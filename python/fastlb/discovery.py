@@ -172,7 +172,8 @@ def expand(config: Config, found: dict[str, list[Found]], leaving: dict[str, lis
         if p.name not in found:
             pools.append(p)
             continue
-        now = found[p.name] + [f for f in leaving.get(p.name, []) if f not in found[p.name]]
+        taken = {f.address for f in found[p.name]}
+        now = found[p.name] + [f for f in leaving.get(p.name, []) if f.address not in taken]
         backends = [
             Backend(address=f.address, weight=f.weight, backup=f.backup, max_connections=f.max_connections)
             for f in now
@@ -199,13 +200,15 @@ def first_lookups(config: Config) -> dict[str, list[Found]]:
 class Discovery:
     """The lookup loops of one running fastlb. `apply` pushes a config to the engine (the
     control plane's, under its reload lock); `drain(pool, address)` drains a backend and
-    returns once it is drained or timed out."""
+    returns once it is drained or timed out; `enable(pool, address)` takes one back that DNS
+    gives again while it drains."""
 
     def __init__(
         self,
         config: Config,
         apply: Callable[[Config], Awaitable[None]],
         drain: Callable[[str, str], Awaitable[None]],
+        enable: Callable[[str, str], None],
         found: dict[str, list[Found]] | None = None,
     ) -> None:
         self.file_config = config  # as written: host names, srv
@@ -213,6 +216,7 @@ class Discovery:
         self.leaving: dict[str, list[Found]] = {}
         self._apply = apply
         self._drain = drain
+        self._enable = enable
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._drains: set[asyncio.Task[None]] = set()
 
@@ -280,7 +284,12 @@ class Discovery:
         gone = [f for f in before if f.address not in {n.address for n in now}]
         added = [f.address for f in now if f.address not in {b.address for b in before}]
         self.found[pool.name] = now
-        self.leaving.setdefault(pool.name, []).extend(gone)
+        leaving = self.leaving.setdefault(pool.name, [])
+        back = [f for f in leaving if f.address in {n.address for n in now}]
+        leaving[:] = [f for f in leaving if f not in back] + gone
+        for f in back:  # DNS gives it again before it drained out: back into rotation
+            with contextlib.suppress(KeyError):
+                self._enable(pool.name, f.address)
         log.info(
             "pool %s: DNS now gives %d backends (added %s; draining %s)",
             pool.name,
