@@ -112,12 +112,21 @@ async def _addresses(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[l
     return found, ttl
 
 
-async def lookup_pool(resolver: dns.asyncresolver.Resolver, pool: Pool) -> tuple[list[Found], float] | None:
+Say = Callable[[str], None]
+
+
+def _warn(message: str) -> None:
+    log.warning("%s: keeping the last good set", message)
+
+
+async def lookup_pool(
+    resolver: dns.asyncresolver.Resolver, pool: Pool, say: Say = _warn
+) -> tuple[list[Found], float] | None:
     """What DNS says the pool's backends are now, and how soon to ask again; None when a
-    lookup failed or came back empty (the last good set then stays)."""
+    lookup failed or came back empty (the last good set then stays), and `say` hears why."""
     try:
         if pool.srv is not None:
-            return await _lookup_srv(resolver, pool)
+            return await _lookup_srv(resolver, pool, say)
         found: list[Found] = []
         ttl = float("inf")
         for b in pool.backends:
@@ -128,24 +137,24 @@ async def lookup_pool(resolver: dns.asyncresolver.Resolver, pool: Pool) -> tuple
                 continue
             ips, name_ttl = await _addresses(resolver, host)
             if not ips:
-                log.warning("pool %s: %s has no A or AAAA record: keeping the last good set", pool.name, host)
+                say(f"pool {pool.name}: {host} has no A or AAAA record")
                 return None
             ttl = min(ttl, name_ttl)
             found += [Found(_address(ip, port), b.weight, b.backup, b.max_connections) for ip in ips]
         return sorted(set(found)), ttl
     except dns.exception.DNSException as err:
-        log.warning(
-            "pool %s: lookup failed (%s): keeping the last good set", pool.name, err or type(err).__name__
-        )
+        say(f"pool {pool.name}: lookup failed ({err or type(err).__name__})")
         return None
 
 
-async def _lookup_srv(resolver: dns.asyncresolver.Resolver, pool: Pool) -> tuple[list[Found], float] | None:
+async def _lookup_srv(
+    resolver: dns.asyncresolver.Resolver, pool: Pool, say: Say
+) -> tuple[list[Found], float] | None:
     assert pool.srv is not None
     try:
         answer = await resolver.resolve(pool.srv, "SRV", search=False)
     except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
-        log.warning("pool %s: %s has no SRV record: keeping the last good set", pool.name, pool.srv)
+        say(f"pool {pool.name}: {pool.srv} has no SRV record")
         return None
     records = list(answer)
     ttl = float(answer.rrset.ttl) if answer.rrset is not None else float("inf")
@@ -157,9 +166,7 @@ async def _lookup_srv(resolver: dns.asyncresolver.Resolver, pool: Pool) -> tuple
         weight = max(1, min(int(r.weight), MAX_WEIGHT))
         found += [Found(_address(ip, int(r.port)), weight, r.priority > best, 0) for ip in ips]
     if not found:
-        log.warning(
-            "pool %s: no SRV target of %s has an address: keeping the last good set", pool.name, pool.srv
-        )
+        say(f"pool {pool.name}: no SRV target of {pool.srv} has an address")
         return None
     return sorted(set(found)), ttl
 
@@ -271,9 +278,20 @@ class Discovery:
             self._tasks[name] = loop.create_task(watch, name=f"discovery {name}")
 
     async def _watch(self, resolver: dns.asyncresolver.Resolver, pool: Pool, wait: float) -> None:
+        failing = ""  # said once, not at every interval (a name only the hosts file knows)
+
+        def say(message: str) -> None:
+            nonlocal failing
+            if message != failing:
+                _warn(message)
+            failing = message
+
         while True:
             await asyncio.sleep(wait)
-            result = await lookup_pool(resolver, pool)
+            result = await lookup_pool(resolver, pool, say)
+            if result is not None and failing:
+                log.info("pool %s: lookups answer again", pool.name)
+                failing = ""
             wait = _wait(pool, result)
             if result is None or result[0] == self.found.get(pool.name):
                 continue
