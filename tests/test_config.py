@@ -586,7 +586,9 @@ def test_retries_bounds() -> None:
 def test_pool_needs_a_backend() -> None:
     data = minimal()
     data["pools"][0]["backends"] = []
-    assert errors_of(data) == ["pools[0].backends: must not be empty"]
+    assert errors_of(data) == [
+        'pools[0].backends: required (or srv = "_service._tcp.name" to take them from DNS)'
+    ]
 
 
 def test_needs_a_listener() -> None:
