@@ -125,6 +125,7 @@ LISTENER_KEYS = {
     "http2",
     "proxy_protocol",
     "trusted_proxies",
+    "compression",
 }
 ROUTE_KEYS = {
     "name",
@@ -269,6 +270,7 @@ def test_full_example_engine_shape(tmp_path: Path) -> None:
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "proxy_protocol": None,
         "trusted_proxies": [],
+        "compression": None,
         "routes": [
             {
                 "name": "0",
@@ -887,6 +889,7 @@ def test_listener_l7_keys_to_engine() -> None:
         "http2": {"max_concurrent_streams": 100, "max_header_list_size": 65_536},
         "proxy_protocol": None,
         "trusted_proxies": [],
+        "compression": None,
         "routes": [
             {
                 "name": "0",

@@ -77,6 +77,23 @@ pub struct ListenerConfig {
     pub proxy_protocol: Option<ProxyProtocolConfig>,
     /// http and https: networks whose X-Forwarded-For is believed (see proxy::client_addr).
     pub trusted_proxies: Vec<String>,
+    /// http and https: response compression (see proxy::compress); None: off.
+    #[serde(deserialize_with = "required")]
+    pub compression: Option<CompressionConfig>,
+}
+
+/// `compression = { algorithms, min_size, types, levels }`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// "zstd", "br", "gzip", in the order that breaks q-value ties.
+    pub algorithms: Vec<String>,
+    pub min_size: u64,
+    /// Media types, `text/*` for a prefix.
+    pub types: Vec<String>,
+    pub gzip_level: u32,
+    pub br_level: u32,
+    pub zstd_level: i32,
 }
 
 /// `[listeners.http2]`.

@@ -814,6 +814,44 @@ class ProxyProtocol(_Model):
     from_: Annotated[list[Annotated[str, AfterValidator(_cidr)]], Field(alias="from")] = []
 
 
+def _media_type(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/(\*|[a-z0-9!#$&^_.+-]+)", text.lower()):
+        raise ValueError(f'not a media type: {text!r} (e.g. "text/*" or "application/json")')
+    return text.lower()
+
+
+class CompressionLevels(_Model):
+    """Levels per algorithm: gzip 1-9 (nginx's gzip_comp_level), br 0-11, zstd 1-19."""
+
+    gzip: Annotated[int, Field(ge=1, le=9)] = 6
+    br: Annotated[int, Field(ge=0, le=11)] = 4
+    zstd: Annotated[int, Field(ge=1, le=19)] = 3
+
+
+class Compression(_Model):
+    """`compression = { algorithms, min_size, types, levels }` on http/https listeners."""
+
+    algorithms: Annotated[list[Literal["zstd", "br", "gzip"]], Field(min_length=1)] = ["zstd", "br", "gzip"]
+    min_size: Annotated[int, Field(ge=0)] = 1024
+    types: Annotated[list[Annotated[str, AfterValidator(_media_type)]], Field(min_length=1)] = [
+        "text/*",
+        "application/json",
+        "application/javascript",
+        "image/svg+xml",
+    ]
+    levels: CompressionLevels = Field(default_factory=CompressionLevels)
+
+    def to_engine(self) -> dict[str, Any]:
+        return {
+            "algorithms": list(dict.fromkeys(self.algorithms)),
+            "min_size": self.min_size,
+            "types": self.types,
+            "gzip_level": self.levels.gzip,
+            "br_level": self.levels.br,
+            "zstd_level": self.levels.zstd,
+        }
+
+
 class Listener(_Model):
     name: Name
     bind: Annotated[str, AfterValidator(_bind_address)]
@@ -830,6 +868,7 @@ class Listener(_Model):
     proxy_protocol: ProxyProtocol = Field(default_factory=ProxyProtocol)
     # http/https: X-Forwarded-For from these is believed (the right-most untrusted hop is the client)
     trusted_proxies: list[Annotated[str, AfterValidator(_cidr)]] = []
+    compression: Compression | None = None  # http/https: responses encoded (docs/http.md)
 
     @property
     def is_http(self) -> bool:
@@ -1346,6 +1385,8 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
             f"{at}.proxy_protocol.from: list the load balancers allowed to send PROXY headers"
             ' (a header from anyone else closes the connection), e.g. ["10.0.0.0/8"]'
         )
+    if lst.compression is not None and not lst.is_http:
+        errors.append(f"{at}.compression: for http and https listeners (it encodes HTTP responses)")
     if lst.trusted_proxies and not lst.is_http:
         errors.append(
             f"{at}.trusted_proxies: for http and https listeners (X-Forwarded-For is an HTTP field);"
@@ -1982,6 +2023,7 @@ class _Engine:
                 }
             ),
             "trusted_proxies": [str(ipaddress.ip_network(c, strict=False)) for c in x.trusted_proxies],
+            "compression": None if x.compression is None else x.compression.to_engine(),
         }
 
     def unread(self, at: str) -> None:

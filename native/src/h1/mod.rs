@@ -23,6 +23,7 @@ use crate::h2::io::PREFACE;
 use crate::l4::forward;
 use crate::metrics::NO_ROUTE;
 use crate::net::Conn;
+use crate::proxy::compress::Encoding;
 use crate::proxy::exchange::ProxyFacts;
 use crate::proxy::header_rules::{HeaderRules, RouteRewrite};
 use crate::proxy::outcome::{micros, ClientInfo, NOT_MEASURED};
@@ -516,6 +517,8 @@ struct Plan {
     /// connections apart by both.
     sni: Option<Box<ServerName<'static>>>,
     sni_tag: u64,
+    /// The response encoding the client accepts best of the listener's `compression`.
+    compress: Option<Encoding>,
 }
 
 /// Body bytes still to come from a peer, and how to tell where the body ends.
@@ -788,6 +791,13 @@ fn plan(
         group,
         sni,
         sni_tag,
+        compress: http.compression.as_ref().and_then(|c| {
+            let accept = headers.iter().find(|h| {
+                h.kind == HeaderKind::Other
+                    && h.name.get(buf).eq_ignore_ascii_case(b"accept-encoding")
+            });
+            c.negotiate(accept.map(|h| h.value.get(buf)))
+        }),
     })
 }
 
@@ -924,9 +934,17 @@ async fn exchange_counted(
             log.request_id = generated_request_id(&out);
         }
     }
-    if plan.pool.http_version == HttpVersion::Http2 && !plan.upgrade {
+    // A response to compress goes through the http-parts path too (proxy::compress), for a
+    // request without a large body to buffer (uploads keep the byte path, uncompressed).
+    let compressible = plan.compress.is_some()
+        && plan.pool.send_proxy.is_none()
+        && matches!(
+            head.body,
+            BodyKind::None | BodyKind::Length(0..=COMPRESS_MAX_BODY)
+        );
+    if (plan.pool.http_version == HttpVersion::Http2 || compressible) && !plan.upgrade {
         ctx.http.bufs.give_vec(out);
-        // Boxed: only requests to HTTP/2 pools carry the translation's state.
+        // Boxed: only requests to HTTP/2 pools (or compressed) carry the translation's state.
         let h2 = to_h2::exchange(ctx, listener, client, req, &head, plan, outcome, deadline);
         return Box::pin(h2).await;
     }
@@ -1098,6 +1116,9 @@ fn route_rewrite(listener: &ListenerEntry, route: u16) -> Option<&RouteRewrite> 
         .then(|| routes.rewrite(route as usize))
         .flatten()
 }
+
+/// The largest request body buffered to compress the response (see `exchange`).
+const COMPRESS_MAX_BODY: u64 = 1 << 20;
 
 /// Route `route`'s `response_headers`, if it has any.
 fn response_rules(listener: &ListenerEntry, route: u16) -> Option<&HeaderRules> {
@@ -1593,6 +1614,7 @@ mod tests {
             http2: None,
             proxy_protocol: None,
             trusted_proxies: vec![],
+            compression: None,
         };
         let pool = Arc::new(Pool::with_fresh_states(&pool_config(
             "app",

@@ -1,6 +1,7 @@
-//! An HTTP/1 client's request to an `http_version = "2"` pool: the head translated to h2
-//! parts, the body read from the client (de-chunked) and the h2 response written back as
-//! HTTP/1.1 (chunked when it has no length, with its trailers when chunked).
+//! An HTTP/1 client's request as `http` parts: to an `http_version = "2"` pool, or to an
+//! HTTP/1.1 pool when its response is to be compressed (proxy::compress). The head is
+//! translated to parts, the body read from the client (de-chunked), and the response written
+//! back as HTTP/1.1 (chunked when it has no length, with its trailers when chunked).
 //!
 //! The request body is read whole before the backend is tried (at most `MAX_BODY`, else 413):
 //! an HTTP/1 connection is one byte stream, so the body and the response cannot move over it
@@ -11,7 +12,9 @@ use super::buf::{Buf, BUF_SIZE};
 use super::io::Deadline;
 use super::parse::{RequestHead, Version};
 use super::{answer, BodyLeft, Client, Plan};
+use crate::config::HttpVersion;
 use crate::h2::headers::{forward_request, h1_response_head, h2_request_from_h1, Framing};
+use crate::proxy::compress::CompressingSink;
 use crate::proxy::exchange::{RequestBody, ResponseSink, UpstreamRequest};
 use crate::proxy::tries::{self, Tries};
 use crate::proxy::{Attempt, Ended, Next, Outcome};
@@ -281,10 +284,12 @@ impl ResponseSink for H1Sink<'_, '_> {
         if end && self.chunked {
             self.out.extend_from_slice(b"0\r\n\r\n");
         }
-        if self.out.len() >= BUF_SIZE || end {
-            return self.write().await;
+        // Written at once, never held for more: what the backend streams (an event stream)
+        // reaches the client as it comes. Pieces are h2 frames or backend reads, not bytes.
+        if self.out.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.write().await
     }
 
     async fn trailers(&mut self, trailers: HeaderMap) -> Result<(), ()> {
@@ -356,11 +361,30 @@ impl Tries for H1ToH2<'_, '_, '_, '_, '_> {
             client_idle_ms: self.listener.cfg.client_idle_ms,
             fresh: self.fresh,
             set_cookies,
-            proxy: None, // send_proxy is refused on HTTP/2 pools: they multiplex clients
+            // send_proxy is refused on HTTP/2 pools, and its HTTP/1.1 pools keep the byte path
+            proxy: None,
             response_rules: super::response_rules(self.listener, self.plan.route),
         };
         self.body.rewind();
-        crate::h2::client::exchange(self.ctx, &req, &mut self.body, self.sink, self.outcome).await
+        let compression = self
+            .listener
+            .http
+            .as_ref()
+            .and_then(|h| h.compression.as_ref());
+        let offer = compression
+            .zip(self.plan.compress)
+            .map(|(c, e)| (c, e, self.parts.method.clone()));
+        let sink = &mut CompressingSink::new(self.sink, offer);
+        match pool.http_version {
+            HttpVersion::Http2 => {
+                crate::h2::client::exchange(self.ctx, &req, &mut self.body, sink, self.outcome)
+                    .await
+            }
+            HttpVersion::Http11 => {
+                crate::h1::translate::exchange(self.ctx, &req, &mut self.body, sink, self.outcome)
+                    .await
+            }
+        }
     }
 
     fn replayable(&self) -> bool {

@@ -19,6 +19,7 @@ use crate::config::{Http2Config, HttpVersion};
 use crate::h1::io::Deadline;
 use crate::metrics::{H2Event, NO_ROUTE};
 use crate::net::Conn;
+use crate::proxy::compress::{CompressingSink, Compression, Encoding};
 use crate::proxy::exchange::{ProxyFacts, RequestBody, ResponseSink, UpstreamRequest};
 use crate::proxy::header_rules::HeaderRules;
 use crate::proxy::outcome::ClientInfo;
@@ -337,6 +338,11 @@ async fn handle(
     if let Some(r) = rewrite {
         r.apply_to_request(&mut parts);
     }
+    let accept = parts.headers.get(http::header::ACCEPT_ENCODING);
+    let compress = http.compression.as_ref().and_then(|c| {
+        c.negotiate(accept.map(HeaderValue::as_bytes))
+            .map(|e| (c, e))
+    });
     if let Some(log) = outcome.log.as_deref_mut() {
         log.route = route;
         log.pool = pool.name.clone();
@@ -364,6 +370,7 @@ async fn handle(
         sni_tag,
         proxy,
         response_rules: rewrite.and_then(|r| r.response.as_ref()),
+        compress,
         grpc_deadline: grpc::timeout(&parts.headers).map(|d| started + d),
         fresh: false,
         body: &mut body,
@@ -474,6 +481,7 @@ struct StreamExchange<'a, 't> {
     sni_tag: u64,
     proxy: Option<ProxyFacts<'a>>,
     response_rules: Option<&'a HeaderRules>,
+    compress: Option<(&'a Compression, Encoding)>,
     grpc_deadline: Option<Instant>,
     fresh: bool,
     body: &'a mut H2Body,
@@ -515,13 +523,16 @@ impl Tries for StreamExchange<'_, '_> {
         if self.body.replayable() {
             self.body.rewind();
         }
+        let offer = self
+            .compress
+            .map(|(c, e)| (c, e, self.parts.method.clone()));
+        let sink = &mut CompressingSink::new(self.sink, offer);
         match pool.http_version {
             HttpVersion::Http2 => {
-                super::client::exchange(self.ctx, &req, self.body, self.sink, self.outcome).await
+                super::client::exchange(self.ctx, &req, self.body, sink, self.outcome).await
             }
             HttpVersion::Http11 => {
-                crate::h1::translate::exchange(self.ctx, &req, self.body, self.sink, self.outcome)
-                    .await
+                crate::h1::translate::exchange(self.ctx, &req, self.body, sink, self.outcome).await
             }
         }
     }

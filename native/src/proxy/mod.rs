@@ -7,6 +7,7 @@
 //! log need, and `finish` records them, once per request, the same for every protocol.
 
 pub mod client_addr;
+pub mod compress;
 pub mod exchange;
 pub mod geo;
 pub mod header_rules;
@@ -39,6 +40,8 @@ pub struct HttpListener {
     pub limits: Limits,
     /// `trusted_proxies`; None: X-Forwarded-For is never read.
     pub trusted: Option<TrustedProxies>,
+    /// `compression`; None: off.
+    pub compression: Option<compress::Compression>,
 }
 
 impl HttpListener {
@@ -55,6 +58,12 @@ impl HttpListener {
             RouteTable::build_with_ids(&cfg.routes, pools, route_ids, geo).map_err(named)?;
         Ok(HttpListener {
             trusted: TrustedProxies::build(&cfg.trusted_proxies).map_err(named)?,
+            compression: cfg
+                .compression
+                .as_ref()
+                .map(compress::Compression::build)
+                .transpose()
+                .map_err(named)?,
             routes,
             rate_limit: cfg
                 .rate_limit
