@@ -17,6 +17,7 @@ class Zone:
         self.records: dict[tuple[str, str], list[RR]] = {}
         self.servfail = False
         self.truncate_udp = False  # UDP answers come with TC set and no records
+        self.silent = False  # no answer at all: the lookup times out
         self.queries: list[tuple[str, str, str]] = []  # (transport, name, type)
         self._lock = threading.Lock()
         while True:  # one port free for both transports
@@ -77,6 +78,10 @@ class Zone:
         while not self._closed:
             try:
                 data, peer = self.udp.recvfrom(4096)
+                if self.silent:
+                    with self._lock:
+                        self.queries.append(("udp", "", "unanswered"))
+                    continue
                 self.udp.sendto(self._answer(data, "udp"), peer)
             except OSError:
                 return

@@ -128,18 +128,20 @@ def test_failures_and_empty_answers_keep_the_last_good_set(zone, loopbacks, fast
     lb = fastlb(config(port, admin, zone, f'backends = [{{ address = "api.test:{b2.port}" }}]'), port)
     good = {b2.address, b3.address}
     assert wait_until(lambda: set(backends_of(admin)) == good, 10)
-    for broken in ("servfail", "empty", "gone"):
+    for broken in ("servfail", "timeout", "empty", "gone"):
         asked = len(zone.queries)
         if broken == "servfail":
             zone.servfail = True
+        elif broken == "timeout":
+            zone.silent = True
         elif broken == "empty":
             zone.set_addresses("api.test", [])  # the name is there, with no address
         else:
             zone.records.clear()  # NXDOMAIN
-        assert wait_until(lambda a=asked: len(zone.queries) > a + 2, 10), "not asked again"
+        assert wait_until(lambda a=asked: len(zone.queries) > a + 2, 15), "not asked again"
         assert set(backends_of(admin)) == good, broken
         assert {served_by(port) for _ in range(10)} == {"b2", "b3"}
-        zone.servfail = False
+        zone.servfail = zone.silent = False
         zone.set_addresses("api.test", ["127.0.0.2", "127.0.0.3"])
     code, err = lb.stop()
     assert code == 0 and "keeping the last good set" in err
