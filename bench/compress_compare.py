@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import http.client
-import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import cpu_seconds, process_tree, stop_all, wait_port, wrk
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,17 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_port(port: int) -> None:
-    end = time.monotonic() + 15
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing on {port}")
 
 
 def corpus(folder: Path) -> bytes:
@@ -73,25 +63,6 @@ def nginx(nginx_bin: str, folder: Path, name: str, server: str) -> subprocess.Po
     )
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes and their threads so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-def children(pid: int) -> list[int]:
-    """`pid` and its children (nginx's worker)."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids = (task / "children").read_text().split()
-        out += [int(k) for k in kids]
-    return out
-
-
 def compressed_size(port: int) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/data.html", headers={"Accept-Encoding": "gzip"})
@@ -103,30 +74,11 @@ def compressed_size(port: int) -> int:
     return len(body)
 
 
-def load(wrk: str, port: int, seconds: int) -> int:
-    """Requests done in `seconds` by wrk (2 threads, 2 connections)."""
-    out = subprocess.run(
-        [
-            wrk,
-            "-t2",
-            "-c2",
-            f"-d{seconds}s",
-            "-H",
-            "Accept-Encoding: gzip",
-            f"http://127.0.0.1:{port}/data.html",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    line = next(x for x in out.splitlines() if "requests in" in x)
-    return int(line.split()[0])
-
-
-def measure(port: int, pids: list[int], wrk: str, seconds: int) -> dict[str, float]:
+def measure(port: int, pids: list[int], seconds: int) -> dict[str, float]:
     size = compressed_size(port)
     before = cpu_seconds(pids)
-    requests = load(wrk, port, seconds)
+    # unpinned, two threads and two connections: the proxies are what is measured
+    requests = wrk(port, 2, seconds, "/data.html", cpu="0,1", headers={"Accept-Encoding": "gzip"})["requests"]
     cpu = cpu_seconds(pids) - before
     mb = requests * (1 << 20) / 1e6
     return {"requests": requests, "cpu_ms_per_mb": 1000 * cpu / mb, "ratio": size / (1 << 20)}
@@ -139,8 +91,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
     nginx_bin = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
-    wrk = shutil.which("wrk")
-    if not nginx_bin or not wrk:
+    if not nginx_bin or not shutil.which("wrk"):
         print("needs nginx and wrk (apt-get install nginx wrk)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,16 +126,12 @@ def main() -> int:
             for port in (origin, front, lb):
                 wait_port(port)
             time.sleep(0.5)
-            nginx_pids = children(procs[1].pid)
             results = {
-                "nginx": measure(front, nginx_pids, wrk, args.seconds),
-                "fastlb": measure(lb, [fastlb.pid], wrk, args.seconds),
+                "nginx": measure(front, process_tree(procs[1].pid), args.seconds),
+                "fastlb": measure(lb, [fastlb.pid], args.seconds),
             }
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(10)
+            stop_all(procs)
     for name, r in results.items():
         print(
             f"{name:7s} gzip level {args.level}: {r['requests']:5d} requests, "

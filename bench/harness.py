@@ -104,14 +104,17 @@ def wrk(
     cpu: str = "1",
     close: bool = False,
     scheme: str = "http",
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Runs wrk pinned to `cpu` (one thread per CPU given); returns requests, rps and latency
     percentiles (ms). `close`: a new connection per request. `scheme`: "https" for TLS (wrk does
-    not verify the certificate)."""
+    not verify the certificate). `headers`: fields every request carries."""
     threads = max(1, min(conns, len(cpu.split(","))))
     cmd = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{conns}", f"-d{secs}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
     text = subprocess.run(
         [*cmd, f"{scheme}://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True
     ).stdout
