@@ -311,10 +311,7 @@ fn request_client(
         .iter()
         .filter(|h| h.kind == HeaderKind::XForwardedFor)
         .map(|h| h.value.get(buf));
-    match http.client_ip(peer.ip(), xff) {
-        ip if ip == peer.ip() => peer,
-        ip => SocketAddr::new(ip, 0),
-    }
+    http.client_addr(peer, xff)
 }
 
 /// Not a status: `read_request` found the HTTP/2 preface (its bytes are left in

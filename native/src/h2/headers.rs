@@ -57,16 +57,13 @@ impl RequestView for H2View<'_> {
 }
 
 /// The client an h2 request from `peer` names in its X-Forwarded-For fields
-/// (`trusted_proxies`; port 0 when it is not `peer`).
+/// (`trusted_proxies`).
 pub fn request_client(http: &HttpListener, peer: SocketAddr, headers: &HeaderMap) -> SocketAddr {
     let xff = headers
         .get_all("x-forwarded-for")
         .iter()
         .map(HeaderValue::as_bytes);
-    match http.client_ip(peer.ip(), xff) {
-        ip if ip == peer.ip() => peer,
-        ip => SocketAddr::new(ip, 0),
-    }
+    http.client_addr(peer, xff)
 }
 
 /// Fields that belong to one connection (RFC 9110 7.6.1), never forwarded.

@@ -300,14 +300,7 @@ fn encoded_head(head: &mut response::Parts, encoding: Encoding) {
         header::CONTENT_ENCODING,
         HeaderValue::from_static(encoding.token()),
     );
-    let varies = h.get_all(header::VARY).iter().any(|v| {
-        v.as_bytes().split(|&b| b == b',').any(|t| {
-            t.trim_ascii().eq_ignore_ascii_case(b"accept-encoding") || t.trim_ascii() == b"*"
-        })
-    });
-    if !varies {
-        h.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    }
+    add_vary(h);
     if let Some(etag) = h.get(header::ETAG) {
         if !etag.as_bytes().starts_with(b"W/") {
             let mut weak = b"W/".to_vec();
@@ -319,15 +312,15 @@ fn encoded_head(head: &mut response::Parts, encoding: Encoding) {
     }
 }
 
-/// Weak comparison is all an encoded response's ETag supports; headers of every response the
-/// rules skipped still say how it could have varied.
-fn vary_only(head: &mut response::Parts) {
-    let h = &mut head.headers;
+/// `Vary: Accept-Encoding`, unless the response already varies by it (or by everything).
+fn add_vary(h: &mut HeaderMap) {
     let varies = h.get_all(header::VARY).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.to_ascii_lowercase().contains("accept-encoding"))
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            let t = t.trim_ascii();
+            t.eq_ignore_ascii_case(b"accept-encoding") || t == b"*"
+        })
     });
-    if !varies && h.get(header::CONTENT_ENCODING).is_none() {
+    if !varies {
         h.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
 }
@@ -338,8 +331,12 @@ impl<S: ResponseSink> ResponseSink for CompressingSink<'_, S> {
             if !end && cfg.applies(&method, &head) {
                 self.encoder = Some(cfg.encoder(encoding).map_err(|_| ())?);
                 encoded_head(&mut head, encoding);
-            } else if head.status.is_success() && method != Method::HEAD {
-                vary_only(&mut head);
+            } else if head.status.is_success()
+                && method != Method::HEAD
+                && !head.headers.contains_key(header::CONTENT_ENCODING)
+            {
+                // Not encoded this time, but it could have been: caches must know.
+                add_vary(&mut head.headers);
             }
         }
         self.inner.head(head, end).await

@@ -27,7 +27,7 @@ use ratelimit::RateLimiter;
 use route::{find_query_param, RequestView, RouteTable};
 use split::GroupCookie;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 pub use outcome::{finish, record_refused, Outcome, RequestLog};
@@ -76,15 +76,15 @@ impl HttpListener {
     }
 
     /// Who the client of a request from `peer` is (`trusted_proxies`): the peer, or the hop
-    /// its X-Forwarded-For fields name.
-    pub fn client_ip<'a>(
+    /// its X-Forwarded-For fields name (with port 0: the field carries none to trust).
+    pub fn client_addr<'a>(
         &self,
-        peer: IpAddr,
+        peer: SocketAddr,
         xff: impl DoubleEndedIterator<Item = &'a [u8]>,
-    ) -> IpAddr {
-        match &self.trusted {
-            Some(t) => t.client(peer, xff),
-            None => peer,
+    ) -> SocketAddr {
+        match self.trusted.as_ref().map(|t| t.client(peer.ip(), xff)) {
+            Some(ip) if ip != peer.ip() => SocketAddr::new(ip, 0),
+            _ => peer,
         }
     }
 }
