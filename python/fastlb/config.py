@@ -314,11 +314,20 @@ def _ip(host: str) -> IPAddr | None:
     return ip
 
 
-def _resolver(text: str) -> str:
-    host, _, port = text.rpartition(":") if text.count(":") == 1 or text.startswith("[") else ("", "", "")
-    ip = _ip((host or text).strip("[]"))
-    if ip is None or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+def resolver_address(text: str) -> tuple[str, int]:
+    """A `runtime.resolvers` entry as (IP, port): "IP", "IP:PORT", "[v6]:PORT" (port 53 when
+    none is given). Raises ValueError."""
+    try:
+        host, port = split_host_port(text) if text.startswith("[") or text.count(":") == 1 else (text, 53)
+    except ValueError:
+        host, port = "", 0
+    if _ip(host) is None or not 0 < port < 65536:
         raise ValueError(f'not a DNS server address: {text!r} (e.g. "10.0.0.2" or "10.0.0.2:53")')
+    return host, port
+
+
+def _resolver(text: str) -> str:
+    resolver_address(text)
     return text
 
 

@@ -31,7 +31,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from fastlb.config import Backend, Config, Pool, split_host_port
+from fastlb.config import Backend, Config, Pool, resolver_address, split_host_port
 
 log = logging.getLogger("fastlb")
 
@@ -84,11 +84,7 @@ def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
     if servers:
         nameservers: list[str | dns.nameserver.Nameserver] = []
         for text in servers:
-            if text.startswith("[") or text.count(":") == 1:
-                host, port = split_host_port(text)
-            else:
-                host, port = text, 53
-            nameservers.append(dns.nameserver.Do53Nameserver(host, port))
+            nameservers.append(dns.nameserver.Do53Nameserver(*resolver_address(text)))
         resolver.nameservers = nameservers
     resolver.lifetime = LOOKUP_TIMEOUT_S
     resolver.timeout = LOOKUP_TIMEOUT_S / 2
