@@ -117,6 +117,9 @@ Choices where the contract is silent:
       keep-alive backend connection is reused only for requests whose header would be the same.
     - `proxy_protocol` (accept "optional" or "required") needs `from` (the balancers trusted to
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
+    - `data_path` is "proxy" (the default, fastlb relays); "kernel" (CONTRACT.md: nftables NAT
+      for tcp/udp) is recognised but refused with an error naming it until it is built, and
+      `source` ("keep" | "masquerade") goes with it only.
     - `trusted_proxies` (default none: X-Forwarded-For is never believed) is for http and https
       listeners; networks as source_cidr takes them.
     - A pool backend named by a host name (not localhost) stands for every A/AAAA address the
@@ -878,6 +881,9 @@ class Listener(_Model):
     # http/https: X-Forwarded-For from these is believed (the right-most untrusted hop is the client)
     trusted_proxies: list[Annotated[str, AfterValidator(_cidr)]] = []
     compression: Compression | None = None  # http/https: responses encoded (docs/http.md)
+    # tcp/udp: "proxy" (fastlb relays) | "kernel" (nftables NAT: not in this version)
+    data_path: Literal["proxy", "kernel"] = "proxy"
+    source: Literal["keep", "masquerade"] = "keep"  # data_path = "kernel" only
 
     @property
     def is_http(self) -> bool:
@@ -1394,6 +1400,15 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
             f"{at}.proxy_protocol.from: list the load balancers allowed to send PROXY headers"
             ' (a header from anyone else closes the connection), e.g. ["10.0.0.0/8"]'
         )
+    if lst.data_path != "proxy" and lst.protocol not in ("tcp", "udp"):
+        errors.append(f'{at}.data_path: "kernel" is for tcp and udp listeners (it rewrites packets)')
+    elif lst.data_path == "kernel":
+        errors.append(
+            f'{at}.data_path: "kernel" (nftables NAT) is not in this version of fastlb;'
+            ' use "proxy" (the default)'
+        )
+    if lst.source != "keep" and lst.data_path != "kernel":
+        errors.append(f'{at}.source: only with data_path = "kernel" (the proxy always connects from itself)')
     if lst.compression is not None and not lst.is_http:
         errors.append(f"{at}.compression: for http and https listeners (it encodes HTTP responses)")
     if lst.trusted_proxies and not lst.is_http:
