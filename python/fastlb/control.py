@@ -57,19 +57,26 @@ class ReloadError(Exception):
 
 class StatsSource:
     """Engine snapshots taken in a thread, one at a time: whoever asks while one is being taken
-    shares it (alerts, /metrics, /api/status and the dashboard may ask at once)."""
+    shares it (alerts, /metrics, /api/status and the dashboard may ask at once), unless the
+    engine took a change since it began (a read after a write sees the write: an operator's
+    promote, then /api/status)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self._pending_writes = -1  # engine.writes when the pending snapshot began
 
     async def __call__(self) -> dict[str, Any]:
-        if self._pending is None:
+        if self._pending is None or self._pending_writes != self.engine.writes:
             pending = asyncio.ensure_future(asyncio.to_thread(self.engine.stats))
-            self._pending = pending
-            pending.add_done_callback(lambda _: setattr(self, "_pending", None))
+            self._pending, self._pending_writes = pending, self.engine.writes
+            pending.add_done_callback(self._taken)
         # shielded: one caller giving up does not cancel the snapshot for the others
         return await asyncio.shield(self._pending)
+
+    def _taken(self, snapshot: asyncio.Future[dict[str, Any]]) -> None:
+        if self._pending is snapshot:
+            self._pending = None
 
 
 class ControlPlane:

@@ -41,6 +41,9 @@ class Engine:
         self.config = config
         self._spec = config.to_engine()
         self._native = _native.Engine(orjson.dumps(self._spec).decode(), inherited, ticket_keys)
+        # Changes applied so far (a reload, a backend's state or weight, split weights), counted
+        # once each returns: a stats snapshot begun before the count moved may predate one.
+        self.writes = 0
 
     def handover(self) -> tuple[dict[str, list[int]], bytes]:
         """Every listening socket's fd by listener name (still the engine's) and the TLS ticket
@@ -56,6 +59,7 @@ class Engine:
         spec = config.to_engine()
         self._native.update(orjson.dumps(spec).decode())
         self.config, self._spec = config, spec
+        self.writes += 1
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -81,12 +85,15 @@ class Engine:
 
     def set_backend_up(self, pool: str, address: str, up: bool) -> None:
         self._native.set_backend_up(pool, address, up)
+        self.writes += 1
 
     def set_backend_admin(self, pool: str, address: str, state: AdminState) -> None:
         self._native.set_backend_admin(pool, address, state)
+        self.writes += 1
 
     def set_backend_weight(self, pool: str, address: str, weight: int) -> None:
         self._native.set_backend_weight(pool, address, weight)
+        self.writes += 1
 
     def set_split_weights(self, listener: str, route: str, weights: dict[str, int]) -> None:
         """Live weights of a split route (`route`: its name, or its index as a string), one per
@@ -95,10 +102,12 @@ class Engine:
         unknown listener or route, ValueError for a redirect route, pools that are not exactly
         the split's, a weight above 1000, or all weights 0. Rebuilds tables: call it in a thread."""
         self._native.set_split_weights(listener, route, list(weights.items()))
+        self.writes += 1
 
     def set_backend_scale(self, pool: str, address: str, per_mille: int) -> None:
         """Slow start: the share of its weight the backend gets now (1000 = all of it)."""
         self._native.set_backend_scale(pool, address, per_mille)
+        self.writes += 1
 
     def backend_active(self, pool: str, address: str) -> int:
         """Connections (tcp) or requests (http) open to the backend now; KeyError if unknown."""
