@@ -1384,24 +1384,6 @@ def test_native_engine_accepts_to_engine() -> None:
         engine.stop(0.1)
 
 
-L0 = "listeners[0]"
-
-
-@pytest.mark.parametrize(
-    ("listener", "message"),
-    [
-        ({"protocol": "tcp", "data_path": "kernel"}, f'{L0}.data_path: "kernel" (nftables NAT) is not'),
-        ({"protocol": "http", "data_path": "kernel"}, f'{L0}.data_path: "kernel" is for tcp and udp'),
-        ({"protocol": "tcp", "data_path": "bpf"}, f"{L0}.data_path:"),
-        ({"protocol": "tcp", "source": "masquerade"}, f'{L0}.source: only with data_path = "kernel"'),
-    ],
-)  # fmt: skip
-def test_data_path_is_known_and_kernel_is_refused_for_now(listener: dict[str, Any], message: str) -> None:
-    data = minimal()
-    data["listeners"][0].update(listener)
-    assert any(e.startswith(message) for e in errors_of(data)), errors_of(data)
-
-
 def test_data_path_proxy_is_the_default_and_may_be_written() -> None:
     data = minimal()
     data["listeners"][0].update(protocol="tcp", data_path="proxy")

@@ -150,12 +150,13 @@ impl PyEngine {
         })
     }
 
-    /// A backend's runtime state: (admin state, up, weight); admin is "enabled", "draining"
-    /// or "disabled", up is the health verdict (checks and passive ejection).
-    fn backend_state(&self, pool: &str, address: &str) -> PyResult<(&'static str, bool, u32)> {
+    /// A backend's runtime state: (admin state, up, weight, slow-start scale in per mille);
+    /// admin is "enabled", "draining" or "disabled", up is the health verdict (checks and
+    /// passive ejection).
+    fn backend_state(&self, pool: &str, address: &str) -> PyResult<(&'static str, bool, u32, u32)> {
         self.with(|e| {
             let b = e.backend(pool, address)?;
-            Ok((b.admin().name(), b.is_up(), b.weight()))
+            Ok((b.admin().name(), b.is_up(), b.weight(), b.weight_scale()))
         })
     }
 

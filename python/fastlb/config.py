@@ -117,9 +117,11 @@ Choices where the contract is silent:
       keep-alive backend connection is reused only for requests whose header would be the same.
     - `proxy_protocol` (accept "optional" or "required") needs `from` (the balancers trusted to
       send a PROXY header) and is for tcp, tls, http and https listeners, not udp.
-    - `data_path` is "proxy" (the default, fastlb relays); "kernel" (CONTRACT.md: nftables NAT
-      for tcp/udp) is recognised but refused with an error naming it until it is built, and
-      `source` ("keep" | "masquerade") goes with it only.
+    - `data_path` is "proxy" (the default, fastlb relays) or "kernel" (tcp/udp: nftables NAT,
+      docs/l4-kernel.md): an IPv4 bind, and none of what needs a held connection (SNI routes,
+      PROXY in or out, listener or pool timeouts, retries, TLS, passive ejection, backend
+      max_connections, udp options, least_conn/p2c/peak_ewma); `source` ("keep" |
+      "masquerade") goes with it only.
     - `trusted_proxies` (default none: X-Forwarded-For is never believed) is for http and https
       listeners; networks as source_cidr takes them.
     - A pool backend named by a host name (not localhost) stands for every A/AAAA address the
@@ -1403,10 +1405,7 @@ def _listener_errors(i: int, lst: Listener, cfg: Config, pools: dict[str, int]) 
     if lst.data_path != "proxy" and lst.protocol not in ("tcp", "udp"):
         errors.append(f'{at}.data_path: "kernel" is for tcp and udp listeners (it rewrites packets)')
     elif lst.data_path == "kernel":
-        errors.append(
-            f'{at}.data_path: "kernel" (nftables NAT) is not in this version of fastlb;'
-            ' use "proxy" (the default)'
-        )
+        errors += _kernel_listener_errors(at, lst, cfg, pools)
     if lst.source != "keep" and lst.data_path != "kernel":
         errors.append(f'{at}.source: only with data_path = "kernel" (the proxy always connects from itself)')
     if lst.compression is not None and not lst.is_http:
@@ -1558,6 +1557,57 @@ def _stream_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str
             errors.append(f"pools[{p}].queue: http only, but {uses}")
         if pool.http_version != "1.1":
             errors.append(f'pools[{p}].http_version: "{pool.http_version}" is http only, but {uses}')
+    return errors
+
+
+KERNEL_ALGORITHMS = ("round_robin", "random", "ip_hash", "consistent_hash", "maglev")
+_TERMINATED = 'needs a terminated connection, which data_path = "kernel" does not make'
+
+
+def _kernel_listener_errors(at: str, lst: Listener, cfg: Config, pools: dict[str, int]) -> list[str]:
+    """data_path = "kernel": nftables rewrites packets (fastlb.kernel_path), so nothing that needs
+    the proxy to hold the connection applies, to the listener or to its pool."""
+    errors: list[str] = []
+    try:
+        host, port = split_host_port(lst.bind, bind=True)
+    except ValueError:
+        host, port = "", 1  # the field's own validator said so
+    if not isinstance(_ip(host), ipaddress.IPv4Address) or port == 0:
+        errors.append(
+            f'{at}.bind: data_path = "kernel" takes an IPv4 address and a port (nftables matches'
+            f' them in packets), e.g. "0.0.0.0:{port or 53}", not {lst.bind!r}'
+        )
+    if lst.routes:
+        errors.append(f"{at}.routes: SNI routes read the ClientHello, which {_TERMINATED}")
+    if lst.proxy_protocol.accept != "off":
+        errors.append(f"{at}.proxy_protocol: a PROXY header {_TERMINATED}")
+    idle = {"client_idle": Duration.parse("10m")} if lst.protocol in STREAM_PROTOCOLS else {}
+    if lst.timeouts != ListenerTimeouts(**idle):  # the protocol's defaults (_protocol_defaults)
+        errors.append(
+            f'{at}.timeouts: not with data_path = "kernel"; conntrack\'s timeouts apply'
+            " (sysctl net.netfilter.nf_conntrack_tcp_timeout_established, ..._udp_timeout)"
+        )
+    if lst.udp is not None and lst.udp != Udp():
+        errors.append(f'{at}.udp: not with data_path = "kernel"; conntrack balances each flow once')
+    p = pools.get(lst.pool)
+    if p is None:
+        return errors
+    pool, uses = cfg.pools[p], f'data_path = "kernel" listener {lst.name!r} uses this pool'
+    if pool.algorithm not in KERNEL_ALGORITHMS:
+        errors.append(
+            f"pools[{p}].algorithm: {pool.algorithm} {_TERMINATED}, but {uses}; one of"
+            f" {', '.join(KERNEL_ALGORITHMS)}"
+        )
+    for key in ("tls", "passive", "retries", "timeouts", "hash_balance_factor"):
+        if key in pool.model_fields_set:
+            errors.append(f"pools[{p}].{key}: {_TERMINATED}, but {uses}")
+    if pool.send_proxy != "off":
+        errors.append(f"pools[{p}].send_proxy: a PROXY header {_TERMINATED}, but {uses}")
+    for j, b in enumerate(pool.backends):
+        if b.max_connections:
+            errors.append(f"pools[{p}].backends[{j}].max_connections: {_TERMINATED}, but {uses}")
+        if isinstance(_ip(split_host_port(b.address)[0]), ipaddress.IPv6Address):
+            errors.append(f"pools[{p}].backends[{j}].address: IPv6, but {uses} (IPv4 only for now)")
     return errors
 
 
@@ -1981,7 +2031,7 @@ class _Engine:
         listeners = [
             self.listener(i, x, _socket_addr(next(iter(ep[0])), ep[1]))
             for i, (x, ep) in enumerate(zip(cfg.listeners, binds, strict=True))
-            if ep is not None
+            if ep is not None and x.data_path == "proxy"  # nftables serves the others
         ]
         pools = [self.pool(i, p, backends) for i, p in enumerate(cfg.pools)]
         if self.errors:

@@ -24,6 +24,7 @@ class BackendRuntime(NamedTuple):
     admin: AdminState
     up: bool  # the health verdict: active checks and passive ejection
     weight: int
+    scale: int  # slow start: the share of `weight` it gets now, per mille (1000 = all)
 
 
 class Engine:
@@ -77,8 +78,8 @@ class Engine:
 
     def backend_state(self, pool: str, address: str) -> BackendRuntime:
         """The backend's runtime state now; KeyError if the running config lacks it."""
-        admin, up, weight = self._native.backend_state(pool, address)
-        return BackendRuntime(cast(AdminState, admin), up, weight)
+        admin, up, weight, scale = self._native.backend_state(pool, address)
+        return BackendRuntime(cast(AdminState, admin), up, weight, scale)
 
     def open_connections(self) -> int:
         return self._native.open_connections()
