@@ -35,6 +35,7 @@ from fastlb.config import Config, ConfigError, Duration, Pool
 from fastlb.discovery import Discovery, Found
 from fastlb.engine import AdminState, Engine
 from fastlb.health import HealthChecker
+from fastlb.kernel_path import KernelPath
 
 log = logging.getLogger("fastlb")
 
@@ -106,6 +107,7 @@ class ControlPlane:
         self.alerts = Alerts(engine.config.alerts, self.status)
         self.audit = AuditLog()
         self.canaries = Canaries(engine, self.stats, self.audit)
+        self.kernel = KernelPath(engine)
         # called with the new config after each reload that took (the admin API's TLS)
         self.reload_hooks: list[Callable[[Config], None]] = []
         file_config, found = discovered or (engine.config, {})
@@ -114,6 +116,8 @@ class ControlPlane:
     # --- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Raises KernelPathError (naming the listener) when nftables cannot be programmed."""
+        self.kernel.start()
         self.checker.start()
         self.alerts.start()
         self.canaries.start()
@@ -300,6 +304,7 @@ class ControlPlane:
     async def status(self) -> dict[str, Any]:
         """/api/status: listeners, pools and backends with their state, why, and counters."""
         stats = await self.stats()
+        kernel_listeners, kernel_backends = await self.kernel.status()
         now = time.monotonic()
         pools_cfg = {p.name: p for p in self.engine.config.pools}
         pools = []
@@ -307,7 +312,13 @@ class ControlPlane:
             cfg = pools_cfg.get(p["name"])
             if cfg is None:
                 continue  # removed by a reload since the snapshot
-            backends = [self._backend_status(cfg, b, now) for b in p["backends"]]
+            backends = [
+                {
+                    **self._backend_status(cfg, _with_kernel(b, kernel_backends), now),
+                    "kernel": kernel_backends.get(b["id"]),
+                }
+                for b in p["backends"]
+            ]
             healthy = sum(1 for b in backends if b["state"] == "up")
             pools.append(
                 {
@@ -326,7 +337,10 @@ class ControlPlane:
             "reloads": self.reloads,
             "stopping": self.stopping,
             "connections_active": stats["connections_active"],
-            "listeners": [self._listener_status(li) for li in stats["listeners"]],
+            "listeners": [
+                *({**self._listener_status(li), "data_path": "proxy"} for li in stats["listeners"]),
+                *kernel_listeners,  # the same shape, counted by nftables and conntrack
+            ],
             "pools": pools,
         }
 
@@ -426,7 +440,7 @@ class ControlPlane:
     def _active(self, pool: str, address: str) -> int | None:
         """Open to the backend now (one shared counter: no worker is asked), None if it is gone."""
         try:
-            return self.engine.backend_active(pool, address)
+            return self.engine.backend_active(pool, address) + self.kernel.active(pool, address)
         except KeyError:
             return None
 
@@ -434,6 +448,8 @@ class ControlPlane:
         bid = f"{pool}/{address}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.kernel.enabled:
+                await self.kernel.figures()  # conntrack, at most a second old
             active = self._active(pool, address)
             if active is None:
                 return
@@ -532,3 +548,9 @@ def _version() -> str:
     from fastlb import __version__
 
     return __version__
+
+
+def _with_kernel(b: dict[str, Any], kernel: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A backend the engine calls drained is still draining while kernel flows to it are open."""
+    flows = sum(k["flows_active"] for k in (kernel.get(b["id"]) or {}).get("listeners", {}).values())
+    return {**b, "state": "draining"} if b["state"] == "drained" and flows else b

@@ -73,7 +73,7 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
         name = li["name"]
         conns.add_metric([name], li["connections_total"])
         active.add_metric([name], li["connections_active"])
-        for reason in DROP_REASONS:
+        for reason in DROP_REASONS if li["data_path"] == "proxy" else ():  # nftables drops nothing
             dropped.add_metric([name, reason], li["dropped"][reason])
         bytes_total.add_metric([name, "in"], li["bytes_in"])
         bytes_total.add_metric([name, "out"], li["bytes_out"])
@@ -133,6 +133,7 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     log_dropped.add_metric([], status["log_dropped"])
     yield from (conns, active, dropped, requests, durations, up, backend_active, failures, ejections)
     yield from (state, healthy, discovered, bytes_total, log_dropped, handshakes)
+    yield from _kernel(status["pools"])
     yield from _udp(listeners)
     yield from _http2(listeners)
     yield from _splits(listeners)
@@ -155,6 +156,32 @@ def _splits(listeners: list[dict[str, Any]]) -> Iterator[Metric]:
             for pool, w in live.items():
                 weight.add_metric([li["name"], r["name"], pool], round(100 * w / total, 3))
     yield weight
+
+
+def _kernel(pools: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Backends of data_path = "kernel" listeners: flows NATed to them (nft counters), flows open
+    now (conntrack) and bytes both ways; their `kernel` object (null on the others)."""
+    labels = ["listener", "pool", "backend"]
+    flows = CounterMetricFamily(
+        "fastlb_kernel_flows_total", "Flows the kernel data path NATed to the backend.", labels=labels
+    )
+    active = GaugeMetricFamily(
+        "fastlb_kernel_flows_active", "Kernel data path flows open to the backend (conntrack).", labels=labels
+    )
+    moved = CounterMetricFamily(
+        "fastlb_kernel_bytes_total",
+        "Kernel data path bytes, client to backend (in) and back (out).",
+        labels=[*labels, "direction"],
+    )
+    for pool in pools:
+        for b in pool["backends"]:
+            for listener, k in ((b.get("kernel") or {}).get("listeners") or {}).items():
+                at = [listener, pool["name"], b["address"]]
+                flows.add_metric(at, k["flows_total"])
+                active.add_metric(at, k["flows_active"])
+                moved.add_metric([*at, "in"], k["bytes_in"])
+                moved.add_metric([*at, "out"], k["bytes_out"])
+    yield from (flows, active, moved)
 
 
 def _udp(listeners: list[dict[str, Any]]) -> Iterator[Metric]:

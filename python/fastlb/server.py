@@ -22,6 +22,7 @@ from fastlb.admin import AdminServer, start_admin
 from fastlb.config import Config
 from fastlb.control import ControlPlane, ReloadError
 from fastlb.engine import Engine
+from fastlb.kernel_path import KernelPathError
 
 log = logging.getLogger("fastlb")
 
@@ -94,7 +95,13 @@ class Server:
 
     async def _main(self, engine: Engine, handover: upgrade.Handover | None, exit_when_stopped: bool) -> int:
         control = ControlPlane(engine, self.reload, self._discovered)
-        control.start()
+        try:
+            control.start()
+        except KernelPathError as err:
+            print(f"fastlb: {err}", file=sys.stderr)
+            await control.stop()
+            await asyncio.to_thread(engine.stop, 0.0)
+            return EXIT_RUNTIME
         await control.start_discovery()
         admin_cfg = engine.config.admin
         inherited = handover.admin_sockets(admin_cfg.bind) if handover is not None else []
@@ -116,7 +123,10 @@ class Server:
         if self._admin is not None and self._handed_over:
             await self._admin.stop_listening()  # the new process answers /healthz from now on
         await control.stop()
-        await asyncio.to_thread(engine.stop, engine.drain_timeout_s())
+        grace = engine.drain_timeout_s()
+        await asyncio.gather(
+            asyncio.to_thread(engine.stop, grace), control.kernel.stop(grace, handed_over=self._handed_over)
+        )
         self._stopped = True
         if self._admin is not None:
             await self._admin.cleanup()
