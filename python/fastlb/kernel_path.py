@@ -19,7 +19,7 @@ rewritten to a backend in the kernel and never reach user space.
   as at stop. At stop, `services` is flushed first (new flows refused), established flows
   are left to finish up to the drain timeout, then the table is deleted (which ends what is
   left: the NAT bindings go with the hooks).
-- Counters and conntrack are read on demand (status, /metrics), at most once a second.
+- Counters and conntrack are read on demand (status, /metrics, a drain's wait).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import time
@@ -49,7 +50,6 @@ MAX_SLOTS = 0xFFFF
 MAX_TURNS = 4096
 HASH_SEED = 0xFA57  # jhash seed: fixed, so a client keeps its backend across restarts
 SYNC_POLL_S = 0.1
-STATS_MAX_AGE_S = 1.0
 NFT_TIMEOUT_S = 10.0
 CLOSING_TCP = {"TIME_WAIT", "CLOSE", "LAST_ACK", "CLOSE_WAIT", "FIN_WAIT"}
 
@@ -395,9 +395,11 @@ def _weight_now(engine: Engine, pool: str, address: str, algorithm: str) -> int:
 
 
 def nft_binary() -> str:
-    found = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
-    if found is None:
-        raise KernelPathError("nft is not installed (Debian: apt install nftables)")
+    """$FASTLB_NFT, else `nft` on PATH or in /usr/sbin, /sbin."""
+    given = os.environ.get("FASTLB_NFT")
+    found = given if given is not None else shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if found is None or not os.access(found, os.X_OK):
+        raise KernelPathError(f"{found or 'nft'} is not installed (Debian: apt install nftables)")
     return found
 
 
@@ -499,7 +501,8 @@ class KernelPath:
         self._seen_writes = -1
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._stats: tuple[float, dict[str, int], dict[int, int] | None] | None = None
+        self._stats: tuple[float, dict[str, int], dict[int, int] | None] | None = None  # the last reading
+        self._reading: asyncio.Future[tuple[dict[str, int], dict[int, int] | None]] | None = None
         self.owned = False  # whether this process programmed the table (and removes it)
 
     @property
@@ -592,12 +595,16 @@ class KernelPath:
     # --- status ---------------------------------------------------------------------------
 
     async def figures(self) -> tuple[dict[str, int], dict[int, int] | None]:
-        """(counters by name, active flows by slot or None), at most STATS_MAX_AGE_S old."""
-        now = time.monotonic()
-        if self._stats is None or now - self._stats[0] > STATS_MAX_AGE_S:
-            counters, flows = await asyncio.to_thread(lambda: (read_counters(), read_conntrack()))
-            self._stats = (now, counters, flows)
-        return self._stats[1], self._stats[2]
+        """(counters by name, active flows by slot or None), read now; callers who ask while a
+        reading is under way share it (status, /metrics and a drain may ask at once)."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(
+                asyncio.to_thread(lambda: (read_counters(), read_conntrack()))
+            )
+            self._reading.add_done_callback(lambda _: setattr(self, "_reading", None))
+        counters, flows = await asyncio.shield(self._reading)
+        self._stats = (time.monotonic(), counters, flows)
+        return counters, flows
 
     def active(self, pool: str, address: str) -> int:
         """Open kernel flows to the backend at the last reading (drain waits on it)."""
