@@ -75,7 +75,7 @@ def test_active_flows_counts_fastlb_marks_and_skips_closing_tcp() -> None:
 @pytest.mark.parametrize("algorithm", ["round_robin", "random", "ip_hash", "maglev"])
 def test_ruleset_dispatches_to_every_weighted_backend_and_counts_them(algorithm: str) -> None:
     targets = (Target(0, "app", "a:80", "10.0.0.1", 80), Target(1, "app", "b:80", "10.0.0.2", 80))
-    plan = Plan("l4", "tcp", None, 80, algorithm, True, targets, (1000, 0))
+    plan = Plan("l4", "0.0.0.0:80", "app", "tcp", None, 80, algorithm, True, targets, (1000, 0))
     cmds, chains, counters = ruleset([plan])
     text = repr(cmds)
     assert {"prerouting", "output", "services", "l0", "b0", "b1", "masquerade"} <= chains
@@ -86,7 +86,16 @@ def test_ruleset_dispatches_to_every_weighted_backend_and_counts_them(algorithm:
 
 def test_a_listener_with_nothing_to_give_has_no_dispatch() -> None:
     plan = Plan(
-        "l4", "udp", "10.0.0.1", 53, "round_robin", False, (Target(0, "p", "a:53", "10.0.0.5", 53),), (0,)
+        "l4",
+        "10.0.0.1:53",
+        "p",
+        "udp",
+        "10.0.0.1",
+        53,
+        "round_robin",
+        False,
+        (Target(0, "p", "a:53", "10.0.0.5", 53),),
+        (0,),
     )
     cmds, chains, _ = ruleset([plan])
     assert not any(c["add"].get("rule", {}).get("chain") == "l0" for c in cmds)

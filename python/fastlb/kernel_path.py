@@ -77,6 +77,8 @@ class Plan:
     """One kernel listener as the kernel should serve it now."""
 
     name: str
+    bind: str  # as configured
+    pool: str
     protocol: str  # "tcp" | "udp"
     ip: str | None  # None: every local address (0.0.0.0)
     port: int
@@ -374,7 +376,8 @@ def plans(engine: Engine, slots: Slots) -> list[Plan]:
             backup.append(weight if b["backup"] else 0)
         weights = primary if any(primary) else backup
         any_ip = None if ipaddress.ip_address(host).is_unspecified else host
-        out.append(Plan(x.name, x.protocol, any_ip, port, pool.algorithm, x.source == "masquerade",
+        masquerade = x.source == "masquerade"
+        out.append(Plan(x.name, x.bind, x.pool, x.protocol, any_ip, port, pool.algorithm, masquerade,
                         tuple(targets), tuple(weights)))  # fmt: skip
     return out
 
@@ -643,6 +646,8 @@ class KernelPath:
 def _listener_entry(plan: Plan, total: dict[str, int], active_known: bool) -> dict[str, Any]:
     return {
         "name": plan.name,
+        "bind": plan.bind,
+        "pool": plan.pool,
         "protocol": plan.protocol,
         "data_path": "kernel",
         "algorithm": plan.algorithm,
