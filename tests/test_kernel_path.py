@@ -398,3 +398,27 @@ def test_start_up_errors_name_the_listener_and_exit_1(net: Net) -> None:
     assert proc.wait(15) == 1, net.logs()
     assert "listener 'l4' (data_path = \"kernel\"): nft:" in net.logs(), net.logs()
     assert "Operation not permitted" in net.logs(), net.logs()
+
+
+def test_a_binary_upgrade_hands_the_table_over_and_keeps_an_established_flow(net: Net) -> None:
+    net.start_backends()
+    pid_file = net.tmp / "fastlb.pid"
+    proc = net.serve(f'[runtime]\npid_file = "{pid_file}"\n' + config())
+    wait_for(lambda: all_up(net), 10, net.logs)
+    conn = net.client.call(socket.create_connection, (VIP, PORT), 3)
+    try:
+        conn.sendall(b"?")
+        held = conn.recv(100).split()[0]
+        proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: pid_file.exists() and int(pid_file.read_text()) != proc.pid, 15, net.logs)
+        # the old process drains (the held flow) while the new one serves new flows
+        assert {net.ask()[1] for _ in range(3)} == {CLIENTS[0]}
+        conn.sendall(b"?")
+        assert conn.recv(100).split()[0] == held
+    finally:
+        conn.close()
+    assert proc.wait(15) == 0, net.logs()
+    assert "table ip fastlb" in net.nft("list", "tables"), "the old process removed the new one's table"
+    assert Counter(net.ask()[0] for _ in range(3)) == {"b1": 1, "b2": 1, "b3": 1}
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    wait_for(lambda: "fastlb" not in net.nft("list", "tables"), 15, net.logs)
