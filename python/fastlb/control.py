@@ -449,7 +449,7 @@ class ControlPlane:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.kernel.enabled:
-                await self.kernel.figures()  # conntrack, at most a second old
+                await self.kernel.figures()  # conntrack now: `_active` adds its flows
             active = self._active(pool, address)
             if active is None:
                 return

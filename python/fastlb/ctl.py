@@ -279,7 +279,7 @@ def status_view(status: dict[str, Any]) -> Group:
         h2 = li.get("http2")  # http/https listeners: HTTP/2 connections and streams open
         listeners.add_row(
             li["name"],
-            li["protocol"],
+            li["protocol"] + (" (kernel)" if li.get("data_path") == "kernel" else ""),  # nftables NAT
             li["bind"],
             li["pool"],
             str(li["connections_active"] if udp is None else udp["sessions_active"]),

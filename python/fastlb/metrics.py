@@ -73,7 +73,7 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
         name = li["name"]
         conns.add_metric([name], li["connections_total"])
         active.add_metric([name], li["connections_active"])
-        for reason in DROP_REASONS if li["data_path"] == "proxy" else ():  # nftables drops nothing
+        for reason in DROP_REASONS if li.get("data_path") != "kernel" else ():  # nftables drops nothing
             dropped.add_metric([name, reason], li["dropped"][reason])
         bytes_total.add_metric([name, "in"], li["bytes_in"])
         bytes_total.add_metric([name, "out"], li["bytes_out"])
