@@ -11,7 +11,7 @@ rewritten to a backend in the kernel and never reach user space.
   maglev) and goes to the backend's chain `b<slot>`, which marks the flow (ct mark), counts
   it, and DNATs it. Conntrack keeps every packet after the first on that backend, so drain
   and reload never move an established flow.
-- `count` (filter, prerouting and output) adds each packet's bytes to its backend's counter
+- `count_in` / `count_out` (filter, prerouting and output) add each packet's bytes to its backend's counter
   by the ct mark, in both directions; `masquerade` (nat postrouting) rewrites the source of
   flows of `source = "masquerade"` listeners.
 - A listener with no backend to give (all down, drained or disabled) has an empty chain: its
@@ -504,7 +504,7 @@ class KernelPath:
         self._seen_writes = -1
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._stats: tuple[float, dict[str, int], dict[int, int] | None] | None = None  # the last reading
+        self._flows: dict[int, int] | None = None  # open flows by slot at the last reading
         self._reading: asyncio.Future[tuple[dict[str, int], dict[int, int] | None]] | None = None
         self.owned = False  # whether this process programmed the table (and removes it)
 
@@ -528,7 +528,6 @@ class KernelPath:
     def _apply(self, wanted: list[Plan]) -> None:
         nft(transaction(wanted))
         self.applied, self.owned = wanted, True
-        self._stats = None
 
     def _warn_forwarding(self) -> None:
         try:
@@ -605,15 +604,14 @@ class KernelPath:
                 asyncio.to_thread(lambda: (read_counters(), read_conntrack()))
             )
             self._reading.add_done_callback(lambda _: setattr(self, "_reading", None))
-        counters, flows = await asyncio.shield(self._reading)
-        self._stats = (time.monotonic(), counters, flows)
-        return counters, flows
+        counters, self._flows = await asyncio.shield(self._reading)
+        return counters, self._flows
 
     def active(self, pool: str, address: str) -> int:
         """Open kernel flows to the backend at the last reading (drain waits on it)."""
-        if self._stats is None or self._stats[2] is None or self.applied is None:
+        if self._flows is None or self.applied is None:
             return 0
-        flows = self._stats[2]
+        flows = self._flows
         return sum(flows.get(t.slot, 0) for p in self.applied for t in p.targets
                    if t.pool == pool and t.address == address)  # fmt: skip
 
